@@ -1,0 +1,155 @@
+"""Request validation and limits, pure. Everything is checked before anything changes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from node.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
+DURABILITIES = ("memory", "log")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1_048_576
+    max_state_bytes: int = 1_048_576
+    max_list_len: int = 10_000
+    max_depth: int = 32
+    max_ttl_s: float = 30 * 86400.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_state_bytes", "max_list_len", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+def session_id(sid: str) -> str:
+    if not SESSION_ID_RE.fullmatch(sid):
+        raise BadRequest("session id must be 1-128 characters of [A-Za-z0-9._:-]", code="bad_id")
+    return sid
+
+
+def key_name(key: str, what: str = "key") -> str:
+    if not KEY_RE.fullmatch(key):
+        raise BadRequest(f"{what} must be 1-256 characters of [A-Za-z0-9._:-]", code="bad_key")
+    return key
+
+
+def parse_json(body: bytes, limits: Limits, *, optional: bool = False) -> Any:
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"body exceeds {limits.max_body_bytes} bytes", limit="max_body_bytes")
+    if not body.strip():
+        if optional:
+            return None
+        raise BadRequest("a JSON body is required", code="bad_json")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="bad_json") from None
+    check_depth(value, limits.max_depth)
+    return value
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """Iterative, so a deep document cannot blow the Python stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            raise PayloadTooLarge(f"JSON nesting deeper than {max_depth}", limit="max_depth")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object", code="bad_operation")
+    return value
+
+
+def ttl(value: Any, limits: Limits, what: str = "ttl_s") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadRequest(f"{what} must be a number", code="bad_ttl") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= limits.max_ttl_s):
+        raise BadRequest(f"{what} must be a number in (0, {limits.max_ttl_s}]", code="bad_ttl")
+    return float(value)
+
+
+def max_len(value: Any, limits: Limits) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest("max_len must be a positive integer", code="bad_operation")
+    if value > limits.max_list_len:
+        raise PayloadTooLarge(f"max_len exceeds {limits.max_list_len}", limit="max_list_len")
+    return value
+
+
+def check_state(data: dict[str, Any], limits: Limits, appended_field: str | None = None) -> None:
+    """Limits on a state about to be committed."""
+    if appended_field is not None:
+        lst = data.get(appended_field)
+        if isinstance(lst, list) and len(lst) > limits.max_list_len:
+            raise PayloadTooLarge(f"list {appended_field!r} would exceed {limits.max_list_len} items", limit="max_list_len")
+    size = len(orjson.dumps(data))
+    if size > limits.max_state_bytes:
+        raise PayloadTooLarge(f"session state would be {size} bytes, over {limits.max_state_bytes}", limit="max_state_bytes")
+
+
+def durability(header: str | None, default: str) -> str:
+    if header is None:
+        return default
+    value = header.strip().lower()
+    if value not in DURABILITIES:
+        raise BadRequest("Durability must be 'memory' or 'log'", code="bad_durability")
+    return value
+
+
+def if_match(header: str | None) -> int | str | None:
+    """``"7"``, ``7``, ``W/"7"`` -> 7; ``*`` -> "*"; absent -> None."""
+    if header is None:
+        return None
+    value = header.strip()
+    if value == "*":
+        return "*"
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit():
+        raise BadRequest('If-Match must be "<version>" or *', code="bad_if_match")
+    return int(value)
+
+
+def check_precondition(expected: int | str | None, current_version: int | None) -> None:
+    if expected is None:
+        return
+    if expected == "*":
+        if current_version is None:
+            raise PreconditionFailed("If-Match: * but the session does not exist", current=None)
+        return
+    if current_version != expected:
+        raise PreconditionFailed(f"version is {current_version}, not {expected}", current=current_version)
+
+
+def idempotency_key(header: str | None) -> str | None:
+    if header is None:
+        return None
+    if not (1 <= len(header) <= 128) or not header.isprintable():
+        raise BadRequest("Idempotency-Key must be 1-128 printable characters", code="bad_idempotency_key")
+    return header
