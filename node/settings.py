@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from node.validate import DURABILITIES, Limits
+from replicator.settings import ReplicatorSettings
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str = "n1"
+    host: str = "127.0.0.1"
+    port: int = 8101
+    default_ttl_s: float = 3600.0
+    default_durability: str = "memory"
+    recovery_timeout_s: float = 60.0  # a request for a shard being rebuilt waits at most this
+    hold_timeout_s: float = 10.0  # how long a request waits for its shard to become ready
+    limits: Limits = field(default_factory=Limits)
+    replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)
+
+    def __post_init__(self) -> None:
+        if self.default_durability not in DURABILITIES:
+            raise ValueError(f"default_durability must be one of {DURABILITIES}")
+        if self.default_ttl_s <= 0:
+            raise ValueError("default_ttl_s must be > 0")
+        if not self.node_id or not self.node_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("node_id must be alphanumeric (with - or _)")

@@ -1,0 +1,383 @@
+"""The node's session store: shards it owns or follows, live writes, expiry, ownership.
+
+asyncio but no aiohttp: handlers in node/http.py parse, call and render.
+
+Write path (``write``): find the shard (421 if not ours, wait while it is recovering),
+check idempotency and If-Match, ``apply`` (pure), check limits, hand the event to the
+replicator and install the new state, all in one synchronous step. For durability
+``log`` the caller then awaits ``confirm``: Kafka acknowledged the event (acks=all) AND
+this node's follower read it back with no takeover claim before it, so an acknowledged
+write can never be on the losing side of a claim.
+
+Ownership (``acquire``): follow the partition, read to the end offset taken at the
+start (the finish line), append a claim with a higher epoch, read past it, serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
+from node.ops import Op, Session, apply
+from node.settings import NodeSettings
+from node.shard import Shard
+from node.validate import check_precondition, check_state
+from replicator import events
+from replicator.errors import DeliveryTimeout, ReplicationError
+from replicator.follower import Follower
+from replicator.producer import Replicator
+from router.placement import shard_of
+
+log = logging.getLogger("stickystate.node")
+
+Clock = Callable[[], float]
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+@dataclass
+class WriteResult:
+    status: int
+    state: Session | None
+    shard: int
+    epoch: int
+    delivery: asyncio.Future[int] | None  # None when answered from the idempotency cache
+    replayed: bool = False
+
+
+class NodeStore:
+    def __init__(self, settings: NodeSettings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.me = settings.node_id
+        self.clock = clock
+        self.partitions = settings.replicator.partitions
+        self.replicator = Replicator(settings.replicator, client_id=f"stickystate-{self.me}")
+        self.follower = Follower(settings.replicator, client_id=f"stickystate-{self.me}-follower",
+                                 on_records=self._on_records)
+        self.shards: dict[int, Shard] = {}
+        self.serving: set[int] = set()
+        self.recovering: dict[int, asyncio.Event] = {}
+        self.standby: set[int] = set()
+        self.owners: dict[int, str] = {}  # the router's view, for 421 hints
+        self.generation = -1
+        self._acquire_tasks: dict[int, asyncio.Task[None]] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._expiry_wake = asyncio.Event()
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._assign_lock = asyncio.Lock()
+        self.draining = False
+        self.expired_total = 0
+        self.recoveries: list[dict[str, Any]] = []
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(self) -> None:
+        from replicator.topics import ensure_topics
+
+        await ensure_topics(self.settings.replicator)
+        await self.replicator.start()
+        await self.follower.start()
+        self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
+
+    async def stop(self) -> None:
+        self.draining = True
+        for task in list(self._acquire_tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._acquire_tasks.values(), return_exceptions=True)
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
+            self._expiry_task = None
+        await self.replicator.stop()
+        await self.follower.stop()
+
+    @property
+    def ready(self) -> bool:
+        return (not self.draining and self.follower.alive and not self.recovering
+                and self.generation >= 0)
+
+    # -- shard lookup -----------------------------------------------------------
+    def shard_for(self, sid: str) -> int:
+        return shard_of(sid, self.partitions)
+
+    async def serving_shard(self, sid: str) -> Shard:
+        s = self.shard_for(sid)
+        if s in self.serving:
+            return self.shards[s]
+        event = self.recovering.get(s)
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), self.settings.hold_timeout_s)
+            except asyncio.TimeoutError:
+                raise Unavailable(f"shard {s} is still being rebuilt", retry_after_s=1, code="recovering") from None
+            if s in self.serving:
+                return self.shards[s]
+        raise NotOwner(s, self.owners.get(s), self.shards[s].epoch if s in self.shards else None)
+
+    # -- reads --------------------------------------------------------------------
+    async def read(self, sid: str) -> tuple[Shard, Session]:
+        shard = await self.serving_shard(sid)
+        state = shard.sessions.get(sid)
+        if state is None or state["expires_at"] <= self.clock():
+            raise NotFound(f"session {sid!r} not found")
+        return shard, state
+
+    # -- writes -------------------------------------------------------------------
+    async def write(self, op: Op, *, if_match: int | str | None = None, idem: str | None = None,
+                    request_fingerprint: str = "", appended_field: str | None = None) -> WriteResult:
+        shard = await self.serving_shard(op["sid"])
+        # From here to the end: no await. Check, apply, hand over, install.
+        sid = op["sid"]
+        if idem is not None:
+            cached = shard.idem.get((sid, idem))
+            if cached is not None:
+                if cached.fingerprint != request_fingerprint:
+                    raise Conflict("Idempotency-Key was used with a different request", code="idempotency_key_reused")
+                return WriteResult(cached.status, cached.state, shard.id, cached.event.get("epoch", shard.epoch),
+                                   cached.delivery, replayed=True)
+            op["idem"] = [idem, request_fingerprint]
+        current = shard.sessions.get(sid)
+        now = self.clock()
+        if current is not None and current["expires_at"] <= now:
+            current = None  # expired, not reaped yet: treated as absent (the reaper's event comes first)
+            self._expire_now(shard, sid)
+        check_precondition(if_match, None if current is None else current["version"])
+        new, event = apply(current, op, now)
+        if new is not None:
+            check_state(new["data"], self.settings.limits, appended_field)
+        epoch = shard.my_epoch
+        assert epoch is not None
+        event["node"] = self.me
+        event["epoch"] = epoch
+        try:
+            delivery = self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+        except ReplicationError as exc:
+            raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
+        shard.commit(event, new)
+        if new is not None and current is None:
+            self._schedule_expiry(new)
+        status = 201 if op["op"] == "create" or (op["op"] == "replace" and current is None) else (
+            204 if new is None else 200)
+        if idem is not None:
+            entry = shard.idem[(sid, idem)]
+            entry.status, entry.delivery = status, delivery
+        return WriteResult(status, new, shard.id, epoch, delivery)
+
+    async def confirm(self, result: WriteResult) -> None:
+        """Durability ``log``: Kafka has the event and no takeover precedes it."""
+        if result.delivery is None:
+            return
+        deadline = self.settings.replicator.kafka_deadline_s
+        try:
+            offset = await asyncio.wait_for(asyncio.shield(result.delivery), deadline)
+            await self.follower.wait_position(result.shard, offset + 1, deadline)
+        except (asyncio.TimeoutError, DeliveryTimeout):
+            raise Unavailable("Kafka did not confirm the write in time; it is applied in memory and still queued",
+                              retry_after_s=1, code="replication_timeout") from None
+        except LookupError:
+            pass  # shard released meanwhile (after flushing, so before the next owner's claim)
+        except (ReplicationError, RuntimeError) as exc:
+            raise Unavailable(f"replication failed: {exc}", retry_after_s=1, code="replication_unavailable") from exc
+        shard = self.shards.get(result.shard)
+        if shard is None:
+            raise NotOwner(result.shard, self.owners.get(result.shard), None)
+        if not shard.write_is_valid(offset, result.epoch, self.me):
+            raise NotOwner(result.shard, self.owners.get(result.shard), shard.epoch if shard else None)
+
+    # -- expiry -------------------------------------------------------------------
+    def _schedule_expiry(self, session: Session) -> None:
+        heapq.heappush(self._expiry, (session["expires_at"], session["id"]))
+        if self._expiry[0][1] == session["id"]:
+            self._expiry_wake.set()
+
+    def _expire_now(self, shard: Shard, sid: str) -> bool:
+        state = shard.sessions.get(sid)
+        if state is None:
+            return False
+        try:
+            new, event = apply(state, {"op": "expire", "sid": sid}, self.clock())
+            event["node"], event["epoch"] = self.me, shard.my_epoch
+            self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+        except (ReplicationError, StickyError):
+            return False
+        shard.commit(event, new)
+        self.expired_total += 1
+        return True
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            now = self.clock()
+            while self._expiry and self._expiry[0][0] <= now:
+                _, sid = heapq.heappop(self._expiry)
+                s = self.shard_for(sid)
+                if s not in self.serving:
+                    continue  # re-scheduled when the shard is (re)acquired
+                shard = self.shards[s]
+                state = shard.sessions.get(sid)
+                if state is None:
+                    continue
+                if state["expires_at"] > now:
+                    heapq.heappush(self._expiry, (state["expires_at"], sid))  # refreshed by a write
+                elif not self._expire_now(shard, sid):
+                    heapq.heappush(self._expiry, (now + 1.0, sid))  # replication full: try again
+            delay = 1.0 if not self._expiry else max(0.0, min(1.0, self._expiry[0][0] - now))
+            self._expiry_wake.clear()
+            try:
+                await asyncio.wait_for(self._expiry_wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- log -> memory -----------------------------------------------------------------
+    def _on_records(self, s: int, records: Sequence[Any]) -> None:
+        shard = self.shards.get(s)
+        if shard is None:
+            return
+        for rec in records:
+            try:
+                event = events.decode(rec.value)
+            except events.BadEvent as exc:
+                log.error("undecodable event", extra={"shard": s, "offset": rec.offset, "error": str(exc)})
+                shard.position = rec.offset + 1
+                continue
+            outcome = shard.apply_record(rec.offset, event, self.me)
+            if outcome == "fenced":
+                log.warning("fenced: shard claimed by another node",
+                            extra={"shard": s, "owner": shard.owner, "epoch": shard.epoch})
+                self.serving.discard(s)
+                self._reset_shard(s, keep_following=s in self.standby or s in self.recovering)
+                return
+
+    def _reset_shard(self, s: int, keep_following: bool) -> None:
+        shard = self.shards[s]
+        shard.reset()
+        if keep_following:
+            self.follower.follow(s, 0)
+        else:
+            self.follower.unfollow(s)
+            del self.shards[s]
+
+    # -- assignment (told by the router) -------------------------------------------
+    async def assign(self, generation: int, owners: dict[int, str], standbys: dict[int, list[str]]) -> dict[str, Any]:
+        """Take the router's placement. Shards we lose are released (queue flushed)
+        before this returns; shards we gain are acquired in the background."""
+        async with self._assign_lock:
+            if generation < self.generation:
+                return {"generation": self.generation, "stale": True}
+            self.generation = generation
+            self.owners = dict(owners)
+            owned = {s for s, n in owners.items() if n == self.me}
+            standby = {s for s, chain in standbys.items() if self.me in chain}
+            self.standby = standby
+            lost = (self.serving | set(self.recovering)) - owned
+            for s in lost:
+                task = self._acquire_tasks.pop(s, None)
+                if task is not None:
+                    task.cancel()
+                self.recovering.pop(s, None)
+                self.serving.discard(s)
+                if s in self.shards:
+                    self.shards[s].my_epoch = None
+            if lost:
+                try:
+                    await self.replicator.flush(lost, timeout_s=self.settings.replicator.kafka_deadline_s * 2)
+                except asyncio.TimeoutError:
+                    log.error("release: replication not flushed in time", extra={"shards": sorted(lost)})
+            for s in lost:
+                if s not in standby:
+                    self._drop(s)
+            for s in standby - owned:
+                if s not in self.shards:
+                    self.shards[s] = Shard(s)
+                    self.follower.follow(s, 0)
+            for s in set(self.shards) - owned - standby:
+                if s not in self.serving and s not in self.recovering:
+                    self._drop(s)
+            for s in owned - self.serving - set(self.recovering):
+                self.recovering[s] = asyncio.Event()
+                self._acquire_tasks[s] = asyncio.create_task(self._acquire(s), name=f"acquire-{s}")
+            return {"generation": generation, "serving": sorted(self.serving), "recovering": sorted(self.recovering),
+                    "released": sorted(lost)}
+
+    def _drop(self, s: int) -> None:
+        self.follower.unfollow(s)
+        self.shards.pop(s, None)
+
+    async def _acquire(self, s: int) -> None:
+        started = time.monotonic()
+        try:
+            for attempt in range(5):
+                if await self._claim(s):
+                    break
+                log.warning("claim lost a race, retrying", extra={"shard": s, "attempt": attempt})
+            else:
+                raise RuntimeError(f"could not claim shard {s}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("acquire failed", extra={"shard": s})
+            self.recovering.pop(s, None)
+            self._acquire_tasks.pop(s, None)
+            # The router's next health round sees the shard not served and assigns again.
+            self.generation = -1
+            return
+        shard = self.shards[s]
+        for state in shard.sessions.values():
+            heapq.heappush(self._expiry, (state["expires_at"], state["id"]))
+        self._expiry_wake.set()
+        self.serving.add(s)
+        ev = self.recovering.pop(s, None)
+        self._acquire_tasks.pop(s, None)
+        info = {"shard": s, "epoch": shard.epoch, "sessions": len(shard.sessions), "events_applied": shard.applied,
+                "duration_s": round(time.monotonic() - started, 4)}
+        self.recoveries.append(info)
+        log.info("shard acquired", extra=info)
+        if ev is not None:
+            ev.set()
+
+    async def _claim(self, s: int) -> bool:
+        timeout = self.settings.recovery_timeout_s
+        shard = self.shards.get(s)
+        if shard is None:
+            shard = self.shards[s] = Shard(s)
+            self.follower.follow(s, 0)
+        elif s not in self.follower.following():
+            shard.reset()
+            self.follower.follow(s, 0)
+        end = (await self.follower.end_offsets([s]))[s]
+        await self.follower.wait_position(s, end, timeout)  # the finish line
+        epoch = shard.epoch + 1
+        shard.my_epoch = epoch
+        claim = events.claim(s, epoch, self.me, self.clock())
+        offset = await self.replicator.send_and_wait(s, events.CLAIM_KEY, events.encode(claim), timeout)
+        await self.follower.wait_position(s, offset + 1, timeout)
+        if shard.owner == self.me and shard.epoch == epoch and shard.my_epoch == epoch:
+            return True
+        shard.my_epoch = None
+        return False
+
+    # -- introspection -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.me,
+            "generation": self.generation,
+            "ready": self.ready,
+            "draining": self.draining,
+            "serving": sorted(self.serving),
+            "recovering": sorted(self.recovering),
+            "standby": sorted(self.standby),
+            "sessions": sum(len(self.shards[s].sessions) for s in self.serving),
+            "replication_queue": self.replicator.depth,
+            "recoveries": self.recoveries[-64:],
+        }

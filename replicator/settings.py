@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplicatorSettings:
+    """Kafka side of a node. Units in names; validated once."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    changes_topic: str = "changes"
+    partitions: int = 64
+    replication_factor: int = 1
+    queue_max: int = 10_000  # events queued or in flight before writes get 503
+    kafka_deadline_s: float = 5.0  # oldest unacknowledged event older than this -> 503
+    linger_ms: int = 1
+    request_timeout_ms: int = 10_000
+    fetch_max_wait_ms: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.kafka_bootstrap:
+            raise ValueError("kafka_bootstrap is required")
+        if not 1 <= self.partitions <= 4096:
+            raise ValueError("partitions must be in 1..4096")
+        if self.queue_max < 1:
+            raise ValueError("queue_max must be >= 1")
+        if self.kafka_deadline_s <= 0:
+            raise ValueError("kafka_deadline_s must be > 0")

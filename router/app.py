@@ -1,0 +1,151 @@
+"""The router's HTTP front: find the shard, forward to its owner, fail over.
+
+A request is routed by its session id (from the path; for ``POST /v1/sessions`` from
+the body, or an id the router generates). Every write gets an ``Idempotency-Key`` if
+the client sent none, so the router may retry any request on the next owner: a write
+that reached the log before its node died is answered from the new owner's
+idempotency record (rebuilt from the log), one that did not is applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from node.http import SESSION_ID_HEADER, error_response, errors_middleware, json_response
+from node.validate import SESSION_ID_RE
+from router.cluster import Cluster, NodeView
+from router.placement import shard_of
+from router.settings import RouterSettings
+
+log = logging.getLogger("stickystate.router")
+
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster", Cluster)
+HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server"))
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class Forwarder:
+    def __init__(self, settings: RouterSettings, cluster: Cluster, http: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.http = http
+        self.retries_total = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        sid = request.match_info.get("sid")
+        if sid is None:  # POST /v1/sessions
+            sid = _id_from_create_body(body)
+            if sid is None:
+                sid = secrets.token_urlsafe(16)
+                headers[SESSION_ID_HEADER] = sid
+        if not SESSION_ID_RE.fullmatch(sid):
+            return error_response(400, "bad_id", "session id must be 1-128 characters of [A-Za-z0-9._:-]")
+        if request.method in WRITE_METHODS and "Idempotency-Key" not in request.headers:
+            headers["Idempotency-Key"] = "router-" + secrets.token_urlsafe(12)
+        shard = shard_of(sid, self.settings.partitions)
+        return await self.forward(request.method, request.path_qs, headers, body, shard)
+
+    async def forward(self, method: str, path_qs: str, headers: dict[str, str], body: bytes,
+                      shard: int) -> web.StreamResponse:
+        last_error = "no attempt"
+        for attempt in range(self.settings.max_attempts):
+            if attempt:
+                self.retries_total += 1
+                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+            try:
+                await self.cluster.settled()
+            except asyncio.TimeoutError:
+                return error_response(503, "rebalancing", "cluster placement did not settle in time",
+                                      {"Retry-After": "1"})
+            node = self.cluster.owner(shard)
+            if node is None:
+                return error_response(503, "no_nodes", "no healthy node", {"Retry-After": "1"})
+            try:
+                async with self.http.request(method, node.url + path_qs, data=body or None, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
+                                             ) as resp:
+                    payload = await resp.read()
+                    if resp.status == 421:
+                        last_error = f"node {node.id} does not serve shard {shard}"
+                        self.cluster.resync(node)
+                        continue
+                    out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+                    if attempt:
+                        out["X-Stickystate-Retries"] = str(attempt)
+                    return web.Response(status=resp.status, body=payload, headers=out)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                # Every request is retry-safe here (reads, and writes carry an Idempotency-Key).
+                last_error = f"node {node.id}: {exc!r}"
+                self.cluster.mark_dead(node, repr(exc))
+        return error_response(503, "unavailable", f"gave up after {self.settings.max_attempts} attempts: {last_error}",
+                              {"Retry-After": "1"})
+
+
+def _id_from_create_body(body: bytes) -> str | None:
+    if not body.strip():
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    sid = doc.get("id") if isinstance(doc, dict) else None
+    return sid if isinstance(sid, str) else None
+
+
+def build_app(settings: RouterSettings) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 1024 * 1024)
+    cluster = Cluster(settings)
+    app[CLUSTER] = cluster
+    state: dict[str, Forwarder] = {}
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        app[HTTP] = http
+        await cluster.start(http)
+        state["fwd"] = Forwarder(settings, cluster, http)
+        yield
+        await cluster.stop()
+        await http.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        return await state["fwd"].handle(request)
+
+    async def cluster_view(request: web.Request) -> web.Response:
+        return json_response(cluster.view())
+
+    async def livez(request: web.Request) -> web.Response:
+        return json_response({"alive": True})
+
+    async def readyz(request: web.Request) -> web.Response:
+        view = cluster.view()
+        ready = view["settled"] and any(n["healthy"] for n in view["nodes"])
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    app.router.add_route("POST", "/v1/sessions", forward)
+    for path in ("/v1/sessions/{sid}", "/v1/sessions/{sid}/{rest:.*}"):
+        app.router.add_route("*", path, forward)
+    app.router.add_get("/v1/cluster", cluster_view)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+

@@ -1,0 +1,193 @@
+"""Membership as the router sees it: health checks, placement, pushing assignments.
+
+The router is the placement authority: it computes the placement (router/placement.py)
+over the nodes it sees healthy and tells every node which shards it owns and follows
+(``POST /internal/assign`` with a generation number). When a node dies (a connection
+error, or ``health_failures_to_dead`` missed checks) its shards move to the next nodes
+on the ring. Nodes losing shards are told first (they stop serving them and flush
+their replication queue), then the nodes gaining them (they claim and rebuild from
+the log). While that runs, ``settled()`` holds requests instead of failing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from router.placement import Placement
+from router.settings import RouterSettings
+
+log = logging.getLogger("stickystate.router")
+
+
+@dataclass
+class NodeView:
+    id: str
+    url: str
+    healthy: bool = False
+    failures: int = 0
+    generation: int = -1
+    last_seen: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class Cluster:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.nodes = {nid: NodeView(nid, url) for nid, url in settings.nodes}
+        self.placement = Placement((), settings.partitions, settings.standbys)
+        self.generation = 0
+        self._settled = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._http: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._rebalance_wanted = asyncio.Event()
+        self.failovers_total = 0
+        self.rebalances_total = 0
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+        await self._probe_all()
+        await self.rebalance()
+        self._task = asyncio.create_task(self._run(), name="cluster-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    # -- what the forwarder uses -----------------------------------------------------
+    def owner(self, shard: int) -> NodeView | None:
+        nid = self.placement.owner(shard)
+        return self.nodes.get(nid) if nid else None
+
+    async def settled(self) -> None:
+        if not self._settled.is_set():
+            await asyncio.wait_for(self._settled.wait(), self.settings.settle_timeout_s)
+
+    def mark_dead(self, node: NodeView, reason: str) -> None:
+        """A connection to the node failed: stop sending it traffic now."""
+        if node.healthy:
+            log.warning("node down", extra={"node": node.id, "reason": reason})
+            node.healthy = False
+            node.failures = self.settings.health_failures_to_dead
+            self.failovers_total += 1
+            self._settled.clear()
+            self._rebalance_wanted.set()
+
+    def resync(self, node: NodeView) -> None:
+        """A node answered 421 for a shard we route to it: it may have missed an
+        assignment (restart) or be rebuilding; make the health loop re-push."""
+        node.generation = -1
+        self._rebalance_wanted.set()
+
+    def view(self) -> dict[str, Any]:
+        owners = self.placement.owner_map()
+        return {
+            "generation": self.generation,
+            "partitions": self.settings.partitions,
+            "standbys_per_shard": self.settings.standbys,
+            "settled": self._settled.is_set(),
+            "nodes": [{"id": n.id, "url": n.url, "healthy": n.healthy, "generation": n.generation}
+                      for n in self.nodes.values()],
+            "shards": {str(s): o for s, o in owners.items()},
+            "standbys": {str(s): list(self.placement.standbys_of(s)) for s in owners},
+        }
+
+    # -- health ------------------------------------------------------------------------
+    async def _probe(self, node: NodeView) -> None:
+        assert self._http is not None
+        try:
+            async with self._http.get(f"{node.url}/internal/status",
+                                      timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_s)) as resp:
+                status = orjson.loads(await resp.read()) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            status = None
+        if status is None:
+            node.failures += 1
+            if node.healthy and node.failures >= self.settings.health_failures_to_dead:
+                self.mark_dead(node, "health checks missed")
+            return
+        node.failures = 0
+        node.last_seen = time.monotonic()
+        node.status = status
+        node.generation = int(status.get("generation", -1))
+        if not node.healthy and not status.get("draining"):
+            log.info("node up", extra={"node": node.id})
+            node.healthy = True
+            self._rebalance_wanted.set()
+        elif node.healthy and status.get("draining"):
+            self.mark_dead(node, "draining")
+        elif node.healthy and node.generation != self.generation:
+            self._rebalance_wanted.set()  # restarted, or missed an assignment
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(n) for n in self.nodes.values()))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._rebalance_wanted.wait(), self.settings.health_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            if self._rebalance_wanted.is_set():
+                await self.rebalance()
+            await self._probe_all()
+            if self._rebalance_wanted.is_set():
+                await self.rebalance()
+
+    # -- placement -----------------------------------------------------------------------
+    async def rebalance(self) -> None:
+        async with self._lock:
+            for _ in range(10):
+                self._rebalance_wanted.clear()
+                healthy = sorted(n.id for n in self.nodes.values() if n.healthy)
+                new = Placement(tuple(healthy), self.settings.partitions, min(self.settings.standbys,
+                                                                              max(0, len(healthy) - 1)))
+                stale = [n for n in self.nodes.values() if n.healthy and n.generation != self.generation]
+                if new == self.placement and not stale and self._settled.is_set():
+                    return
+                self._settled.clear()
+                self.generation += 1
+                self.rebalances_total += 1
+                await self._push(self.placement, new)
+                self.placement = new
+                if not self._rebalance_wanted.is_set():
+                    break
+            self._settled.set()
+            log.info("placement", extra={"generation": self.generation,
+                                         "nodes": list(self.placement.nodes)})
+
+    async def _push(self, old: Placement, new: Placement) -> None:
+        owners = new.owner_map()
+        payload = orjson.dumps({
+            "generation": self.generation,
+            "owners": {str(s): o for s, o in owners.items()},
+            "standbys": {str(s): list(new.standbys_of(s)) for s in owners},
+        })
+        healthy = [n for n in self.nodes.values() if n.healthy]
+        old_owners = old.owner_map()
+        losing = [n for n in healthy if any(o == n.id and owners.get(s) != n.id for s, o in old_owners.items())]
+        others = [n for n in healthy if n not in losing]
+        for group in (losing, others):
+            await asyncio.gather(*(self._assign(n, payload) for n in group))
+
+    async def _assign(self, node: NodeView, payload: bytes) -> None:
+        assert self._http is not None
+        try:
+            async with self._http.post(f"{node.url}/internal/assign", data=payload,
+                                       headers={"Content-Type": "application/json"},
+                                       timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status, message=body.decode())
+                node.generation = self.generation
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.mark_dead(node, f"assignment failed: {exc!r}")

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def parse_nodes(spec: str) -> tuple[tuple[str, str], ...]:
+    """``"n1=http://127.0.0.1:8101,n2=http://..."`` -> ((id, url), ...)."""
+    nodes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        node_id, sep, url = part.partition("=")
+        if not sep or not node_id or not url.startswith(("http://", "https://")):
+            raise ValueError(f"bad node {part!r}: expected id=http://host:port")
+        nodes.append((node_id.strip(), url.strip().rstrip("/")))
+    if len({n for n, _ in nodes}) != len(nodes):
+        raise ValueError("node ids must be unique")
+    return tuple(nodes)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    host: str = "127.0.0.1"
+    port: int = 8100
+    nodes: tuple[tuple[str, str], ...] = ()
+    partitions: int = 64
+    standbys: int = 0
+    health_interval_s: float = 0.25
+    health_timeout_s: float = 0.5
+    health_failures_to_dead: int = 3
+    request_timeout_s: float = 30.0
+    max_attempts: int = 6
+    settle_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ValueError("at least one node is required (--nodes id=url,...)")
+        if not 1 <= self.partitions <= 4096:
+            raise ValueError("partitions must be in 1..4096")
+        if not 0 <= self.standbys < len(self.nodes):
+            raise ValueError("standbys must be in 0..nodes-1")
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError("health interval and timeout must be > 0")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")

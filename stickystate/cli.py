@@ -1,0 +1,109 @@
+"""``stickystate``: up | node | router | kafka."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from stickystate import config
+from stickystate.config import Option
+
+
+def _node(ns: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from node.http import build_app
+    from node.settings import NodeSettings
+    from node.validate import Limits
+    from replicator.settings import ReplicatorSettings
+    from stickystate import logs
+
+    logs.setup(ns.log_level, node=ns.node_id)
+    rep = ReplicatorSettings(kafka_bootstrap=ns.kafka_bootstrap, changes_topic=ns.changes_topic,
+                             partitions=ns.partitions, replication_factor=ns.replication_factor,
+                             queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s)
+    limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
+                    max_list_len=ns.max_list_len, max_depth=ns.max_depth)
+    settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
+                            default_durability=ns.default_durability, limits=limits, replicator=rep)
+    _install_uvloop()
+    web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
+                shutdown_timeout=10)
+
+
+def _router(ns: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from router.app import build_app
+    from router.settings import RouterSettings, parse_nodes
+    from stickystate import logs
+
+    logs.setup(ns.log_level, node="router")
+    settings = RouterSettings(host=ns.host, port=ns.port, nodes=parse_nodes(ns.nodes), partitions=ns.partitions,
+                              standbys=ns.standbys, health_interval_s=ns.health_interval_s,
+                              health_failures_to_dead=ns.health_failures_to_dead)
+    _install_uvloop()
+    web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None)
+
+
+def _up(ns: argparse.Namespace) -> None:
+    from stickystate.local_cluster import run_local_cluster
+
+    sys.exit(run_local_cluster(nodes=ns.nodes, base_port=ns.base_port, kafka_port=ns.kafka_port,
+                               kafka_bootstrap=ns.kafka_bootstrap, data_dir=ns.data_dir,
+                               partitions=ns.partitions, standbys=ns.standbys))
+
+
+def _kafka(ns: argparse.Namespace) -> None:
+    from stickystate import kafka_local
+
+    kafka_local.main(["--data-dir", ns.data_dir, "--port", str(ns.kafka_port)])
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+UP = [
+    Option("nodes", int, 3, "number of nodes"),
+    Option("base_port", int, 8100, "router port; nodes get the next ports"),
+    Option("kafka_port", int, 9092, "port of the local Kafka broker"),
+    Option("kafka_bootstrap", str, "", "use this Kafka instead of starting one (KAFKA_BOOTSTRAP also works)"),
+    Option("data_dir", str, ".run", "where the local broker keeps its data and logs"),
+    Option("partitions", int, 64, "shards (partitions of the changes topic)"),
+    Option("standbys", int, 0, "standby replicas per shard"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stickystate", description="Sticky in-memory sessions, replicated to Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start a local cluster: Kafka, nodes, router (Ctrl-C stops it)")
+    config.add_options(p, UP)
+    p.set_defaults(func=_up)
+    p = sub.add_parser("node", help="run one node")
+    config.add_options(p, config.NODE + config.KAFKA)
+    p.set_defaults(func=_node)
+    p = sub.add_parser("router", help="run the router")
+    config.add_options(p, config.ROUTER)
+    p.set_defaults(func=_router)
+    p = sub.add_parser("kafka", help="run only a local Kafka broker (KRaft) in the foreground")
+    config.add_options(p, [Option("kafka_port", int, 9092, "broker port"),
+                           Option("data_dir", str, ".run/kafka", "broker data directory")])
+    p.set_defaults(func=_kafka)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    ns.func(ns)
+
+
+if __name__ == "__main__":
+    main()

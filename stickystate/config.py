@@ -1,0 +1,83 @@
+"""Settings from flags and ``STICKYSTATE_*`` environment variables (flag > env > default).
+
+Each command declares its options once; ``add_options`` makes ``--foo-bar`` flags whose
+defaults come from ``STICKYSTATE_FOO_BAR``, and the help text names the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "STICKYSTATE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for opt in options:
+        raw = os.environ.get(opt.env)
+        if opt.name == "kafka_bootstrap" and raw is None:
+            raw = os.environ.get("KAFKA_BOOTSTRAP")
+        default = opt.default
+        if raw is not None:
+            try:
+                default = opt.type(raw)
+            except ValueError as exc:
+                parser.error(f"{opt.env}={raw!r}: {exc}")
+        parser.add_argument(opt.flag, dest=opt.name, type=opt.type, default=default,
+                            help=f"{opt.help} [env {opt.env}; default {opt.default!r}]")
+
+
+def values(ns: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
+    return {o.name: getattr(ns, o.name) for o in options}
+
+
+KAFKA = [
+    Option("kafka_bootstrap", str, "127.0.0.1:9092", "Kafka bootstrap host:port (KAFKA_BOOTSTRAP also works)"),
+    Option("partitions", int, 64, "shards = partitions of the changes topic (fixed at topic creation)"),
+    Option("changes_topic", str, "changes", "Kafka topic of change events"),
+    Option("replication_factor", int, 1, "replication factor when creating topics"),
+]
+
+NODE = [
+    Option("node_id", str, "n1", "this node's id (unique in the cluster)"),
+    Option("host", str, "127.0.0.1", "listen address"),
+    Option("port", int, 8101, "listen port"),
+    Option("default_ttl_s", float, 3600.0, "sliding session TTL when a create gives none"),
+    Option("default_durability", str, "memory", "memory|log: when writes are acknowledged by default"),
+    Option("queue_max", int, 10_000, "replication queue bound; a full queue answers 503"),
+    Option("kafka_deadline_s", float, 5.0, "Kafka must acknowledge within this, else 503"),
+    Option("max_body_bytes", int, 1_048_576, "request body limit (413)"),
+    Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
+    Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
+    Option("max_depth", int, 32, "deepest JSON nesting accepted (413)"),
+    Option("log_level", str, "info", "log level"),
+]
+
+ROUTER = [
+    Option("host", str, "127.0.0.1", "listen address"),
+    Option("port", int, 8100, "listen port"),
+    Option("nodes", str, "n1=http://127.0.0.1:8101,n2=http://127.0.0.1:8102,n3=http://127.0.0.1:8103",
+           "cluster nodes as id=url,..."),
+    Option("partitions", int, 64, "shard count; must match the nodes' --partitions"),
+    Option("standbys", int, 0, "standby replicas per shard (0..nodes-1)"),
+    Option("health_interval_s", float, 0.25, "health check period"),
+    Option("health_failures_to_dead", int, 3, "missed checks before a node is declared dead"),
+    Option("log_level", str, "info", "log level"),
+]

@@ -1,0 +1,242 @@
+"""A whole cluster on this machine as child processes: Kafka (unless given), nodes, router.
+
+Used by ``stickystate up`` and by the integration tests and chaos scripts, which need
+real processes they can kill -9, pause and restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stickystate.kafka_local import LocalKafka
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - loopback only
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        assert self.popen is not None
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass
+class LocalCluster:
+    data_dir: Path
+    nodes: int = 3
+    router_port: int = 0
+    node_ports: list[int] = field(default_factory=list)
+    kafka_bootstrap: str = ""
+    kafka_port: int = 0
+    partitions: int = 64
+    standbys: int = 0
+    node_env: dict[str, str] = field(default_factory=dict)
+    router_env: dict[str, str] = field(default_factory=dict)
+    kafka: LocalKafka | None = None
+    procs: dict[str, Proc] = field(default_factory=dict)
+    topic: str = "changes"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.router_port:
+            self.router_port = free_port()
+        while len(self.node_ports) < self.nodes:
+            self.node_ports.append(free_port())
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def node_ids(self) -> list[str]:
+        return [f"n{i + 1}" for i in range(self.nodes)]
+
+    def node_url(self, node_id: str) -> str:
+        return f"http://127.0.0.1:{self.node_ports[int(node_id[1:]) - 1]}"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        if not self.kafka_bootstrap:
+            self.kafka = LocalKafka(self.data_dir / "kafka", port=self.kafka_port,
+                                    log_file=self.data_dir / "kafka.log")
+            self.kafka.start()
+            self.kafka_bootstrap = self.kafka.bootstrap
+        for nid in self.node_ids():
+            self._make_node(nid).start()
+        router = self._make_router()
+        router.start()
+        self.wait_ready(timeout_s)
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("KAFKA_BOOTSTRAP", None)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _make_node(self, nid: str) -> Proc:
+        env = self._base_env() | self.node_env
+        port = self.node_ports[int(nid[1:]) - 1]
+        args = [sys.executable, "-m", "stickystate.cli", "node", "--node-id", nid, "--port", str(port),
+                "--kafka-bootstrap", self.kafka_bootstrap, "--partitions", str(self.partitions),
+                "--changes-topic", self.topic]
+        proc = Proc(nid, args, env, self.data_dir / f"{nid}.log")
+        self.procs[nid] = proc
+        return proc
+
+    def _make_router(self) -> Proc:
+        env = self._base_env() | self.router_env
+        spec = ",".join(f"{nid}={self.node_url(nid)}" for nid in self.node_ids())
+        args = [sys.executable, "-m", "stickystate.cli", "router", "--port", str(self.router_port),
+                "--nodes", spec, "--partitions", str(self.partitions), "--standbys", str(self.standbys)]
+        proc = Proc("router", args, env, self.data_dir / "router.log")
+        self.procs["router"] = proc
+        return proc
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Router ready, every live node healthy in its view, every node serving its shards."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.popen is not None and proc.popen.poll() is not None and name == "router":
+                    raise RuntimeError(f"router exited: see {proc.log_path}")
+            try:
+                code, view = http_json(self.router_url + "/v1/cluster")
+                live = {n for n, p in self.procs.items() if n != "router" and p.alive()}
+                healthy = {n["id"] for n in view["nodes"] if n["healthy"]}
+                ready = all(http_json(self.node_url(n) + "/readyz")[0] == 200 for n in live)
+                last = view
+                if code == 200 and view["settled"] and healthy == live and ready:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"cluster not ready in {timeout_s}s; last view: {last}; logs in {self.data_dir}")
+
+    def cluster_view(self) -> dict:
+        return http_json(self.router_url + "/v1/cluster")[1]
+
+    def owner_of_shard(self, shard: int) -> str:
+        return self.cluster_view()["shards"][str(shard)]
+
+    def kill_node(self, nid: str) -> None:
+        self.procs[nid].kill()
+
+    def signal_node(self, nid: str, sig: int) -> None:
+        self.procs[nid].signal(sig)
+
+    def restart_node(self, nid: str) -> None:
+        self.procs[nid].stop()
+        self._make_node(nid).start()
+
+    def stop(self) -> None:
+        router = self.procs.get("router")
+        if router:
+            router.stop()
+        for name, proc in self.procs.items():
+            if name != "router":
+                proc.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_bootstrap: str, data_dir: str,
+                      partitions: int, standbys: int) -> int:
+    data = Path(data_dir)
+    cluster = LocalCluster(data, nodes=nodes, router_port=base_port,
+                           node_ports=[base_port + 1 + i for i in range(nodes)],
+                           kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
+                           partitions=partitions, standbys=standbys)
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not kafka_bootstrap:
+            print(f"starting Kafka (KRaft) on 127.0.0.1:{kafka_port} ...", flush=True)
+        cluster.start()
+        print(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/", flush=True)
+        print(f"router: {cluster.router_url}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop["now"]:
+            for name, proc in cluster.procs.items():
+                if not proc.alive():
+                    print(f"{name} exited (code {proc.popen.returncode if proc.popen else '?'}); see "
+                          f"{proc.log_path}", flush=True)
+                    stop["now"] = True
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+        print("stopped.", flush=True)
+    return 0
