@@ -15,6 +15,7 @@ class NodeSettings:
     default_durability: str = "memory"
     recovery_timeout_s: float = 60.0  # a request for a shard being rebuilt waits at most this
     hold_timeout_s: float = 10.0  # how long a request waits for its shard to become ready
+    replication: bool = True  # False: no Kafka at all (benchmark baseline; state dies with the node)
     limits: Limits = field(default_factory=Limits)
     replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)
 

@@ -86,6 +86,10 @@ class NodeStore:
     async def start(self) -> None:
         from replicator.topics import ensure_topics
 
+        if not self.settings.replication:
+            log.warning("replication is OFF: sessions are lost when this node stops")
+            self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
+            return
         await ensure_topics(self.settings.replicator)
         await self.replicator.start()
         await self.follower.start()
@@ -100,13 +104,14 @@ class NodeStore:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
             self._expiry_task = None
-        await self.replicator.stop()
-        await self.follower.stop()
+        if self.settings.replication:
+            await self.replicator.stop()
+            await self.follower.stop()
 
     @property
     def ready(self) -> bool:
-        return (not self.draining and self.follower.alive and not self.recovering
-                and self.generation >= 0)
+        return (not self.draining and (self.follower.alive or not self.settings.replication)
+                and not self.recovering and self.generation >= 0)
 
     # -- shard lookup -----------------------------------------------------------
     def shard_for(self, sid: str) -> int:
@@ -162,7 +167,8 @@ class NodeStore:
         event["node"] = self.me
         event["epoch"] = epoch
         try:
-            delivery = self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+            delivery = (self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+                        if self.settings.replication else None)
         except ReplicationError as exc:
             raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
         shard.commit(event, new)
@@ -209,7 +215,8 @@ class NodeStore:
         try:
             new, event = apply(state, {"op": "expire", "sid": sid}, self.clock())
             event["node"], event["epoch"] = self.me, shard.my_epoch
-            self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+            if self.settings.replication:
+                self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
         except (ReplicationError, StickyError):
             return False
         shard.commit(event, new)
@@ -289,7 +296,7 @@ class NodeStore:
                 self.serving.discard(s)
                 if s in self.shards:
                     self.shards[s].my_epoch = None
-            if lost:
+            if lost and self.settings.replication:
                 try:
                     await self.replicator.flush(lost, timeout_s=self.settings.replicator.kafka_deadline_s * 2)
                 except asyncio.TimeoutError:
@@ -297,7 +304,7 @@ class NodeStore:
             for s in lost:
                 if s not in standby:
                     self._drop(s)
-            for s in standby - owned:
+            for s in standby - owned if self.settings.replication else ():
                 if s not in self.shards:
                     self.shards[s] = Shard(s)
                     self.follower.follow(s, 0)
@@ -311,7 +318,8 @@ class NodeStore:
                     "released": sorted(lost)}
 
     def _drop(self, s: int) -> None:
-        self.follower.unfollow(s)
+        if self.settings.replication:
+            self.follower.unfollow(s)
         self.shards.pop(s, None)
 
     async def _acquire(self, s: int) -> None:
@@ -347,6 +355,11 @@ class NodeStore:
             ev.set()
 
     async def _claim(self, s: int) -> bool:
+        if not self.settings.replication:
+            shard = self.shards.setdefault(s, Shard(s))
+            shard.epoch = shard.my_epoch = 1
+            shard.owner = self.me
+            return True
         timeout = self.settings.recovery_timeout_s
         shard = self.shards.get(s)
         if shard is None:

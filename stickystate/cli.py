@@ -27,7 +27,8 @@ def _node(ns: argparse.Namespace) -> None:
     limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
-                            default_durability=ns.default_durability, limits=limits, replicator=rep)
+                            default_durability=ns.default_durability, limits=limits, replicator=rep,
+                            replication=ns.replication)
     _install_uvloop()
     web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
                 shutdown_timeout=10)
@@ -51,7 +52,7 @@ def _router(ns: argparse.Namespace) -> None:
 def _up(ns: argparse.Namespace) -> None:
     from stickystate.local_cluster import run_local_cluster
 
-    sys.exit(run_local_cluster(nodes=ns.nodes, base_port=ns.base_port, kafka_port=ns.kafka_port,
+    sys.exit(run_local_cluster(nodes=ns.node_count, base_port=ns.base_port, kafka_port=ns.kafka_port,
                                kafka_bootstrap=ns.kafka_bootstrap, data_dir=ns.data_dir,
                                partitions=ns.partitions, standbys=ns.standbys))
 
@@ -71,7 +72,7 @@ def _install_uvloop() -> None:
 
 
 UP = [
-    Option("nodes", int, 3, "number of nodes"),
+    Option("node_count", int, 3, "number of nodes"),
     Option("base_port", int, 8100, "router port; nodes get the next ports"),
     Option("kafka_port", int, 9092, "port of the local Kafka broker"),
     Option("kafka_bootstrap", str, "", "use this Kafka instead of starting one (KAFKA_BOOTSTRAP also works)"),

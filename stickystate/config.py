@@ -48,6 +48,15 @@ def values(ns: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
     return {o.name: getattr(ns, o.name) for o in options}
 
 
+def _onoff(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"expected on|off, got {value!r}")
+
+
 KAFKA = [
     Option("kafka_bootstrap", str, "127.0.0.1:9092", "Kafka bootstrap host:port (KAFKA_BOOTSTRAP also works)"),
     Option("partitions", int, 64, "shards = partitions of the changes topic (fixed at topic creation)"),
@@ -67,6 +76,7 @@ NODE = [
     Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
     Option("max_depth", int, 32, "deepest JSON nesting accepted (413)"),
+    Option("replication", lambda v: _onoff(v), True, "on|off: off keeps no log at all (benchmark baseline only)"),
     Option("log_level", str, "info", "log level"),
 ]
 

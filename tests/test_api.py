@@ -1,0 +1,211 @@
+"""Every operation of the HTTP API, through the router, against a real Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from router.placement import shard_of
+from stickystate.local_cluster import LocalCluster
+from tests.conftest import make_cluster
+from tests.helpers import Api, end_offset, read_partition
+
+pytestmark = pytest.mark.kafka
+
+LIMITS = {
+    "STICKYSTATE_MAX_BODY_BYTES": "4096",
+    "STICKYSTATE_MAX_STATE_BYTES": "2048",
+    "STICKYSTATE_MAX_LIST_LEN": "20",
+    "STICKYSTATE_MAX_DEPTH": "5",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
+    c = make_cluster(tmp_path_factory.mktemp("api"), kafka_bootstrap, node_env=LIMITS)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+async def api(cluster: LocalCluster) -> AsyncIterator[Api]:
+    async with aiohttp.ClientSession() as http:
+        yield Api(http, cluster.router_url)
+
+
+def sid() -> str:
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+async def events_of(cluster: LocalCluster, session: str) -> list[dict]:
+    records = await read_partition(cluster.kafka_bootstrap, cluster.topic, shard_of(session, cluster.partitions))
+    return [e for _, key, e in records if key == session.encode()]
+
+
+async def test_create_without_id_generates_a_128_bit_id(api: Api) -> None:
+    status, body, headers = await api.call("POST", "/v1/sessions")
+    assert status == 201
+    assert len(body["id"]) >= 22  # secrets.token_urlsafe(16): 16 random bytes
+    assert body["version"] == 1 and body["data"] == {} and body["expires_at"] > 0
+    assert headers["ETag"] == '"1"'
+    status2, body2, _ = await api.call("POST", "/v1/sessions")
+    assert body2["id"] != body["id"]
+
+
+async def test_create_read_conflict_and_not_found(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    status, body, _ = await api.call("POST", "/v1/sessions", {"id": s, "data": {"user": "ada"}, "ttl_s": 120})
+    assert status == 201 and body["data"] == {"user": "ada"}
+    status, body, headers = await api.call("GET", f"/v1/sessions/{s}")
+    assert status == 200 and body["data"] == {"user": "ada"} and headers["ETag"] == '"1"'
+    assert headers["X-Stickystate-Owner"] == cluster.owner_of_shard(shard_of(s, cluster.partitions))
+    status, body, _ = await api.call("POST", "/v1/sessions", {"id": s})
+    assert status == 409 and body["error"] == "exists"
+    status, body, _ = await api.call("GET", f"/v1/sessions/{sid()}")
+    assert status == 404 and body["error"] == "not_found"
+
+
+async def test_put_creates_then_replaces(api: Api) -> None:
+    s = sid()
+    status, body, _ = await api.call("PUT", f"/v1/sessions/{s}", {"a": 1})
+    assert status == 201 and body["version"] == 1
+    status, body, _ = await api.call("PUT", f"/v1/sessions/{s}", {"b": 2})
+    assert status == 200 and body["data"] == {"b": 2} and body["version"] == 2
+
+
+async def test_patch_is_a_json_merge_patch(api: Api) -> None:
+    s = sid()
+    await api.call("PUT", f"/v1/sessions/{s}", {"a": {"b": "c", "d": 1}, "keep": True})
+    status, body, _ = await api.call("PATCH", f"/v1/sessions/{s}", {"a": {"b": "z", "d": None}, "new": [1]})
+    assert status == 200
+    assert body["data"] == {"a": {"b": "z"}, "keep": True, "new": [1]}
+
+
+async def test_list_append_keeps_a_window(api: Api) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s})
+    for i in range(4):
+        status, body, _ = await api.call("POST", f"/v1/sessions/{s}/lists/messages",
+                                         {"items": [f"m{i}a", f"m{i}b"], "max_len": 3})
+        assert status == 200
+    assert body["data"]["messages"] == ["m2b", "m3a", "m3b"]
+    assert body["version"] == 5
+
+
+async def test_key_with_its_own_ttl_and_key_delete(api: Api) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s, "data": {"stay": 1}})
+    status, body, _ = await api.call("PUT", f"/v1/sessions/{s}/keys/otp?ttl_s=1", 1234)
+    assert status == 200 and body["data"]["otp"] == 1234
+    status, body, _ = await api.call("PUT", f"/v1/sessions/{s}/keys/note", {"x": 1})
+    await asyncio.sleep(1.3)
+    status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
+    assert body["data"] == {"stay": 1, "note": {"x": 1}}
+    status, _, _ = await api.call("DELETE", f"/v1/sessions/{s}/keys/note")
+    assert status == 200
+    status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
+    assert body["data"] == {"stay": 1}
+    status, body, _ = await api.call("DELETE", f"/v1/sessions/{s}/keys/note")
+    assert status == 404
+
+
+async def test_delete_removes_the_session_and_logs_a_delete(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s}, headers={"Durability": "log"})
+    status, body, _ = await api.call("DELETE", f"/v1/sessions/{s}", headers={"Durability": "log"})
+    assert status == 204 and body is None
+    assert (await api.call("GET", f"/v1/sessions/{s}"))[0] == 404
+    ops = [e["op"] for e in await events_of(cluster, s)]
+    assert ops == ["create", "delete"]
+
+
+async def test_cluster_view(api: Api, cluster: LocalCluster) -> None:
+    status, body, _ = await api.call("GET", "/v1/cluster")
+    assert status == 200
+    assert {n["id"] for n in body["nodes"]} == {"n1", "n2", "n3"}
+    assert all(set(n) >= {"id", "url", "healthy"} and n["healthy"] for n in body["nodes"])
+    assert set(body["shards"]) == {str(i) for i in range(cluster.partitions)}
+
+
+async def test_durability_log_acknowledges_after_kafka_has_the_event(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    status, body, headers = await api.call("POST", "/v1/sessions", {"id": s, "data": {"n": 1}},
+                                           headers={"Durability": "log"})
+    assert status == 201
+    events = await events_of(cluster, s)  # read right after the answer: it must be there
+    assert [(e["op"], e["ver"]) for e in events] == [("create", 1)]
+    assert events[0]["node"] == headers["X-Stickystate-Owner"]
+    assert events[0]["epoch"] == int(headers["X-Stickystate-Epoch"])
+
+
+async def test_memory_durability_reaches_the_log_too(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s}, headers={"Durability": "memory"})
+    await api.call("PATCH", f"/v1/sessions/{s}", {"a": 1}, headers={"Durability": "memory"})
+    for _ in range(50):
+        if len(await events_of(cluster, s)) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert [e["op"] for e in await events_of(cluster, s)] == ["create", "patch"]
+
+
+async def test_if_match_makes_a_write_conditional(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s, "data": {"n": 0}}, headers={"Durability": "log"})
+    status, body, headers = await api.call("PATCH", f"/v1/sessions/{s}", {"n": 1},
+                                           headers={"If-Match": '"1"', "Durability": "log"})
+    assert status == 200 and headers["ETag"] == '"2"'
+    before = await end_offset(cluster.kafka_bootstrap, cluster.topic, shard_of(s, cluster.partitions))
+    status, body, _ = await api.call("PATCH", f"/v1/sessions/{s}", {"n": 99}, headers={"If-Match": '"1"'})
+    assert status == 412 and body["error"] == "precondition_failed" and body["current"] == 2
+    assert (await api.call("GET", f"/v1/sessions/{s}"))[1]["data"] == {"n": 1}
+    await asyncio.sleep(0.3)
+    assert await end_offset(cluster.kafka_bootstrap, cluster.topic, shard_of(s, cluster.partitions)) == before
+
+
+async def test_idempotency_key_applies_once_and_returns_the_first_answer(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    await api.call("POST", "/v1/sessions", {"id": s})
+    item = {"items": ["hello"], "max_len": 10}
+    first = await api.call("POST", f"/v1/sessions/{s}/lists/m", item, headers={"Idempotency-Key": "k1", "Durability": "log"})
+    await api.call("PATCH", f"/v1/sessions/{s}", {"other": 1})
+    again = await api.call("POST", f"/v1/sessions/{s}/lists/m", item, headers={"Idempotency-Key": "k1", "Durability": "log"})
+    assert first[0] == again[0] == 200
+    assert again[1] == first[1]  # the first answer, not the current state
+    assert again[2].get("Idempotent-Replayed") == "true"
+    status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
+    assert body["data"]["m"] == ["hello"] and body["version"] == 3
+    status, body, _ = await api.call("POST", f"/v1/sessions/{s}/lists/m", {"items": ["other"]},
+                                     headers={"Idempotency-Key": "k1"})
+    assert status == 409 and body["error"] == "idempotency_key_reused"
+    await asyncio.sleep(0.3)
+    assert [e["op"] for e in await events_of(cluster, s)] == ["create", "append", "patch"]
+
+
+async def test_ttl_expiry_removes_the_session_and_logs_it(api: Api, cluster: LocalCluster) -> None:
+    s = sid()
+    status, body, _ = await api.call("POST", "/v1/sessions", {"id": s, "ttl_s": 1})
+    assert status == 201
+    await asyncio.sleep(0.6)
+    await api.call("PATCH", f"/v1/sessions/{s}", {"touch": 1})  # a write slides the TTL
+    await asyncio.sleep(0.6)
+    assert (await api.call("GET", f"/v1/sessions/{s}"))[0] == 200  # 1.2 s after create, 0.6 s after the write
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        ops = [e["op"] for e in await events_of(cluster, s)]
+        if "expire" in ops:
+            break
+    assert ops == ["create", "patch", "expire"]
+    assert (await api.call("GET", f"/v1/sessions/{s}"))[0] == 404
+
+
+async def test_unknown_route_is_a_json_404(api: Api) -> None:
+    status, body, _ = await api.call("GET", "/v2/nothing")
+    assert status == 404 and body["error"] == "not_found"
