@@ -33,6 +33,8 @@ def http_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError):
+        return 0, {}
 
 
 @dataclass
