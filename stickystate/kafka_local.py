@@ -1,0 +1,683 @@
+"""Run a real Apache Kafka broker locally (KRaft, combined broker+controller).
+
+No Docker, no tarball: ``kafka/pom.xml`` makes Maven resolve ``kafka_2.13``
+with its runtime classpath (plus a log4j2 binding) into ``.kafka/libs`` and
+:class:`LocalKafka` starts ``java -cp '.kafka/libs/*' kafka.Kafka`` on it.
+
+Pure stdlib on purpose: usable from tests, benchmarks and chaos scripts
+before any Kafka client is imported.
+
+    with LocalKafka(tmp_path / "kafka") as kafka:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+
+Command line (foreground broker, Ctrl-C stops it cleanly)::
+
+    python -m stickystate.kafka_local --data-dir /tmp/kafka --port 9092
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_HOME = REPO_ROOT / ".kafka"
+POM = REPO_ROOT / "kafka" / "pom.xml"
+
+
+def _pom_kafka_version(default: str = "4.3.1") -> str:
+    """<kafka.version> of kafka/pom.xml (the single place the version is set)."""
+    try:
+        m = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", POM.read_text())
+    except OSError:
+        return default
+    return m.group(1) if m else default
+
+
+KAFKA_VERSION = _pom_kafka_version()
+
+#: Main class of the broker, and of the storage formatter (both in kafka_2.13).
+KAFKA_MAIN = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+
+DEFAULT_JVM_OPTS = (
+    "-Xms256m",
+    "-Xmx1G",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-Djava.awt.headless=true",
+)
+
+# The storage formatter is a one-shot JVM: C1 only + serial GC start faster.
+_FORMAT_JVM_OPTS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Djava.awt.headless=true")
+
+# Log lines (logged at INFO) meaning the broker finished starting up.
+# KafkaRaftServer logs the first one after BrokerServer reached STARTED,
+# which in KRaft only happens once the broker is registered and unfenced.
+_STARTED_MARKERS = ("Kafka Server started", "Transition from STARTING to STARTED")
+
+_MARKER_NAME = ".complete"
+
+
+def _libs_dir() -> Path:
+    return KAFKA_HOME / "libs"
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
+
+
+def _has_kafka_jar(libs: Path) -> bool:
+    return any(libs.glob("kafka_2.13-*.jar"))
+
+
+def ensure_jars(quiet: bool = True) -> Path:
+    """Make sure ``.kafka/libs`` holds the broker's classpath; returns it.
+
+    Fetches with Maven only when the folder is missing, has no kafka jar, or
+    was fetched for a different ``kafka/pom.xml`` (marker file ``.complete``
+    holds the pom's sha256). Jars are copied into a temporary folder which is
+    renamed into place at the end, so an interrupted fetch never leaves a
+    half-filled classpath; a file lock serialises concurrent callers (xdist).
+    """
+    libs = _libs_dir()
+    marker = libs / _MARKER_NAME
+    digest = _pom_digest()
+
+    def up_to_date() -> bool:
+        try:
+            return marker.read_text().strip() == digest and _has_kafka_jar(libs)
+        except OSError:
+            return False
+
+    if up_to_date():
+        return libs
+
+    KAFKA_HOME.mkdir(parents=True, exist_ok=True)
+    with _file_lock(KAFKA_HOME / ".fetch.lock"):
+        if up_to_date():  # another process fetched while we waited
+            return libs
+        mvn = os.environ.get("MVN") or shutil.which("mvn")
+        if not mvn:
+            raise RuntimeError(
+                "Maven ('mvn') not found on PATH: it is needed once to fetch the "
+                f"Kafka {KAFKA_VERSION} jars into {libs} (or set MVN=/path/to/mvn)"
+            )
+        print(
+            f"kafka_local: fetching Apache Kafka {KAFKA_VERSION} jars with Maven into {libs} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        tmp = KAFKA_HOME / f"libs.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            mvn,
+            "-B",
+            "-Dstyle.color=never",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+        ]
+        if quiet:
+            cmd.insert(1, "-q")
+        started = time.monotonic()
+        for attempt in (1, 2):
+            proc = subprocess.run(
+                cmd,
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if quiet else None,
+                stderr=subprocess.STDOUT if quiet else None,
+                text=True,
+            )
+            if proc.returncode == 0 or attempt == 2:
+                break
+            # One retry for flaky CI networks; -U because Maven caches download
+            # failures in ~/.m2 and would otherwise not even try again.
+            print("kafka_local: Maven failed, retrying once ...", file=sys.stderr, flush=True)
+            cmd.insert(1, "-U")
+        if proc.returncode != 0 or not _has_kafka_jar(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            out = (proc.stdout or "").strip()
+            raise RuntimeError(
+                f"Maven failed to fetch the Kafka jars (exit {proc.returncode}): "
+                f"{' '.join(cmd)}\n{_tail(out, 60)}"
+            )
+        (tmp / _MARKER_NAME).write_text(digest + "\n")
+        if libs.exists():
+            shutil.rmtree(libs)
+        tmp.rename(libs)
+        if not quiet:
+            print(
+                f"kafka_local: fetched {len(list(libs.glob('*.jar')))} jars "
+                f"in {time.monotonic() - started:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return libs
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if not java:
+        raise RuntimeError("Java not found (need Java 17+ on PATH or JAVA_HOME) to run Kafka")
+    return java
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_cluster_id() -> str:
+    """Same format as ``kafka-storage random-uuid``: 16 random bytes, base64url, no padding."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):  # Kafka avoids these too (would look like a CLI flag)
+            return cid
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _read_tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return _tail(data, lines)
+
+
+def api_versions_ok(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True if a Kafka broker answers an ApiVersions request (v0) without error.
+
+    This is a real protocol round trip, not just an open port: the socket
+    server accepts connections slightly before request handlers are up.
+    """
+    client_id = b"stickystate-probe"
+    correlation_id = 0x5EED
+    # Request header v1: api_key=18 (ApiVersions), api_version=0, correlation_id, client_id
+    body = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(struct.pack(">i", len(body)) + body)
+            size = struct.unpack(">i", _recv_exact(s, 4))[0]
+            if not 6 <= size <= 1 << 20:
+                return False
+            payload = _recv_exact(s, size)
+    except (OSError, ValueError, struct.error):
+        return False
+    corr, error_code = struct.unpack(">ih", payload[:6])
+    return corr == correlation_id and error_code == 0
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ValueError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+class KafkaStartError(RuntimeError):
+    """The broker died or did not become ready; message ends with its log tail."""
+
+
+# Brokers still running at interpreter exit get killed (a failed test must not
+# leave a JVM holding ports on a CI machine).
+# Strong references on purpose: an unreferenced LocalKafka must still be reaped.
+_RUNNING: "set[LocalKafka]" = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for broker in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            broker.kill()
+
+
+class LocalKafka:
+    """One KRaft broker+controller JVM on 127.0.0.1, data and logs in ``data_dir``.
+
+    ``port``/``controller_port`` 0 means "pick a free port" (once; restarts
+    reuse the same ports so clients can reconnect). ``extra_props`` override
+    or extend the generated server.properties.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        controller_port: int = 0,
+        log_file: Path | None = None,
+        *,
+        extra_props: dict[str, object] | None = None,
+        jvm_opts: tuple[str, ...] | list[str] = DEFAULT_JVM_OPTS,
+        node_id: int = 1,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or _free_port()
+        self.controller_port = controller_port or _free_port()
+        while self.controller_port == self.port:
+            self.controller_port = _free_port()
+        self.log_file = Path(log_file).resolve() if log_file else self.data_dir / "server.log"
+        # stdout/stderr of the JVM: normally empty; holds JVM-level failures
+        # (bad options, missing classes) that happen before log4j is up.
+        self.console_file = self.data_dir / "console.out"
+        self.log_dir = self.data_dir / "kraft-logs"
+        self.properties_file = self.data_dir / "server.properties"
+        self.log4j_file = self.data_dir / "log4j2.properties"
+        self.extra_props = dict(extra_props or {})
+        self.jvm_opts = list(jvm_opts)
+        self.node_id = node_id
+        self.cluster_id: str | None = None
+        self.start_seconds: float | None = None  # duration of the last start()
+        self._proc: subprocess.Popen | None = None
+        self._console = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ props
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def server_properties(self) -> dict[str, object]:
+        props: dict[str, object] = {
+            "process.roles": "broker,controller",
+            "node.id": self.node_id,
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            # Static quorum: a single voter, ourselves. Simplest for one node
+            # and needs no --standalone / initial-controllers when formatting.
+            "controller.quorum.voters": f"{self.node_id}@127.0.0.1:{self.controller_port}",
+            "log.dirs": str(self.log_dir),
+            # Single node: every internal topic with RF 1 / min ISR 1.
+            "offsets.topic.replication.factor": 1,
+            "transaction.state.log.replication.factor": 1,
+            "transaction.state.log.min.isr": 1,
+            "share.coordinator.state.topic.replication.factor": 1,
+            "share.coordinator.state.topic.min.isr": 1,
+            "default.replication.factor": 1,
+            "min.insync.replicas": 1,
+            "auto.create.topics.enable": "false",
+            "num.partitions": 1,
+            "group.initial.rebalance.delay.ms": 0,
+            # Sized for a 2-core CI machine (defaults are 3 network / 8 io threads).
+            "num.network.threads": 2,
+            "num.io.threads": 4,
+            "num.recovery.threads.per.data.dir": 1,
+            "background.threads": 4,
+            # After a SIGKILL the restarted node cannot re-register until the
+            # dead incarnation's session expires (DUPLICATE_BROKER_REGISTRATION):
+            # 9 s by default, which made kill()+start() take ~12 s.
+            "broker.heartbeat.interval.ms": 500,
+            "broker.session.timeout.ms": 4000,
+        }
+        props.update(self.extra_props)
+        return props
+
+    def _write_configs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["# Generated by stickystate.kafka_local -- rewritten on every start"]
+        lines += [f"{k}={_prop_value(v)}" for k, v in self.server_properties().items()]
+        self.properties_file.write_text("\n".join(lines) + "\n")
+        self.log4j_file.write_text(_LOG4J2_TEMPLATE.format(log_file=_escape_prop(str(self.log_file))))
+
+    def _java_cmd(self, main_class: str, *args: str, jvm_opts: list[str] | None = None) -> list[str]:
+        libs = ensure_jars()
+        return [
+            _java(),
+            *(self.jvm_opts if jvm_opts is None else jvm_opts),
+            f"-Dlog4j2.configurationFile={self.log4j_file}",
+            f"-Dkafka.logs.dir={self.data_dir}",
+            "-cp",
+            f"{libs}/*",
+            main_class,
+            *args,
+        ]
+
+    def command(self) -> list[str]:
+        """The java command line that runs the broker."""
+        return self._java_cmd(KAFKA_MAIN, str(self.properties_file))
+
+    def is_formatted(self) -> bool:
+        return (self.log_dir / "meta.properties").exists()
+
+    # --------------------------------------------------------------- lifecycle
+
+    def _format(self) -> None:
+        self.cluster_id = random_cluster_id()
+        cmd = self._java_cmd(
+            STORAGE_TOOL,
+            "format",
+            "--cluster-id",
+            self.cluster_id,
+            "--config",
+            str(self.properties_file),
+            jvm_opts=list(_FORMAT_JVM_OPTS),
+        )
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise KafkaStartError(
+                f"formatting Kafka storage failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                f"{_tail(proc.stdout)}\n--- {self.log_file} ---\n{_read_tail(self.log_file)}"
+            )
+
+    def _read_cluster_id(self) -> str | None:
+        try:
+            for line in (self.log_dir / "meta.properties").read_text().splitlines():
+                if line.startswith("cluster.id="):
+                    return line.split("=", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    def start(self, timeout_s: float = 90) -> "LocalKafka":
+        """Format storage if needed, launch the JVM, wait until it serves requests."""
+        with self._lock:
+            if self.is_running():
+                return self
+            if self._proc is not None:  # exited on its own since the last start
+                self._reap()
+            t0 = time.monotonic()
+            self._write_configs()
+            if not self.is_formatted():
+                self._format()
+            else:
+                self.cluster_id = self._read_cluster_id()
+            log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+            cmd = self.command()
+            self._console = open(self.console_file, "ab")
+            try:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    cwd=self.data_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._console,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # own process group: Ctrl-C in a terminal won't hit it
+                )
+            except BaseException:
+                self._close_console()
+                raise
+            _RUNNING.add(self)
+            try:
+                self._wait_ready(log_offset, t0 + timeout_s, timeout_s)
+            except BaseException:
+                self.kill()
+                raise
+            self.start_seconds = time.monotonic() - t0
+            return self
+
+    def _wait_ready(self, log_offset: int, deadline: float, timeout_s: float) -> None:
+        assert self._proc is not None
+        started_logged = False
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise KafkaStartError(
+                    f"Kafka broker exited with code {code} during startup\n"
+                    f"{self._diagnostics(log_offset)}"
+                )
+            if not started_logged:
+                started_logged = self._log_has_started(log_offset)
+            if started_logged and api_versions_ok("127.0.0.1", self.port, timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise KafkaStartError(
+                    f"Kafka broker not ready on {self.bootstrap} after {timeout_s:.0f}s "
+                    f"(started line seen: {started_logged})\n{self._diagnostics(log_offset)}"
+                )
+            time.sleep(0.1)
+
+    def _read_log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_file, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell() < offset:  # truncated/replaced: read from the start
+                    offset = 0
+                fh.seek(offset)
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _log_has_started(self, offset: int) -> bool:
+        text = self._read_log_since(offset)
+        return any(m in text for m in _STARTED_MARKERS)
+
+    def _diagnostics(self, log_offset: int = 0) -> str:
+        parts = [f"command: {' '.join(self.command())}"]
+        # The first ERROR/FATAL lines and root causes say what went wrong; the
+        # tail is often just a stack trace followed by shutdown chatter.
+        lines = self._read_log_since(log_offset).splitlines()
+        errors = [ln for ln in lines if ln.startswith("[") and (" ERROR " in ln or " FATAL " in ln)]
+        causes = list(dict.fromkeys(ln.strip() for ln in lines if ln.startswith("Caused by:")))
+        if errors or causes:
+            parts.append(
+                "--- errors logged ---\n"
+                + "\n".join(ln[:500] for ln in errors[:5] + causes[-3:])
+            )
+        console = _read_tail(self.console_file, 20)
+        if console.strip():
+            parts.append(f"--- {self.console_file} (tail) ---\n{console}")
+        parts.append(f"--- {self.log_file} (tail) ---\n{_read_tail(self.log_file, 40)}")
+        return "\n".join(parts)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """Clean shutdown (SIGTERM), SIGKILL after ``timeout_s``. Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                self._signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._signal(signal.SIGKILL)
+                    proc.wait()
+            self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the broker (no clean shutdown: for chaos tests). Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                self._signal(signal.SIGKILL)
+                proc.wait()
+            self._reap()
+
+    def restart(self, timeout_s: float = 90) -> "LocalKafka":
+        """Stop, then start again on the same ports and data dir (no reformat)."""
+        self.stop()
+        return self.start(timeout_s=timeout_s)
+
+    def _signal(self, sig: int) -> None:
+        assert self._proc is not None
+        try:
+            os.killpg(self._proc.pid, sig)  # pgid == pid (start_new_session)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    def _reap(self) -> None:
+        self._proc = None
+        _RUNNING.discard(self)
+        self._close_console()
+
+    def _close_console(self) -> None:
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def __enter__(self) -> "LocalKafka":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.is_running() else "stopped"
+        return f"LocalKafka({self.bootstrap}, {self.data_dir}, {state})"
+
+
+def _prop_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return _escape_prop(str(v))
+
+
+def _escape_prop(s: str) -> str:
+    # java.util.Properties: backslash is an escape character (Windows paths etc.)
+    return s.replace("\\", "\\\\")
+
+
+# log4j2 in .properties format (needs no YAML/JSON parser on the classpath).
+# Everything goes to one file, nothing to the console.
+_LOG4J2_TEMPLATE = """\
+# Generated by stickystate.kafka_local
+name = stickystate-kafka
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log_file}
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+
+# Per-request and authorizer logging is very chatty even at INFO.
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stickystate.kafka_local",
+        description=f"Run a local single-node Apache Kafka {KAFKA_VERSION} broker (KRaft) "
+        "in the foreground until Ctrl-C.",
+    )
+    parser.add_argument("--data-dir", type=Path, default=KAFKA_HOME / "data",
+                        help="storage, configs and logs (default: %(default)s); reused if formatted")
+    parser.add_argument("--port", type=int, default=9092, help="PLAINTEXT port (0 = any free)")
+    parser.add_argument("--controller-port", type=int, default=0,
+                        help="KRaft controller port (default: any free)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="broker log file (default: DATA_DIR/server.log)")
+    parser.add_argument("--timeout", type=float, default=90, help="startup timeout in seconds")
+    parser.add_argument("--fetch-only", action="store_true",
+                        help="only make sure the jars are in .kafka/libs, then exit")
+    args = parser.parse_args(argv)
+
+    if args.fetch_only:
+        print(ensure_jars(quiet=False))
+        return 0
+
+    ensure_jars(quiet=False)
+    broker = LocalKafka(args.data_dir, port=args.port, controller_port=args.controller_port,
+                        log_file=args.log_file)
+
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    print(f"Starting Kafka {KAFKA_VERSION} in {broker.data_dir} (log: {broker.log_file}) ...",
+          flush=True)
+    try:
+        broker.start(timeout_s=args.timeout)
+    except KafkaStartError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"Kafka ready in {broker.start_seconds:.1f}s, bootstrap: {broker.bootstrap}", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        while not stopping.is_set():
+            if not broker.is_running():
+                print(f"Kafka broker exited unexpectedly; see {broker.log_file}", file=sys.stderr)
+                broker.stop()
+                return 1
+            stopping.wait(0.5)
+    finally:
+        print("Stopping Kafka ...", flush=True)
+        broker.stop()
+        print("Kafka stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
