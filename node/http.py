@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -179,6 +180,28 @@ class NodeHandlers:
         ready = self.store.ready
         return json_response({"ready": ready, "node": self.store.me, "recovering": sorted(self.store.recovering),
                               "draining": self.store.draining}, 200 if ready else 503)
+
+
+async def serve(settings: NodeSettings) -> None:
+    """Run a node until SIGTERM/SIGINT, then drain before closing anything."""
+    import signal
+
+    store = NodeStore(settings)
+    app = build_app(settings, store)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("node listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Keep listening while draining: the router must still reach us for health checks,
+    # and requests get a 421 it retries on the shards' next owners.
+    await store.drain()
+    await runner.cleanup()
 
 
 def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.Application:

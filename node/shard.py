@@ -53,7 +53,8 @@ class Shard:
         if not idem:
             return
         key = (event["sid"], idem[0])
-        self.idem[key] = IdemEntry(idem[1], STATUS_OF_OP.get(event["op"], 200), state, event)
+        status = 201 if event["op"] == "replace" and event.get("ver") == 1 else STATUS_OF_OP.get(event["op"], 200)
+        self.idem[key] = IdemEntry(idem[1], status, state, event)
         self.idem.move_to_end(key)
         while len(self.idem) > IDEM_PER_SHARD:
             self.idem.popitem(last=False)

@@ -78,7 +78,8 @@ class NodeStore:
         self._expiry_wake = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self._assign_lock = asyncio.Lock()
-        self.draining = False
+        self.draining = False  # advertised to the router: move my shards away
+        self.refusing = False  # no new requests: the router retries them elsewhere
         self.expired_total = 0
         self.recoveries: list[dict[str, Any]] = []
 
@@ -95,8 +96,28 @@ class NodeStore:
         await self.follower.start()
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
 
-    async def stop(self) -> None:
+    async def drain(self, timeout_s: float = 15.0) -> None:
+        """Leave gracefully: refuse new requests, flush replication, then ask the
+        router to move the shards, and wait until their new owners claimed them
+        (our follower reads the claims). Nothing acknowledged is lost, even at
+        durability memory: every queued event is in Kafka before any new claim."""
+        if self.refusing:
+            return
+        self.refusing = True
+        log.info("draining: flushing replication", extra={"queued": self.replicator.depth if self.settings.replication else 0})
+        if self.settings.replication:
+            try:
+                await self.replicator.flush(timeout_s=timeout_s)
+            except asyncio.TimeoutError:
+                log.error("drain: replication not flushed in time", extra={"queued": self.replicator.depth})
         self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.serving and self.settings.replication and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", extra={"still_serving": sorted(self.serving)})
+
+    async def stop(self) -> None:
+        self.refusing = self.draining = True
         for task in list(self._acquire_tasks.values()):
             task.cancel()
         await asyncio.gather(*self._acquire_tasks.values(), return_exceptions=True)
@@ -119,6 +140,8 @@ class NodeStore:
 
     async def serving_shard(self, sid: str) -> Shard:
         s = self.shard_for(sid)
+        if self.refusing:
+            raise NotOwner(s, None, None)
         if s in self.serving:
             return self.shards[s]
         event = self.recovering.get(s)
@@ -226,7 +249,7 @@ class NodeStore:
     async def _expiry_loop(self) -> None:
         while True:
             now = self.clock()
-            while self._expiry and self._expiry[0][0] <= now:
+            while self._expiry and self._expiry[0][0] <= now and not self.refusing:
                 _, sid = heapq.heappop(self._expiry)
                 s = self.shard_for(sid)
                 if s not in self.serving:

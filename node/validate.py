@@ -131,7 +131,7 @@ def if_match(header: str | None) -> int | str | None:
     if value.startswith("W/"):
         value = value[2:]
     value = value.strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest('If-Match must be "<version>" or *', code="bad_if_match")
     return int(value)
 

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from node.http import SESSION_ID_HEADER, error_response, errors_middleware, json_response
 from node.validate import SESSION_ID_RE
@@ -32,6 +33,7 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server"))
+SESSION_ID_HEADER_LC = SESSION_ID_HEADER.lower()  # only the router may set it
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -44,7 +46,8 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                              if k.lower() not in HOP_BY_HOP and k.lower() != SESSION_ID_HEADER_LC)
         sid = request.match_info.get("sid")
         if sid is None:  # POST /v1/sessions
             sid = _id_from_create_body(body)
@@ -58,7 +61,7 @@ class Forwarder:
         shard = shard_of(sid, self.settings.partitions)
         return await self.forward(request.method, request.path_qs, headers, body, shard)
 
-    async def forward(self, method: str, path_qs: str, headers: dict[str, str], body: bytes,
+    async def forward(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes,
                       shard: int) -> web.StreamResponse:
         last_error = "no attempt"
         for attempt in range(self.settings.max_attempts):

@@ -22,7 +22,7 @@ class RouterSettings:
     port: int = 8100
     nodes: tuple[tuple[str, str], ...] = ()
     partitions: int = 64
-    standbys: int = 0
+    standbys: int = 1  # clamped to nodes-1 by the placement
     health_interval_s: float = 0.25
     health_timeout_s: float = 0.5
     health_failures_to_dead: int = 3
@@ -35,8 +35,8 @@ class RouterSettings:
             raise ValueError("at least one node is required (--nodes id=url,...)")
         if not 1 <= self.partitions <= 4096:
             raise ValueError("partitions must be in 1..4096")
-        if not 0 <= self.standbys < len(self.nodes):
-            raise ValueError("standbys must be in 0..nodes-1")
+        if self.standbys < 0:
+            raise ValueError("standbys must be >= 0 (more than nodes-1 is clamped)")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError("health interval and timeout must be > 0")
         if self.max_attempts < 1:

@@ -12,9 +12,7 @@ from stickystate.config import Option
 
 
 def _node(ns: argparse.Namespace) -> None:
-    from aiohttp import web
-
-    from node.http import build_app
+    from node.http import serve
     from node.settings import NodeSettings
     from node.validate import Limits
     from replicator.settings import ReplicatorSettings
@@ -30,8 +28,7 @@ def _node(ns: argparse.Namespace) -> None:
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
                             replication=ns.replication)
     _install_uvloop()
-    web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None,
-                shutdown_timeout=10)
+    asyncio.run(serve(settings))
 
 
 def _router(ns: argparse.Namespace) -> None:
@@ -78,7 +75,7 @@ UP = [
     Option("kafka_bootstrap", str, "", "use this Kafka instead of starting one (KAFKA_BOOTSTRAP also works)"),
     Option("data_dir", str, ".run", "where the local broker keeps its data and logs"),
     Option("partitions", int, 64, "shards (partitions of the changes topic)"),
-    Option("standbys", int, 0, "standby replicas per shard"),
+    Option("standbys", int, 1, "standby replicas per shard"),
 ]
 
 

@@ -86,7 +86,7 @@ ROUTER = [
     Option("nodes", str, "n1=http://127.0.0.1:8101,n2=http://127.0.0.1:8102,n3=http://127.0.0.1:8103",
            "cluster nodes as id=url,..."),
     Option("partitions", int, 64, "shard count; must match the nodes' --partitions"),
-    Option("standbys", int, 0, "standby replicas per shard (0..nodes-1)"),
+    Option("standbys", int, 1, "standby replicas per shard (0..nodes-1; more is clamped)"),
     Option("health_interval_s", float, 0.25, "health check period"),
     Option("health_failures_to_dead", int, 3, "missed checks before a node is declared dead"),
     Option("log_level", str, "info", "log level"),

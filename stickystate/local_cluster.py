@@ -92,7 +92,7 @@ class LocalCluster:
     kafka_bootstrap: str = ""
     kafka_port: int = 0
     partitions: int = 64
-    standbys: int = 0
+    standbys: int = 1
     node_env: dict[str, str] = field(default_factory=dict)
     router_env: dict[str, str] = field(default_factory=dict)
     kafka: LocalKafka | None = None

@@ -1,0 +1,283 @@
+"""docs/openapi.yaml against the code: routes, error codes, id/key formats, limits, examples.
+
+Pure: builds the node and router aiohttp apps without starting them (no Kafka, no network).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+import node.errors
+from node import validate
+from node.http import build_app as build_node_app
+from node.ops import apply, view
+from node.settings import NodeSettings
+from router.app import build_app as build_router_app
+from router.settings import RouterSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_PATH = ROOT / "docs" / "openapi.yaml"
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+# The code's path parameter names -> the spec's.
+PARAM_NAMES = {"sid": "id"}
+# Answered by the router itself; everything under /v1/sessions is forwarded to a node.
+ROUTER_OWN_PATHS = {"/v1/cluster", "/livez", "/readyz"}
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    with SPEC_PATH.open() as f:
+        return yaml.safe_load(f)
+
+
+def deref(spec: dict[str, Any], obj: Any) -> Any:
+    while isinstance(obj, dict) and "$ref" in obj:
+        ref = obj["$ref"]
+        assert ref.startswith("#/"), ref
+        obj = spec
+        for part in ref[2:].split("/"):
+            obj = obj[part.replace("~1", "/").replace("~0", "~")]
+    return obj
+
+
+def spec_operations(spec: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(m.upper(), path) for path, item in spec["paths"].items() for m in item if m in HTTP_METHODS}
+
+
+def spec_path(canonical: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: "{" + PARAM_NAMES.get(m.group(1), m.group(1)) + "}", canonical)
+
+
+def app_operations(app: web.Application) -> set[tuple[str, str]]:
+    # aiohttp adds a HEAD route for every add_get(); the spec documents the GET.
+    return {(r.method, spec_path(r.resource.canonical)) for r in app.router.routes()
+            if r.method != "HEAD" and r.resource is not None}
+
+
+def node_app() -> web.Application:
+    return build_node_app(NodeSettings())
+
+
+def router_app() -> web.Application:
+    return build_router_app(RouterSettings(nodes=(("n1", "http://127.0.0.1:1"),)))
+
+
+# -- the document ------------------------------------------------------------------
+
+
+def test_is_openapi_3_1_with_info_and_paths(spec: dict[str, Any]) -> None:
+    assert str(spec["openapi"]).startswith("3.1.")
+    assert spec["info"]["title"] and spec["info"]["version"]
+    assert spec["paths"]
+    assert "Error" in spec["components"]["schemas"]
+
+
+def test_is_a_valid_openapi_document(spec: dict[str, Any]) -> None:
+    osv = pytest.importorskip("openapi_spec_validator")
+    osv.validate(spec)
+
+
+# -- routes ------------------------------------------------------------------------
+
+
+def test_every_public_node_route_is_in_the_spec_and_vice_versa(spec: dict[str, Any]) -> None:
+    node_public = {(m, p) for m, p in app_operations(node_app()) if p.startswith("/v1/")}
+    documented = {(m, p) for m, p in spec_operations(spec) if p not in ROUTER_OWN_PATHS}
+    assert node_public, "no /v1 routes found on the node app"
+    assert node_public - documented == set(), "node routes missing from docs/openapi.yaml"
+    assert documented - node_public == set(), "documented operations the node does not serve"
+
+
+def test_router_own_routes_are_the_spec_s(spec: dict[str, Any]) -> None:
+    router_own = {(m, p) for m, p in app_operations(router_app()) if not p.startswith("/v1/sessions")}
+    documented = {(m, p) for m, p in spec_operations(spec) if p in ROUTER_OWN_PATHS}
+    assert router_own == documented
+    assert {p for _, p in router_own} == ROUTER_OWN_PATHS
+
+
+def _concrete(spec: dict[str, Any], path: str, item: dict[str, Any]) -> str:
+    params = {deref(spec, p)["name"]: deref(spec, p) for p in item.get("parameters", [])}
+
+    def value(m: re.Match[str]) -> str:
+        p = params[m.group(1)]
+        assert p["in"] == "path" and p["required"] is True
+        assert re.fullmatch(p["schema"]["pattern"], str(p["example"]))
+        return str(p["example"])
+
+    return re.sub(r"\{(\w+)\}", value, path)
+
+
+async def test_router_forwards_every_session_operation_and_the_node_serves_it(spec: dict[str, Any]) -> None:
+    router, node_ = router_app(), node_app()
+    for path, item in spec["paths"].items():
+        if path in ROUTER_OWN_PATHS:
+            continue
+        url = _concrete(spec, path, item)
+        for method in (m for m in item if m in HTTP_METHODS):
+            for app, who in ((router, "router"), (node_, "node")):
+                match = await app.router.resolve(make_mocked_request(method.upper(), url, app=app))
+                assert match.http_exception is None, f"{who} does not route {method.upper()} {url}"
+
+
+# -- formats and limits ----------------------------------------------------------------
+
+
+def test_id_and_key_patterns_are_the_code_s(spec: dict[str, Any]) -> None:
+    params = spec["components"]["parameters"]
+    id_pattern = "^" + validate.SESSION_ID_RE.pattern + "$"
+    key_pattern = "^" + validate.KEY_RE.pattern + "$"
+    assert params["SessionId"]["name"] == PARAM_NAMES["sid"]
+    assert params["SessionId"]["schema"]["pattern"] == id_pattern
+    assert spec["components"]["schemas"]["SessionId"]["pattern"] == id_pattern
+    assert params["Key"]["schema"]["pattern"] == key_pattern
+    assert params["Field"]["schema"]["pattern"] == key_pattern
+    # Every path parameter of the session routes uses these components.
+    for path, item in spec["paths"].items():
+        names = re.findall(r"\{(\w+)\}", path)
+        refs = {deref(spec, p)["name"]: p.get("$ref") for p in item.get("parameters", [])}
+        for name in names:
+            assert refs.get(name) in {"#/components/parameters/SessionId", "#/components/parameters/Key",
+                                      "#/components/parameters/Field"}, (path, name)
+
+
+def test_headers_limits_and_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
+    comp = spec["components"]
+    limits = validate.Limits()
+    assert comp["parameters"]["Durability"]["schema"]["enum"] == list(validate.DURABILITIES)
+    assert comp["parameters"]["IdempotencyKey"]["schema"]["maxLength"] == 128
+    assert comp["schemas"]["TtlSeconds"]["maximum"] == limits.max_ttl_s
+    assert comp["schemas"]["AppendRequest"]["properties"]["max_len"]["maximum"] == limits.max_list_len
+    # The public session shape is what ops.view() renders.
+    state, _ = apply(None, {"op": "create", "sid": "s", "data": {}, "ttl_s": 1.0}, 0.0)
+    session = comp["schemas"]["Session"]
+    assert set(session["properties"]) == set(session["required"]) == set(view(state, 0.0))
+    # POST /v1/sessions accepts exactly these fields.
+    src = inspect.getsource(build_node_app.__globals__["NodeHandlers"].create)
+    accepted = set(re.findall(r'"(\w+)"', re.search(r"set\(doc\) - \{([^}]*)\}", src).group(1)))
+    assert set(comp["schemas"]["CreateSession"]["properties"]) == accepted
+
+
+# -- error codes -----------------------------------------------------------------------
+
+
+def _node_py() -> list[Path]:
+    return sorted((ROOT / "node").glob("*.py"))
+
+
+def _codes_in_code() -> set[str]:
+    codes = {cls.code for cls in vars(node.errors).values()
+             if isinstance(cls, type) and issubclass(cls, node.errors.StickyError)}
+    for f in _node_py():
+        codes |= set(re.findall(r"""\bcode=["']([^"']+)["']""", f.read_text()))
+    # error_response(status, "code", ...) in node/ and router/, and the middleware's status -> code map.
+    for f in _node_py() + sorted((ROOT / "router").glob("*.py")):
+        for call in (n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call)):
+            name = getattr(call.func, "id", getattr(call.func, "attr", None))
+            if name == "error_response" and len(call.args) >= 2 and isinstance(call.args[1], ast.Constant):
+                codes.add(call.args[1].value)
+            if (name == "get" and isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Dict)
+                    and all(isinstance(k, ast.Constant) and isinstance(k.value, int) for k in call.func.value.keys)):
+                codes |= {v.value for v in call.func.value.values if isinstance(v, ast.Constant)}
+                codes |= {a.value for a in call.args[1:] if isinstance(a, ast.Constant)}
+    return codes
+
+
+def test_every_error_code_in_the_code_is_in_the_error_enum(spec: dict[str, Any]) -> None:
+    enum = spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+    in_code = _codes_in_code()
+    assert {"bad_id", "exists", "not_found", "recovering", "rebalancing", "method_not_allowed"} <= in_code  # sanity
+    assert len(enum) == len(set(enum)), "duplicate codes in the enum"
+    assert in_code - set(enum) == set(), "error codes the spec does not list"
+    assert set(enum) - in_code == set(), "codes in the spec that the code never uses"
+
+
+def test_too_large_limits_are_the_code_s(spec: dict[str, Any]) -> None:
+    limits = set()
+    for f in _node_py():
+        limits |= set(re.findall(r"""\blimit=["']([^"']+)["']""", f.read_text()))
+    assert set(spec["components"]["schemas"]["Error"]["properties"]["limit"]["enum"]) == limits
+
+
+def test_error_responses_use_the_error_schema(spec: dict[str, Any]) -> None:
+    for name, resp in spec["components"]["responses"].items():
+        assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, name
+    unavailable = spec["components"]["responses"]["Unavailable"]
+    assert unavailable["headers"]["Retry-After"]["required"] is True
+    for path, item in spec["paths"].items():
+        for method in (m for m in item if m in HTTP_METHODS):
+            for status, resp in item[method]["responses"].items():
+                if str(status).startswith(("4", "5")) and path not in ROUTER_OWN_PATHS:
+                    assert resp["$ref"].startswith("#/components/responses/"), (method, path, status)
+            if path not in ROUTER_OWN_PATHS:
+                assert item[method]["responses"]["503"] == {"$ref": "#/components/responses/Unavailable"}
+
+
+# -- examples ----------------------------------------------------------------------------
+
+
+def _examples(spec: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(where, JSON pointer of the schema, example value) for every example in the document."""
+    out: list[tuple[str, str, Any]] = []
+
+    def esc(s: str) -> str:
+        return s.replace("~", "~0").replace("/", "~1")
+
+    def media(where: str, pointer: str, content: dict[str, Any]) -> None:
+        for mtype, m in content.items():
+            schema_ptr = f"{pointer}/content/{esc(mtype)}/schema"
+            if "example" in m:
+                out.append((f"{where} {mtype}", schema_ptr, m["example"]))
+            for name, ex in m.get("examples", {}).items():
+                out.append((f"{where} {mtype} {name}", schema_ptr, deref(spec, ex)["value"]))
+
+    def with_schema(where: str, pointer: str, obj: dict[str, Any]) -> None:
+        if "example" in obj:
+            out.append((where, f"{pointer}/schema", obj["example"]))
+        for name, ex in obj.get("examples", {}).items():
+            out.append((f"{where} {name}", f"{pointer}/schema", deref(spec, ex)["value"]))
+
+    for name, resp in spec["components"]["responses"].items():
+        media(f"response {name}", f"#/components/responses/{name}", resp.get("content", {}))
+    for name, param in spec["components"]["parameters"].items():
+        with_schema(f"parameter {name}", f"#/components/parameters/{name}", param)
+    for name, header in spec["components"]["headers"].items():
+        with_schema(f"header {name}", f"#/components/headers/{name}", header)
+    for path, item in spec["paths"].items():
+        for method in (m for m in item if m in HTTP_METHODS):
+            op, ptr = item[method], f"#/paths/{esc(path)}/{method}"
+            for i, param in enumerate(op.get("parameters", [])):
+                if "$ref" not in param:
+                    with_schema(f"{method} {path} {param['name']}", f"{ptr}/parameters/{i}", param)
+            if "requestBody" in op:
+                media(f"{method} {path} request", f"{ptr}/requestBody", op["requestBody"]["content"])
+            for status, resp in op["responses"].items():
+                if "$ref" not in resp:
+                    media(f"{method} {path} {status}", f"{ptr}/responses/{status}", resp.get("content", {}))
+    return out
+
+
+def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    referencing = pytest.importorskip("referencing")
+    from referencing.jsonschema import DRAFT202012
+
+    registry = referencing.Registry().with_resource("urn:spec", DRAFT202012.create_resource(spec))
+    examples = _examples(spec)
+    assert len(examples) >= 30
+    for where, pointer, value in examples:
+        validator = jsonschema.Draft202012Validator({"$ref": "urn:spec" + pointer}, registry=registry)
+        errors = [e.message for e in validator.iter_errors(value)]
+        assert not errors, f"{where}: {errors}"
+    # Error examples use real codes.
+    enum = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
+    assert all(v["error"] in enum for _, p, v in examples if p.endswith("/schema") and isinstance(v, dict)
+               and "error" in v)
