@@ -80,6 +80,7 @@ class NodeStore:
         self._assign_lock = asyncio.Lock()
         self.draining = False  # advertised to the router: move my shards away
         self.refusing = False  # no new requests: the router retries them elsewhere
+        self.last_probe = 0.0  # monotonic time of the router's last status probe
         self.expired_total = 0
         self.recoveries: list[dict[str, Any]] = []
 
@@ -113,6 +114,8 @@ class NodeStore:
         self.draining = True
         deadline = time.monotonic() + timeout_s
         while self.serving and self.settings.replication and time.monotonic() < deadline:
+            if time.monotonic() - self.last_probe > 2.0:
+                break  # no router is watching (whole cluster stopping): nobody will take over
             await asyncio.sleep(0.05)
         log.info("drained", extra={"still_serving": sorted(self.serving)})
 
@@ -405,6 +408,7 @@ class NodeStore:
 
     # -- introspection -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        self.last_probe = time.monotonic()
         return {
             "node": self.me,
             "generation": self.generation,

@@ -195,9 +195,12 @@ class LocalCluster:
         router = self.procs.get("router")
         if router:
             router.stop()
-        for name, proc in self.procs.items():
-            if name != "router":
-                proc.stop()
+        nodes = [p for name, p in self.procs.items() if name != "router"]
+        for proc in nodes:  # all at once: with the router gone nobody takes shards over
+            proc.signal(signal.SIGCONT)
+            proc.signal(signal.SIGTERM)
+        for proc in nodes:
+            proc.stop()
         if self.kafka is not None:
             self.kafka.stop()
 
