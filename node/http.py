@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
+import time
 from typing import Any
 
 import orjson
@@ -13,14 +15,23 @@ from aiohttp import web
 from node import validate as v
 from node.errors import BadRequest, StickyError
 from node.ops import Op, view
+from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 from node.store import NodeStore, WriteResult, fingerprint
+from stickystate import logs
 
 log = logging.getLogger("stickystate.node")
 
 STORE: web.AppKey[NodeStore] = web.AppKey("store", NodeStore)
 SETTINGS: web.AppKey[NodeSettings] = web.AppKey("settings", NodeSettings)
-SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # set by the router when it generated the id
+METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
+# Headers only the router (holding the internal secret) may set:
+SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # the id the router generated for a create
+TENANT_HEADER = "X-Stickystate-Tenant"  # the authenticated tenant: namespaces every session id
+INTERNAL_HEADER = "X-Stickystate-Internal"  # the cluster's internal secret
+REQUEST_ID_HEADER = "X-Request-Id"
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+UNMETERED = frozenset({"metrics", "livez", "readyz", "status"})
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -47,10 +58,50 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, dict(exc.headers) if exc.status == 405 else None)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, allow)
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return error_response(500, "internal", "internal error")
+
+
+def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics) -> Any:
+    secret = settings.internal_secret.encode()
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
+        rid = request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8)
+        token = logs.request_id.set(rid)
+        started = time.perf_counter()
+        op = getattr(request.match_info.handler, "__name__", "unmatched")
+        status = 500
+        try:
+            if secret and request.path not in OPEN_PATHS and not hmac.compare_digest(
+                    request.headers.get(INTERNAL_HEADER, "").encode(), secret):
+                resp: web.StreamResponse = error_response(
+                    401, "unauthorized",
+                    "nodes accept requests only from routers and peers holding the cluster's internal secret")
+            else:
+                resp = await handler(request)
+            status = resp.status
+            resp.headers[REQUEST_ID_HEADER] = rid
+            return resp
+        finally:
+            if op not in UNMETERED:
+                metrics.requests.labels(op, str(status)).inc()
+                metrics.latency.labels(op).observe(time.perf_counter() - started)
+            logs.request_id.reset(token)
+
+    return edge
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.lstrip("-").isdigit()) or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]", code="bad_query")
+    return int(raw)
 
 
 def _headers(result_shard: int, epoch: int | None, store: NodeStore, version: int | None) -> dict[str, str]:
@@ -84,10 +135,20 @@ class NodeHandlers:
             headers["Idempotent-Replayed"] = "true"
         if state is None:
             return web.Response(status=204, headers=headers)
-        return json_response(view(state, self.store.clock()), result.status, headers)
+        return json_response(self._render(request, state, self.store.clock()), result.status, headers)
 
     def _sid(self, request: web.Request) -> str:
-        return v.session_id(request.match_info["sid"])
+        """The stored id: the client's id, namespaced by the tenant the router vouched for."""
+        sid = v.session_id(request.match_info["sid"])
+        tenant = request.headers.get(TENANT_HEADER)
+        return f"{tenant}:{sid}" if tenant else sid
+
+    @staticmethod
+    def _render(request: web.Request, state: dict[str, Any], now: float) -> dict[str, Any]:
+        body = view(state, now)
+        if request.headers.get(TENANT_HEADER):
+            body["id"] = body["id"].split(":", 1)[1]
+        return body
 
     # -- public API -------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
@@ -103,6 +164,9 @@ class NodeHandlers:
         if not isinstance(sid, str):
             raise BadRequest("id must be a string", code="bad_id")
         v.session_id(sid)
+        tenant = request.headers.get(TENANT_HEADER)
+        if tenant:
+            sid = f"{tenant}:{sid}"
         data = v.json_object(doc.get("data", {}), "data")
         ttl = v.ttl(doc.get("ttl_s"), self.limits) or self.settings.default_ttl_s
         return await self._write(request, {"op": "create", "sid": sid, "data": data, "ttl_s": ttl}, body)
@@ -110,8 +174,42 @@ class NodeHandlers:
     async def get(self, request: web.Request) -> web.Response:
         sid = self._sid(request)
         shard, state = await self.store.read(sid)
-        return json_response(view(state, self.store.clock()), 200,
+        return json_response(self._render(request, state, self.store.clock()), 200,
                              _headers(shard.id, shard.my_epoch, self.store, state["version"]))
+
+    async def history(self, request: web.Request) -> web.Response:
+        sid = self._sid(request)
+        after = _int_param(request, "after", -1, -1, 2**62)
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        shard = await self.store.serving_shard(sid)
+        if not self.settings.replication:
+            raise BadRequest("history needs replication (this node keeps no log)", code="bad_operation")
+        items, more = await self.store.history.read(shard.id, sid, after, limit)
+        tenant = request.headers.get(TENANT_HEADER)
+        for item in items:
+            if tenant:
+                item["sid"] = item["sid"].split(":", 1)[1]
+        body = {"id": sid.split(":", 1)[1] if tenant else sid, "events": items,
+                "next_after": items[-1]["offset"] if more and items else None}
+        return json_response(body, 200, _headers(shard.id, shard.my_epoch, self.store, None))
+
+    async def meta(self, request: web.Request) -> web.Response:
+        sid = self._sid(request)
+        shard, state = await self.store.read(sid)
+        body = {
+            "id": self._render(request, state, self.store.clock())["id"],
+            "shard": shard.id,
+            "owner": self.store.me,
+            "epoch": shard.my_epoch,
+            "version": state["version"],
+            "size_bytes": shard.sizes.get(sid),
+            "last_offset": shard.last_offset.get(sid),
+            "created_at": state["created_at"],
+            "updated_at": state["updated_at"],
+            "expires_at": state["expires_at"],
+            "ttl_s": state["ttl_s"],
+        }
+        return json_response(body, 200, _headers(shard.id, shard.my_epoch, self.store, state["version"]))
 
     async def replace(self, request: web.Request) -> web.Response:
         sid = self._sid(request)
@@ -173,6 +271,12 @@ class NodeHandlers:
     async def status(self, request: web.Request) -> web.Response:
         return json_response(self.store.status())
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(request.app[METRICS].registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def livez(self, request: web.Request) -> web.Response:
         return json_response({"alive": True, "node": self.store.me})
 
@@ -206,12 +310,20 @@ async def serve(settings: NodeSettings) -> None:
 
 def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.Application:
     store = store or NodeStore(settings)
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.limits.max_body_bytes)
+    metrics = NodeMetrics(store)
+    app = web.Application(middlewares=[make_edge_middleware(settings, metrics), errors_middleware],
+                          client_max_size=settings.limits.max_body_bytes)
     app[STORE] = store
     app[SETTINGS] = settings
+    app[METRICS] = metrics
+    if settings.auth == "open" and not settings.internal_secret:
+        log.warning("AUTH IS OPEN: no internal secret, anyone who can reach this port can read and write "
+                    "every session (local development only)")
     h = NodeHandlers(store, settings)
     app.router.add_post("/v1/sessions", h.create)
     app.router.add_get("/v1/sessions/{sid}", h.get)
+    app.router.add_get("/v1/sessions/{sid}/meta", h.meta)
+    app.router.add_get("/v1/sessions/{sid}/history", h.history)
     app.router.add_put("/v1/sessions/{sid}", h.replace)
     app.router.add_patch("/v1/sessions/{sid}", h.patch)
     app.router.add_delete("/v1/sessions/{sid}", h.delete)
@@ -220,6 +332,7 @@ def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.App
     app.router.add_delete("/v1/sessions/{sid}/keys/{key}", h.delete_key)
     app.router.add_post("/internal/assign", h.assign)
     app.router.add_get("/internal/status", h.status)
+    app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/livez", h.livez)
     app.router.add_get("/readyz", h.readyz)
 

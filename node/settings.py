@@ -16,12 +16,19 @@ class NodeSettings:
     recovery_timeout_s: float = 60.0  # a request for a shard being rebuilt waits at most this
     hold_timeout_s: float = 10.0  # how long a request waits for its shard to become ready
     replication: bool = True  # False: no Kafka at all (benchmark baseline; state dies with the node)
+    auth: str = "keys"  # "keys": only holders of internal_secret may call the node; "open": anyone
+    internal_secret: str = ""
     limits: Limits = field(default_factory=Limits)
     replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)
 
     def __post_init__(self) -> None:
         if self.default_durability not in DURABILITIES:
             raise ValueError(f"default_durability must be one of {DURABILITIES}")
+        if self.auth not in ("keys", "open"):
+            raise ValueError("auth must be 'keys' or 'open'")
+        if self.auth == "keys" and len(self.internal_secret) < 16:
+            raise ValueError("auth=keys needs an internal secret of at least 16 characters "
+                             "(--internal-secret / STICKYSTATE_INTERNAL_SECRET), or --auth open for local development")
         if self.default_ttl_s <= 0:
             raise ValueError("default_ttl_s must be > 0")
         if not self.node_id or not self.node_id.replace("-", "").replace("_", "").isalnum():

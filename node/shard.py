@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from node.errors import StickyError
 from node.ops import Op, Session, apply
 
@@ -47,6 +49,9 @@ class Shard:
     claims: list[tuple[int, int, str]] = field(default_factory=list)
     ignored_stale: int = 0
     applied: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # JSON size of each session's data
+    data_bytes: int = 0
+    last_offset: dict[str, int] = field(default_factory=dict)  # offset of each session's last event read
 
     def remember(self, event: Op, state: Session | None) -> None:
         idem = event.get("idem")
@@ -59,13 +64,19 @@ class Shard:
         while len(self.idem) > IDEM_PER_SHARD:
             self.idem.popitem(last=False)
 
-    def commit(self, event: Op, new: Session | None) -> None:
+    def commit(self, event: Op, new: Session | None, size: int | None = None) -> None:
         """Install the result of a live write (or of a replayed event)."""
         sid = event["sid"]
+        self.data_bytes -= self.sizes.pop(sid, 0)
         if new is None:
             self.sessions.pop(sid, None)
+            self.last_offset.pop(sid, None)
         else:
             self.sessions[sid] = new
+            if size is None:
+                size = len(orjson.dumps(new["data"]))
+            self.sizes[sid] = size
+            self.data_bytes += size
         self.remember(event, new)
 
     def apply_record(self, offset: int, event: Op, me: str) -> str:
@@ -87,9 +98,11 @@ class Shard:
         if event.get("epoch") != self.epoch or event.get("node") != self.owner:
             self.ignored_stale += 1
             return "stale"
+        sid = event["sid"]
+        if sid in self.sessions or event["op"] in ("create", "replace"):
+            self.last_offset[sid] = offset
         if self.my_epoch is not None and self.owner == me and self.epoch == self.my_epoch:
             return "own"  # applied live already
-        sid = event["sid"]
         current = self.sessions.get(sid)
         if current is not None and event["ver"] <= current["version"]:
             return "duplicate"
@@ -113,6 +126,9 @@ class Shard:
     def reset(self) -> None:
         self.sessions.clear()
         self.idem.clear()
+        self.sizes.clear()
+        self.last_offset.clear()
+        self.data_bytes = 0
         self.epoch = 0
         self.owner = None
         self.position = 0

@@ -20,6 +20,7 @@ import hashlib
 import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from node.validate import check_precondition, check_state
 from replicator import events
 from replicator.errors import DeliveryTimeout, ReplicationError
 from replicator.follower import Follower
+from replicator.history import HistoryReader
 from replicator.producer import Replicator
 from router.placement import shard_of
 
@@ -67,6 +69,7 @@ class NodeStore:
         self.replicator = Replicator(settings.replicator, client_id=f"stickystate-{self.me}")
         self.follower = Follower(settings.replicator, client_id=f"stickystate-{self.me}-follower",
                                  on_records=self._on_records)
+        self.history = HistoryReader(settings.replicator, client_id=f"stickystate-{self.me}-history")
         self.shards: dict[int, Shard] = {}
         self.serving: set[int] = set()
         self.recovering: dict[int, asyncio.Event] = {}
@@ -82,7 +85,10 @@ class NodeStore:
         self.refusing = False  # no new requests: the router retries them elsewhere
         self.last_probe = 0.0  # monotonic time of the router's last status probe
         self.expired_total = 0
-        self.recoveries: list[dict[str, Any]] = []
+        self.recoveries: deque[dict[str, Any]] = deque(maxlen=256)  # recent, for /internal/status
+        self.recoveries_total = 0
+        self.recovery_events_total = 0
+        self.recovery_seconds_total = 0.0
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -131,6 +137,7 @@ class NodeStore:
         if self.settings.replication:
             await self.replicator.stop()
             await self.follower.stop()
+            await self.history.stop()
 
     @property
     def ready(self) -> bool:
@@ -186,8 +193,7 @@ class NodeStore:
             self._expire_now(shard, sid)
         check_precondition(if_match, None if current is None else current["version"])
         new, event = apply(current, op, now)
-        if new is not None:
-            check_state(new["data"], self.settings.limits, appended_field)
+        size = check_state(new["data"], self.settings.limits, appended_field) if new is not None else 0
         epoch = shard.my_epoch
         assert epoch is not None
         event["node"] = self.me
@@ -197,7 +203,7 @@ class NodeStore:
                         if self.settings.replication else None)
         except ReplicationError as exc:
             raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
-        shard.commit(event, new)
+        shard.commit(event, new, size)
         if new is not None and current is None:
             self._schedule_expiry(new)
         status = 201 if op["op"] == "create" or (op["op"] == "replace" and current is None) else (
@@ -376,6 +382,9 @@ class NodeStore:
         info = {"shard": s, "epoch": shard.epoch, "sessions": len(shard.sessions), "events_applied": shard.applied,
                 "duration_s": round(time.monotonic() - started, 4)}
         self.recoveries.append(info)
+        self.recoveries_total += 1
+        self.recovery_events_total += info["events_applied"]
+        self.recovery_seconds_total += info["duration_s"]
         log.info("shard acquired", extra=info)
         if ev is not None:
             ev.set()
@@ -419,5 +428,5 @@ class NodeStore:
             "standby": sorted(self.standby),
             "sessions": sum(len(self.shards[s].sessions) for s in self.serving),
             "replication_queue": self.replicator.depth,
-            "recoveries": self.recoveries[-64:],
+            "recoveries": list(self.recoveries),
         }

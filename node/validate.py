@@ -101,8 +101,8 @@ def max_len(value: Any, limits: Limits) -> int | None:
     return value
 
 
-def check_state(data: dict[str, Any], limits: Limits, appended_field: str | None = None) -> None:
-    """Limits on a state about to be committed."""
+def check_state(data: dict[str, Any], limits: Limits, appended_field: str | None = None) -> int:
+    """Limits on a state about to be committed; returns its size in bytes (as JSON)."""
     if appended_field is not None:
         lst = data.get(appended_field)
         if isinstance(lst, list) and len(lst) > limits.max_list_len:
@@ -110,6 +110,7 @@ def check_state(data: dict[str, Any], limits: Limits, appended_field: str | None
     size = len(orjson.dumps(data))
     if size > limits.max_state_bytes:
         raise PayloadTooLarge(f"session state would be {size} bytes, over {limits.max_state_bytes}", limit="max_state_bytes")
+    return size
 
 
 def durability(header: str | None, default: str) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+import time
 from typing import Any
 
 import aiohttp
@@ -19,11 +21,15 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from node.http import SESSION_ID_HEADER, error_response, errors_middleware, json_response
+from node.http import (INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER, error_response,
+                       errors_middleware, json_response)
 from node.validate import SESSION_ID_RE
-from router.cluster import Cluster, NodeView
+from router.auth import KeyRing, RateLimiter, bearer
+from router.cluster import Cluster
+from router.metrics import RouterMetrics
 from router.placement import shard_of
 from router.settings import RouterSettings
+from stickystate import logs
 
 log = logging.getLogger("stickystate.router")
 
@@ -33,21 +39,29 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server"))
-SESSION_ID_HEADER_LC = SESSION_ID_HEADER.lower()  # only the router may set it
+# Client headers never forwarded: credentials, and what only the router may assert.
+STRIPPED = HOP_BY_HOP | {h.lower() for h in (SESSION_ID_HEADER, TENANT_HEADER, INTERNAL_HEADER, "Authorization",
+                                              "X-Api-Key")}
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class Forwarder:
-    def __init__(self, settings: RouterSettings, cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: RouterSettings, cluster: Cluster, http: aiohttp.ClientSession,
+                 metrics: RouterMetrics) -> None:
         self.settings = settings
         self.cluster = cluster
         self.http = http
-        self.retries_total = 0
+        self.metrics = metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers = CIMultiDict((k, v) for k, v in request.headers.items()
-                              if k.lower() not in HOP_BY_HOP and k.lower() != SESSION_ID_HEADER_LC)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in STRIPPED)
+        headers[REQUEST_ID_HEADER] = logs.request_id.get() or secrets.token_hex(8)
+        headers.update(self.cluster.internal_headers)
+        tenant = request.get("tenant")
+        if tenant:
+            headers[TENANT_HEADER] = tenant
         sid = request.match_info.get("sid")
         if sid is None:  # POST /v1/sessions
             sid = _id_from_create_body(body)
@@ -58,7 +72,7 @@ class Forwarder:
             return error_response(400, "bad_id", "session id must be 1-128 characters of [A-Za-z0-9._:-]")
         if request.method in WRITE_METHODS and "Idempotency-Key" not in request.headers:
             headers["Idempotency-Key"] = "router-" + secrets.token_urlsafe(12)
-        shard = shard_of(sid, self.settings.partitions)
+        shard = shard_of(f"{tenant}:{sid}" if tenant else sid, self.settings.partitions)
         return await self.forward(request.method, request.path_qs, headers, body, shard)
 
     async def forward(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes,
@@ -66,7 +80,7 @@ class Forwarder:
         last_error = "no attempt"
         for attempt in range(self.settings.max_attempts):
             if attempt:
-                self.retries_total += 1
+                self.metrics.retries.inc()
                 await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
             try:
                 await self.cluster.settled()
@@ -108,11 +122,58 @@ def _id_from_create_body(body: bytes) -> str | None:
     return sid if isinstance(sid, str) else None
 
 
+def make_edge_middleware(settings: RouterSettings, metrics: RouterMetrics) -> Any:
+    """Request id, API key -> tenant, per-tenant rate limit, and request metrics."""
+    keys = KeyRing(dict(settings.api_keys))
+    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
+        rid = request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8)
+        token = logs.request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+        try:
+            resp = await _guarded(request, handler)
+            status = resp.status
+            resp.headers[REQUEST_ID_HEADER] = rid
+            return resp
+        finally:
+            if request.path not in OPEN_PATHS:
+                metrics.requests.labels(request.method, str(status)).inc()
+                metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+            logs.request_id.reset(token)
+
+    async def _guarded(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        tenant = None
+        if settings.auth == "keys":
+            tenant = keys.tenant_of(bearer(request.headers.get("Authorization")) or request.headers.get("X-Api-Key"))
+            if tenant is None:
+                return error_response(401, "unauthorized", "a valid API key is required "
+                                      "(Authorization: Bearer <key> or X-Api-Key)", {"WWW-Authenticate": "Bearer"})
+            request["tenant"] = tenant
+        wait = limiter.check(tenant or "", time.monotonic())
+        if wait > 0:
+            metrics.rate_limited.inc()
+            return error_response(429, "rate_limited", "request rate limit of this tenant exceeded",
+                                  {"Retry-After": str(max(1, math.ceil(wait)))})
+        return await handler(request)
+
+    return edge
+
+
 def build_app(settings: RouterSettings) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 1024 * 1024)
     cluster = Cluster(settings)
+    metrics = RouterMetrics(cluster)
+    app = web.Application(middlewares=[make_edge_middleware(settings, metrics), errors_middleware],
+                          client_max_size=16 * 1024 * 1024)
     app[CLUSTER] = cluster
     state: dict[str, Forwarder] = {}
+    if settings.auth == "open":
+        log.warning("AUTH IS OPEN: no API keys required, every client shares one namespace "
+                    "(local development only)")
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         http = aiohttp.ClientSession(
@@ -122,7 +183,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         )
         app[HTTP] = http
         await cluster.start(http)
-        state["fwd"] = Forwarder(settings, cluster, http)
+        state["fwd"] = Forwarder(settings, cluster, http, metrics)
         yield
         await cluster.stop()
         await http.close()
@@ -138,6 +199,11 @@ def build_app(settings: RouterSettings) -> web.Application:
     async def livez(request: web.Request) -> web.Response:
         return json_response({"alive": True})
 
+    async def metrics_view(request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def readyz(request: web.Request) -> web.Response:
         view = cluster.view()
         ready = view["settled"] and any(n["healthy"] for n in view["nodes"])
@@ -148,6 +214,7 @@ def build_app(settings: RouterSettings) -> web.Application:
         app.router.add_route("*", path, forward)
     app.router.add_get("/v1/cluster", cluster_view)
     app.router.add_get("/livez", livez)
+    app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/readyz", readyz)
     return app
 

@@ -48,6 +48,7 @@ class Cluster:
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._rebalance_wanted = asyncio.Event()
+        self.internal_headers = {"X-Stickystate-Internal": settings.internal_secret} if settings.internal_secret else {}
         self.failovers_total = 0
         self.rebalances_total = 0
 
@@ -105,7 +106,7 @@ class Cluster:
     async def _probe(self, node: NodeView) -> None:
         assert self._http is not None
         try:
-            async with self._http.get(f"{node.url}/internal/status",
+            async with self._http.get(f"{node.url}/internal/status", headers=self.internal_headers,
                                       timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_s)) as resp:
                 status = orjson.loads(await resp.read()) if resp.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
@@ -183,7 +184,7 @@ class Cluster:
         assert self._http is not None
         try:
             async with self._http.post(f"{node.url}/internal/assign", data=payload,
-                                       headers={"Content-Type": "application/json"},
+                                       headers={"Content-Type": "application/json", **self.internal_headers},
                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
                 body = await resp.read()
                 if resp.status != 200:

@@ -29,6 +29,11 @@ class RouterSettings:
     request_timeout_s: float = 30.0
     max_attempts: int = 6
     settle_timeout_s: float = 20.0
+    auth: str = "keys"  # "keys": every request needs an API key (-> tenant); "open": none (local development)
+    api_keys: tuple[tuple[str, str], ...] = ()  # (key, tenant)
+    internal_secret: str = ""  # sent to nodes; they refuse requests without it
+    rate_limit_rps: float = 1000.0  # per tenant; 0 = unlimited
+    rate_limit_burst: float = 2000.0
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -39,5 +44,12 @@ class RouterSettings:
             raise ValueError("standbys must be >= 0 (more than nodes-1 is clamped)")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError("health interval and timeout must be > 0")
+        if self.auth not in ("keys", "open"):
+            raise ValueError("auth must be 'keys' or 'open'")
+        if self.auth == "keys" and not self.api_keys:
+            raise ValueError("auth=keys needs API keys (--api-keys key=tenant,... or --api-keys-file), "
+                             "or --auth open for local development")
+        if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
+            raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")

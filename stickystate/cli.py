@@ -26,7 +26,7 @@ def _node(ns: argparse.Namespace) -> None:
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
-                            replication=ns.replication)
+                            replication=ns.replication, auth=ns.auth, internal_secret=ns.internal_secret)
     _install_uvloop()
     asyncio.run(serve(settings))
 
@@ -35,13 +35,17 @@ def _router(ns: argparse.Namespace) -> None:
     from aiohttp import web
 
     from router.app import build_app
+    from router.auth import load_keys
     from router.settings import RouterSettings, parse_nodes
     from stickystate import logs
 
     logs.setup(ns.log_level, node="router")
+    keys = load_keys(ns.api_keys_file, ns.api_keys)
     settings = RouterSettings(host=ns.host, port=ns.port, nodes=parse_nodes(ns.nodes), partitions=ns.partitions,
                               standbys=ns.standbys, health_interval_s=ns.health_interval_s,
-                              health_failures_to_dead=ns.health_failures_to_dead)
+                              health_failures_to_dead=ns.health_failures_to_dead, auth=ns.auth,
+                              api_keys=tuple(keys.items()), internal_secret=ns.internal_secret,
+                              rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst)
     _install_uvloop()
     web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None)
 

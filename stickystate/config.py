@@ -77,6 +77,8 @@ NODE = [
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
     Option("max_depth", int, 32, "deepest JSON nesting accepted (413)"),
     Option("replication", lambda v: _onoff(v), True, "on|off: off keeps no log at all (benchmark baseline only)"),
+    Option("auth", str, "keys", "keys: require the internal secret on every request; open: no check (local dev)"),
+    Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),
     Option("log_level", str, "info", "log level"),
 ]
 
@@ -89,5 +91,11 @@ ROUTER = [
     Option("standbys", int, 1, "standby replicas per shard (0..nodes-1; more is clamped)"),
     Option("health_interval_s", float, 0.25, "health check period"),
     Option("health_failures_to_dead", int, 3, "missed checks before a node is declared dead"),
+    Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
+    Option("api_keys", str, "", "API keys as key=tenant,... (keys of at least 16 characters)"),
+    Option("api_keys_file", str, "", "file of 'key tenant' lines"),
+    Option("internal_secret", str, "", "the cluster's internal secret, sent to the nodes"),
+    Option("rate_limit_rps", float, 1000.0, "requests per second per tenant (0 = unlimited); over it: 429"),
+    Option("rate_limit_burst", float, 2000.0, "burst size of the per-tenant rate limit"),
     Option("log_level", str, "info", "log level"),
 ]

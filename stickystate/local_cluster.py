@@ -27,9 +27,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+def http_json(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - loopback only
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - loopback only
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -98,6 +99,9 @@ class LocalCluster:
     kafka: LocalKafka | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
     topic: str = "changes"
+    auth: str = "open"  # router: keys|open; nodes check internal_secret whenever it is set
+    api_keys: str = ""  # key=tenant,...
+    internal_secret: str = ""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -140,7 +144,8 @@ class LocalCluster:
         port = self.node_ports[int(nid[1:]) - 1]
         args = [sys.executable, "-m", "stickystate.cli", "node", "--node-id", nid, "--port", str(port),
                 "--kafka-bootstrap", self.kafka_bootstrap, "--partitions", str(self.partitions),
-                "--changes-topic", self.topic]
+                "--changes-topic", self.topic, "--auth", "keys" if self.internal_secret else "open",
+                "--internal-secret", self.internal_secret]
         proc = Proc(nid, args, env, self.data_dir / f"{nid}.log")
         self.procs[nid] = proc
         return proc
@@ -149,7 +154,8 @@ class LocalCluster:
         env = self._base_env() | self.router_env
         spec = ",".join(f"{nid}={self.node_url(nid)}" for nid in self.node_ids())
         args = [sys.executable, "-m", "stickystate.cli", "router", "--port", str(self.router_port),
-                "--nodes", spec, "--partitions", str(self.partitions), "--standbys", str(self.standbys)]
+                "--nodes", spec, "--partitions", str(self.partitions), "--standbys", str(self.standbys),
+                "--auth", self.auth, "--api-keys", self.api_keys, "--internal-secret", self.internal_secret]
         proc = Proc("router", args, env, self.data_dir / "router.log")
         self.procs["router"] = proc
         return proc
@@ -163,7 +169,7 @@ class LocalCluster:
                 if proc.popen is not None and proc.popen.poll() is not None and name == "router":
                     raise RuntimeError(f"router exited: see {proc.log_path}")
             try:
-                code, view = http_json(self.router_url + "/v1/cluster")
+                code, view = http_json(self.router_url + "/v1/cluster", headers=self.client_headers)
                 live = {n for n, p in self.procs.items() if n != "router" and p.alive()}
                 healthy = {n["id"] for n in view["nodes"] if n["healthy"]}
                 ready = all(http_json(self.node_url(n) + "/readyz")[0] == 200 for n in live)
@@ -175,8 +181,15 @@ class LocalCluster:
             time.sleep(0.2)
         raise TimeoutError(f"cluster not ready in {timeout_s}s; last view: {last}; logs in {self.data_dir}")
 
+    @property
+    def client_headers(self) -> dict[str, str]:
+        """Credentials of the first API key, if the router requires keys."""
+        if not self.api_keys:
+            return {}
+        return {"Authorization": "Bearer " + self.api_keys.split(",")[0].split("=")[0]}
+
     def cluster_view(self) -> dict:
-        return http_json(self.router_url + "/v1/cluster")[1]
+        return http_json(self.router_url + "/v1/cluster", headers=self.client_headers)[1]
 
     def owner_of_shard(self, shard: int) -> str:
         return self.cluster_view()["shards"][str(shard)]
@@ -215,10 +228,15 @@ class LocalCluster:
 def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_bootstrap: str, data_dir: str,
                       partitions: int, standbys: int) -> int:
     data = Path(data_dir)
+    import secrets
+
+    # Local development: the router is open (no API keys; it says so loudly in its log),
+    # the nodes are not (a fresh random internal secret, known only to the router).
     cluster = LocalCluster(data, nodes=nodes, router_port=base_port,
                            node_ports=[base_port + 1 + i for i in range(nodes)],
                            kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
-                           partitions=partitions, standbys=standbys)
+                           partitions=partitions, standbys=standbys, auth="open",
+                           internal_secret=secrets.token_urlsafe(24))
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:
@@ -231,7 +249,7 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
             print(f"starting Kafka (KRaft) on 127.0.0.1:{kafka_port} ...", flush=True)
         cluster.start()
         print(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/", flush=True)
-        print(f"router: {cluster.router_url}", flush=True)
+        print(f"router: {cluster.router_url}  (auth: open, for local development)", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while not stop["now"]:
             for name, proc in cluster.procs.items():

@@ -64,7 +64,7 @@ def app_operations(app: web.Application) -> set[tuple[str, str]]:
 
 
 def node_app() -> web.Application:
-    return build_node_app(NodeSettings())
+    return build_node_app(NodeSettings(auth="open"))
 
 
 def router_app() -> web.Application:

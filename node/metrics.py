@@ -1,0 +1,78 @@
+"""Prometheus metrics of a node (prometheus-client, one registry per app).
+
+Named by the Prometheus conventions; never labelled by session id (unbounded
+cardinality). Gauges that describe the store are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from node.store import NodeStore
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NodeMetrics:
+    def __init__(self, store: NodeStore) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("stickystate_requests", "HTTP requests handled by the node, by operation and status",
+                                ["op", "status"], registry=self.registry)
+        self.latency = Histogram("stickystate_request_duration_seconds", "Node request latency by operation",
+                                 ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_StoreCollector(store))
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: NodeStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        st = self.store
+        sessions = GaugeMetricFamily("stickystate_sessions", "Sessions held in memory, by role", labels=["role"])
+        size = GaugeMetricFamily("stickystate_session_bytes", "Bytes of session data held (JSON size), by role",
+                                 labels=["role"])
+        owned = [st.shards[s] for s in st.serving if s in st.shards]
+        standby = [sh for s, sh in st.shards.items() if s not in st.serving]
+        for role, shards in (("owned", owned), ("standby", standby)):
+            sessions.add_metric([role], sum(len(sh.sessions) for sh in shards))
+            size.add_metric([role], sum(sh.data_bytes for sh in shards))
+        yield sessions
+        yield size
+        shards = GaugeMetricFamily("stickystate_shards", "Shards by role on this node", labels=["role"])
+        shards.add_metric(["owned"], len(st.serving))
+        shards.add_metric(["recovering"], len(st.recovering))
+        shards.add_metric(["standby"], len(st.standby - st.serving))
+        yield shards
+        rep = st.replicator
+        yield GaugeMetricFamily("stickystate_replication_queue_depth",
+                                "Events queued or in flight to Kafka (not yet acknowledged)", value=rep.depth)
+        yield GaugeMetricFamily("stickystate_replication_lag_seconds",
+                                "Age of the oldest event not yet acknowledged by Kafka", value=rep.oldest_unacked_age_s())
+        yield CounterMetricFamily("stickystate_replication_events_sent", "Events handed to the Kafka producer",
+                                  value=rep.sent_total)
+        yield CounterMetricFamily("stickystate_replication_events_acked", "Events acknowledged by Kafka (acks=all)",
+                                  value=rep.acked_total)
+        yield CounterMetricFamily("stickystate_replication_send_seconds",
+                                  "Sum of enqueue-to-acknowledgement time of acknowledged events",
+                                  value=rep.send_latency_sum_s)
+        yield CounterMetricFamily("stickystate_replication_producer_rebuilds", "Kafka producers rebuilt after a failure",
+                                  value=rep.rebuilds_total)
+        yield CounterMetricFamily("stickystate_expirations", "Sessions expired by TTL", value=st.expired_total)
+        yield CounterMetricFamily("stickystate_recoveries", "Shards acquired (rebuilt or promoted)",
+                                  value=st.recoveries_total)
+        yield CounterMetricFamily("stickystate_recovery_events_replayed", "Change events applied while rebuilding shards",
+                                  value=st.recovery_events_total)
+        yield CounterMetricFamily("stickystate_recovery_seconds", "Total time spent acquiring shards",
+                                  value=st.recovery_seconds_total)
+        yield CounterMetricFamily("stickystate_follower_records", "Records read from Kafka by the follower",
+                                  value=st.follower.records_total)
+        yield GaugeMetricFamily("stickystate_ready", "1 when the node is ready to serve", value=1.0 if st.ready else 0.0)
+        yield GaugeMetricFamily("stickystate_scrape_timestamp_seconds", "Time of this scrape", value=time.time())

@@ -1,0 +1,105 @@
+"""API keys, tenants and per-tenant rate limits, pure (the clock is passed in).
+
+Keys come from a file (one ``key tenant`` pair per line, ``#`` comments) or from
+``STICKYSTATE_API_KEYS`` (``key=tenant,key2=tenant2``). A request's tenant namespaces
+every session id it names: the node stores ``<tenant>:<id>``, so one tenant can never
+name another's session, whatever id it chooses (tenant names contain no ``:``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+class AuthConfigError(ValueError):
+    pass
+
+
+def parse_keys(text: str, *, sep: str) -> dict[str, str]:
+    """``key tenant`` lines (sep=" ") or ``key=tenant,...`` (sep="=") -> {key: tenant}."""
+    keys: dict[str, str] = {}
+    items = text.splitlines() if sep == " " else text.split(",")
+    for raw in items:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1) if sep == " " else line.split("=", 1)
+        if len(parts) != 2:
+            raise AuthConfigError(f"bad API key entry {line[:8]!r}...: expected key{sep}tenant")
+        key, tenant = parts[0].strip(), parts[1].strip()
+        if len(key) < 16:
+            raise AuthConfigError(f"API key for tenant {tenant!r} is shorter than 16 characters")
+        if not TENANT_RE.fullmatch(tenant):
+            raise AuthConfigError(f"tenant {tenant!r} must be 1-32 characters of [A-Za-z0-9._-]")
+        keys[key] = tenant
+    return keys
+
+
+def load_keys(file: str = "", inline: str = "") -> dict[str, str]:
+    keys: dict[str, str] = {}
+    if file:
+        keys.update(parse_keys(Path(file).read_text(), sep=" "))
+    if inline:
+        keys.update(parse_keys(inline, sep="="))
+    return keys
+
+
+@dataclass
+class KeyRing:
+    keys: dict[str, str]
+
+    def tenant_of(self, presented: str | None) -> str | None:
+        """Constant-time comparison against every key (no early exit on a prefix match)."""
+        if not presented:
+            return None
+        found = None
+        for key, tenant in self.keys.items():
+            if hmac.compare_digest(key.encode(), presented.encode()):
+                found = tenant
+        return found
+
+
+def bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@dataclass
+class TokenBucket:
+    rate_per_s: float
+    burst: float
+    tokens: float = -1.0
+    last: float = 0.0
+
+    def take(self, now: float) -> float:
+        """0.0 if allowed, else the seconds to wait for a token."""
+        if self.tokens < 0:
+            self.tokens, self.last = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate_per_s)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate_per_s
+
+
+@dataclass
+class RateLimiter:
+    rate_per_s: float
+    burst: float
+    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def check(self, tenant: str, now: float) -> float:
+        if self.rate_per_s <= 0:
+            return 0.0
+        bucket = self.buckets.get(tenant)
+        if bucket is None:
+            bucket = self.buckets[tenant] = TokenBucket(self.rate_per_s, self.burst)
+        return bucket.take(now)
