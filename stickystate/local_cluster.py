@@ -102,6 +102,7 @@ class LocalCluster:
     auth: str = "open"  # router: keys|open; nodes check internal_secret whenever it is set
     api_keys: str = ""  # key=tenant,...
     internal_secret: str = ""
+    initial_nodes: int | None = None  # start only the first k nodes; the others can join later
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -127,7 +128,7 @@ class LocalCluster:
                                     log_file=self.data_dir / "kafka.log")
             self.kafka.start()
             self.kafka_bootstrap = self.kafka.bootstrap
-        for nid in self.node_ids():
+        for nid in self.node_ids()[: self.initial_nodes or self.nodes]:
             self._make_node(nid).start()
         router = self._make_router()
         router.start()
@@ -199,6 +200,9 @@ class LocalCluster:
 
     def signal_node(self, nid: str, sig: int) -> None:
         self.procs[nid].signal(sig)
+
+    def start_node(self, nid: str) -> None:
+        self._make_node(nid).start()
 
     def restart_node(self, nid: str) -> None:
         self.procs[nid].stop()
