@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import logging
 import secrets
 import time
@@ -73,7 +74,7 @@ def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics) -> Any:
         rid = request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8)
         token = logs.request_id.set(rid)
         started = time.perf_counter()
-        op = getattr(request.match_info.handler, "__name__", "unmatched")
+        op = request.match_info.handler.__name__ if request.match_info.route.resource is not None else "unmatched"
         status = 500
         try:
             if secret and request.path not in OPEN_PATHS and not hmac.compare_digest(
@@ -99,7 +100,7 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.lstrip("-").isdigit()) or not lo <= int(raw) <= hi:
+    if not re.fullmatch(r"-?[0-9]{1,19}", raw) or not lo <= int(raw) <= hi:
         raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]", code="bad_query")
     return int(raw)
 

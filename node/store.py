@@ -356,6 +356,7 @@ class NodeStore:
 
     async def _acquire(self, s: int) -> None:
         started = time.monotonic()
+        applied_before = self.shards[s].applied if s in self.shards else 0
         try:
             for attempt in range(5):
                 if await self._claim(s):
@@ -379,7 +380,8 @@ class NodeStore:
         self.serving.add(s)
         ev = self.recovering.pop(s, None)
         self._acquire_tasks.pop(s, None)
-        info = {"shard": s, "epoch": shard.epoch, "sessions": len(shard.sessions), "events_applied": shard.applied,
+        info = {"shard": s, "epoch": shard.epoch, "sessions": len(shard.sessions),
+                "events_applied": shard.applied - applied_before,
                 "duration_s": round(time.monotonic() - started, 4)}
         self.recoveries.append(info)
         self.recoveries_total += 1

@@ -66,7 +66,7 @@ class HistoryReader:
                     event = events.decode(rec.value)
                     if event.get("epoch") != epoch or event.get("node") != owner:
                         continue  # written by a fenced owner: replay ignores it, so does the trail
-                    if event.get("ver", 0) <= last_ver and event["op"] not in ("create", "replace"):
+                    if event.get("ver", 0) <= last_ver:
                         continue
                     last_ver = 0 if event["op"] in ("delete", "expire") else event.get("ver", 0)
                     if rec.offset <= after_offset:

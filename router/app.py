@@ -34,6 +34,7 @@ from stickystate import logs
 log = logging.getLogger("stickystate.router")
 
 CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster", Cluster)
+TENANT: web.RequestKey[str] = web.RequestKey("tenant", str)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -59,7 +60,7 @@ class Forwarder:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in STRIPPED)
         headers[REQUEST_ID_HEADER] = logs.request_id.get() or secrets.token_hex(8)
         headers.update(self.cluster.internal_headers)
-        tenant = request.get("tenant")
+        tenant = request.get(TENANT)
         if tenant:
             headers[TENANT_HEADER] = tenant
         sid = request.match_info.get("sid")
@@ -153,8 +154,9 @@ def make_edge_middleware(settings: RouterSettings, metrics: RouterMetrics) -> An
             if tenant is None:
                 return error_response(401, "unauthorized", "a valid API key is required "
                                       "(Authorization: Bearer <key> or X-Api-Key)", {"WWW-Authenticate": "Bearer"})
-            request["tenant"] = tenant
-        wait = limiter.check(tenant or "", time.monotonic())
+            request[TENANT] = tenant
+        # Open mode has no tenants, so no per-tenant limit either.
+        wait = limiter.check(tenant, time.monotonic()) if tenant else 0.0
         if wait > 0:
             metrics.rate_limited.inc()
             return error_response(429, "rate_limited", "request rate limit of this tenant exceeded",

@@ -76,7 +76,7 @@ class Cluster:
     def mark_dead(self, node: NodeView, reason: str) -> None:
         """A connection to the node failed: stop sending it traffic now."""
         if node.healthy:
-            log.warning("node down", extra={"node": node.id, "reason": reason})
+            log.warning("node down", extra={"peer": node.id, "reason": reason})
             node.healthy = False
             node.failures = self.settings.health_failures_to_dead
             self.failovers_total += 1
@@ -121,7 +121,7 @@ class Cluster:
         node.status = status
         node.generation = int(status.get("generation", -1))
         if not node.healthy and not status.get("draining"):
-            log.info("node up", extra={"node": node.id})
+            log.info("node up", extra={"peer": node.id})
             node.healthy = True
             self._rebalance_wanted.set()
         elif node.healthy and status.get("draining"):

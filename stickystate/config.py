@@ -34,12 +34,9 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         raw = os.environ.get(opt.env)
         if opt.name == "kafka_bootstrap" and raw is None:
             raw = os.environ.get("KAFKA_BOOTSTRAP")
-        default = opt.default
-        if raw is not None:
-            try:
-                default = opt.type(raw)
-            except ValueError as exc:
-                parser.error(f"{opt.env}={raw!r}: {exc}")
+        # A string default is converted by argparse only for the command that runs, so a
+        # bad variable of another command does not break this one.
+        default = opt.default if raw is None else raw
         parser.add_argument(opt.flag, dest=opt.name, type=opt.type, default=default,
                             help=f"{opt.help} [env {opt.env}; default {opt.default!r}]")
 

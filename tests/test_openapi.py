@@ -1,4 +1,5 @@
-"""docs/openapi.yaml against the code: routes, error codes, id/key formats, limits, examples.
+"""docs/openapi.yaml against the code: routes, error codes, id/key formats, limits, access
+control, request ids, response shapes, examples.
 
 Pure: builds the node and router aiohttp apps without starting them (no Kafka, no network).
 """
@@ -11,17 +12,25 @@ import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 import node.errors
+import node.http
+import router.app
 from node import validate
 from node.http import build_app as build_node_app
-from node.ops import apply, view
+from node.ops import EVENT_META, WRITE_OPS, apply, view
 from node.settings import NodeSettings
+from replicator.history import HistoryReader
 from router.app import build_app as build_router_app
+from router.app import make_edge_middleware as router_edge
+from router.app import TENANT
+from router.cluster import Cluster
+from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +39,7 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 # The code's path parameter names -> the spec's.
 PARAM_NAMES = {"sid": "id"}
 # Answered by the router itself; everything under /v1/sessions is forwarded to a node.
-ROUTER_OWN_PATHS = {"/v1/cluster", "/livez", "/readyz"}
+ROUTER_OWN_PATHS = {"/v1/cluster", "/livez", "/readyz", "/metrics"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def node_app() -> web.Application:
 
 
 def router_app() -> web.Application:
-    return build_router_app(RouterSettings(nodes=(("n1", "http://127.0.0.1:1"),)))
+    return build_router_app(RouterSettings(nodes=(("n1", "http://127.0.0.1:1"),), auth="open"))
 
 
 # -- the document ------------------------------------------------------------------
@@ -173,13 +182,19 @@ def _node_py() -> list[Path]:
     return sorted((ROOT / "node").glob("*.py"))
 
 
+def _server_py() -> list[Path]:
+    """Every module that answers HTTP requests: the node's and the router's."""
+    return _node_py() + sorted((ROOT / "router").glob("*.py"))
+
+
 def _codes_in_code() -> set[str]:
     codes = {cls.code for cls in vars(node.errors).values()
              if isinstance(cls, type) and issubclass(cls, node.errors.StickyError)}
-    for f in _node_py():
+    # SomeError(..., code="x") in node/ and router/.
+    for f in _server_py():
         codes |= set(re.findall(r"""\bcode=["']([^"']+)["']""", f.read_text()))
     # error_response(status, "code", ...) in node/ and router/, and the middleware's status -> code map.
-    for f in _node_py() + sorted((ROOT / "router").glob("*.py")):
+    for f in _server_py():
         for call in (n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call)):
             name = getattr(call.func, "id", getattr(call.func, "attr", None))
             if name == "error_response" and len(call.args) >= 2 and isinstance(call.args[1], ast.Constant):
@@ -194,7 +209,8 @@ def _codes_in_code() -> set[str]:
 def test_every_error_code_in_the_code_is_in_the_error_enum(spec: dict[str, Any]) -> None:
     enum = spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
     in_code = _codes_in_code()
-    assert {"bad_id", "exists", "not_found", "recovering", "rebalancing", "method_not_allowed"} <= in_code  # sanity
+    assert {"bad_id", "exists", "not_found", "recovering", "rebalancing", "method_not_allowed", "bad_query",
+            "unauthorized", "rate_limited"} <= in_code  # sanity
     assert len(enum) == len(set(enum)), "duplicate codes in the enum"
     assert in_code - set(enum) == set(), "error codes the spec does not list"
     assert set(enum) - in_code == set(), "codes in the spec that the code never uses"
@@ -212,6 +228,8 @@ def test_error_responses_use_the_error_schema(spec: dict[str, Any]) -> None:
         assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, name
     unavailable = spec["components"]["responses"]["Unavailable"]
     assert unavailable["headers"]["Retry-After"]["required"] is True
+    assert spec["components"]["responses"]["TooManyRequests"]["headers"]["Retry-After"]["required"] is True
+    assert spec["components"]["responses"]["Unauthorized"]["headers"]["WWW-Authenticate"]["required"] is True
     for path, item in spec["paths"].items():
         for method in (m for m in item if m in HTTP_METHODS):
             for status, resp in item[method]["responses"].items():
@@ -219,6 +237,137 @@ def test_error_responses_use_the_error_schema(spec: dict[str, Any]) -> None:
                     assert resp["$ref"].startswith("#/components/responses/"), (method, path, status)
             if path not in ROUTER_OWN_PATHS:
                 assert item[method]["responses"]["503"] == {"$ref": "#/components/responses/Unavailable"}
+
+
+# -- access control and request ids ---------------------------------------------------------
+
+
+def _operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(m.upper(), path, item[m]) for path, item in spec["paths"].items() for m in item if m in HTTP_METHODS]
+
+
+def test_security_schemes_and_open_paths_are_the_code_s(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKeyHeader"] == {**schemes["apiKeyHeader"], "type": "apiKey", "in": "header", "name": "X-Api-Key"}
+    # Either scheme is enough: two alternatives, not one requirement with both.
+    assert spec["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    # The router never forwards the credentials to a node.
+    assert {"authorization", "x-api-key"} <= router.app.STRIPPED
+    open_ops = {(m, p) for m, p, op in _operations(spec) if op.get("security") == []}
+    assert open_ops == {("GET", p) for p in router.app.OPEN_PATHS}
+    assert router.app.OPEN_PATHS == node.http.OPEN_PATHS
+    for method, path, op in _operations(spec):
+        assert "security" not in op or op["security"] == [], (method, path)
+        if (method, path) not in open_ops:
+            assert op["responses"]["401"] == {"$ref": "#/components/responses/Unauthorized"}, (method, path)
+            assert op["responses"]["429"] == {"$ref": "#/components/responses/TooManyRequests"}, (method, path)
+        else:
+            assert not {"401", "429"} & set(op["responses"]), (method, path)
+
+
+async def test_the_router_edge_answers_as_documented(spec: dict[str, Any]) -> None:
+    """401 / 429 / X-Request-Id from the router's middleware itself (no network)."""
+    key = "k" * 20
+    settings = RouterSettings(nodes=(("n1", "http://127.0.0.1:1"),), auth="keys", api_keys=((key, "ta"),),
+                              rate_limit_rps=0.5, rate_limit_burst=2)
+    edge = router_edge(settings, RouterMetrics(Cluster(settings)))
+    app = web.Application()
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.get(TENANT))
+        return web.Response(text="ok")
+
+    async def call(path: str, headers: dict[str, str]) -> web.StreamResponse:
+        return await edge(make_mocked_request("GET", path, headers=headers, app=app), handler)
+
+    resp = await call("/v1/sessions/x", {})
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+    assert re.fullmatch(r"[0-9a-f]{16}", resp.headers["X-Request-Id"])
+    assert (await call("/v1/cluster", {"Authorization": "Bearer " + "x" * 20})).status == 401
+    for path in router.app.OPEN_PATHS:
+        assert (await call(path, {"X-Request-Id": "r-1"})).headers["X-Request-Id"] == "r-1"
+    assert (await call("/v1/sessions/x", {"Authorization": f"Bearer {key}"})).status == 200
+    assert (await call("/v1/sessions/x", {"X-Api-Key": key})).status == 200  # the burst of 2 is used up
+    limited = await call("/v1/sessions/x", {"X-Api-Key": key, "X-Request-Id": "r-2"})
+    assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert limited.headers["X-Request-Id"] == "r-2"
+    assert seen == [None, None, None, "ta", "ta"]  # open paths carry no tenant
+    codes = {r.status: orjson.loads(r.body)["error"] for r in (resp, limited)}
+    assert codes == {401: "unauthorized", 429: "rate_limited"}
+    enum = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
+    assert set(codes.values()) <= enum
+
+
+def test_request_id_header_on_every_path_and_response(spec: dict[str, Any]) -> None:
+    comp = spec["components"]
+    assert comp["parameters"]["RequestId"]["name"] == node.http.REQUEST_ID_HEADER
+    assert comp["parameters"]["RequestId"]["in"] == "header"
+    ref = {"$ref": "#/components/headers/X-Request-Id"}
+    for name, resp in comp["responses"].items():
+        assert resp["headers"][node.http.REQUEST_ID_HEADER] == ref, name
+    for path, item in spec["paths"].items():
+        assert {"$ref": "#/components/parameters/RequestId"} in item.get("parameters", []), path
+        for method in (m for m in item if m in HTTP_METHODS):
+            for status, resp in item[method]["responses"].items():
+                if "$ref" not in resp:
+                    assert resp["headers"][node.http.REQUEST_ID_HEADER] == ref, (method, path, status)
+
+
+# -- meta, history, metrics --------------------------------------------------------------
+
+
+def _parse(func: Any) -> ast.AST:
+    return ast.parse("if True:\n" + inspect.getsource(func))  # methods are indented
+
+
+def _dict_keys_of(func: Any, variable: str) -> set[str]:
+    """The string keys of the dict literal assigned to ``variable`` in ``func``'s source."""
+    for n in ast.walk(_parse(func)):
+        if (isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict)
+                and any(isinstance(t, ast.Name) and t.id == variable for t in n.targets)):
+            return {k.value for k in n.value.keys if isinstance(k, ast.Constant)}
+    raise AssertionError(f"no dict assigned to {variable} in {func.__qualname__}")
+
+
+def _int_params_of(func: Any) -> dict[str, tuple[int, int, int]]:
+    """_int_param(request, name, default, lo, hi) calls in ``func``: name -> (default, lo, hi)."""
+    out = {}
+    for n in ast.walk(_parse(func)):
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "_int_param":
+            # Constants and constant expressions such as 2**62 (our own source, no names).
+            name, *nums = [eval(compile(ast.Expression(a), "<arg>", "eval"), {"__builtins__": {}})  # noqa: S307
+                           for a in n.args[1:]]
+            out[name] = tuple(nums)
+    return out
+
+
+def test_meta_and_history_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    handlers = node.http.NodeHandlers
+    meta = schemas["SessionMeta"]
+    assert set(meta["properties"]) == set(meta["required"]) == _dict_keys_of(handlers.meta, "body")
+    page = schemas["HistoryPage"]
+    assert set(page["properties"]) == set(page["required"]) == _dict_keys_of(handlers.history, "body")
+    event = schemas["HistoryEvent"]
+    assert set(event["properties"]["op"]["enum"]) == set(WRITE_OPS)
+    # Every event field but the idempotency record, which the trail leaves out, plus the offset.
+    assert set(event["required"]) == {"op", "offset"} | set(EVENT_META) - {"idem"}
+    assert 'event.pop("idem", None)' in inspect.getsource(HistoryReader.read)
+    query = {p["name"]: p["schema"] for p in spec["paths"]["/v1/sessions/{id}/history"]["get"]["parameters"]}
+    in_code = _int_params_of(handlers.history)
+    assert set(query) == set(in_code) == {"after", "limit"}
+    for name, (default, lo, hi) in in_code.items():
+        assert (query[name]["default"], query[name]["minimum"], query[name]["maximum"]) == (default, lo, hi), name
+    assert page["properties"]["events"]["maxItems"] == in_code["limit"][2]
+
+
+def test_metrics_route_is_text_on_router_and_node(spec: dict[str, Any]) -> None:
+    op = spec["paths"]["/metrics"]["get"]
+    assert set(op["responses"]["200"]["content"]) == {"text/plain"}
+    assert ("GET", "/metrics") in app_operations(router_app())
+    assert ("GET", "/metrics") in app_operations(node_app())
 
 
 # -- examples ----------------------------------------------------------------------------
