@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", type=int, default=None, help="minimum number of faults (default 3; quick 2)")
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule and workload (default: from the clock)")
     p.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
-    p.add_argument("--standbys", type=int, default=0, help="standby replicas per shard (default 0)")
+    p.add_argument("--standbys", type=int, default=1, help="standby replicas per shard (default 1, as the router)")
     p.add_argument("--partitions", type=int, default=16, help="shards = partitions of the changes topic (default 16)")
     p.add_argument("--sessions", type=int, default=40, help="sessions, half log, half memory (default 40)")
     p.add_argument("--rate", type=float, default=80.0, help="appends per second, all sessions (default 80)")

@@ -84,6 +84,15 @@ class NodeStore:
         self.draining = False  # advertised to the router: move my shards away
         self.refusing = False  # no new requests: the router retries them elsewhere
         self.last_probe = 0.0  # monotonic time of the router's last status probe
+        # Stall detection: a process that was paused (SIGSTOP, a long GC or a blocked loop)
+        # may have been replaced meanwhile. It serves nothing until its follower has read
+        # every owned partition to an end offset taken after the stall.
+        self._last_tick = time.monotonic()
+        self._verifying: asyncio.Future[bool] | None = None
+        self._unverified = False  # a verification failed: retry before serving again
+        self._next_verify_at = 0.0
+        self._tick_task: asyncio.Task[None] | None = None
+        self.stalls_total = 0
         self.expired_total = 0
         self.recoveries: deque[dict[str, Any]] = deque(maxlen=256)  # recent, for /internal/status
         self.recoveries_total = 0
@@ -102,6 +111,7 @@ class NodeStore:
         await self.replicator.start()
         await self.follower.start()
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
+        self._tick_task = asyncio.create_task(self._ticker(), name="stall-ticker")
 
     async def drain(self, timeout_s: float = 15.0) -> None:
         """Leave gracefully: refuse new requests, flush replication, then ask the
@@ -130,10 +140,11 @@ class NodeStore:
         for task in list(self._acquire_tasks.values()):
             task.cancel()
         await asyncio.gather(*self._acquire_tasks.values(), return_exceptions=True)
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            await asyncio.gather(self._expiry_task, return_exceptions=True)
-            self._expiry_task = None
+        for task in (self._expiry_task, self._tick_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._expiry_task = self._tick_task = None
         if self.settings.replication:
             await self.replicator.stop()
             await self.follower.stop()
@@ -148,10 +159,66 @@ class NodeStore:
     def shard_for(self, sid: str) -> int:
         return shard_of(sid, self.partitions)
 
+    # -- stall detection ---------------------------------------------------------------
+    STALL_S = 0.5
+    TICK_S = 0.1
+
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        stalled = now - self._last_tick > self.STALL_S
+        self._last_tick = now
+        if stalled:
+            self.stalls_total += 1
+            self._unverified = True
+            log.warning("stall detected: re-verifying ownership from the log")
+        if self._unverified and self._verifying is None and self.serving and now >= self._next_verify_at:
+            self._verifying = asyncio.get_running_loop().create_future()
+            asyncio.create_task(self._verify(self._verifying), name="verify-after-stall")
+
+    async def _ticker(self) -> None:
+        while True:
+            self._check_stall()
+            await asyncio.sleep(self.TICK_S)
+
+    async def _verify(self, done: asyncio.Future[bool]) -> None:
+        """Read every served partition up to an end offset taken now: any claim made
+        while we were stalled is seen (and fences us) before we answer again."""
+        ok = False
+        try:
+            shards = sorted(self.serving)
+            ends = await asyncio.wait_for(self.follower.end_offsets(shards), self.settings.hold_timeout_s)
+            for s, end in ends.items():
+                try:
+                    await self.follower.wait_position(s, end, self.settings.hold_timeout_s)
+                except LookupError:
+                    pass  # fenced and dropped meanwhile
+            ok = True
+        except Exception as exc:  # Kafka unreachable: keep refusing; retry shortly
+            log.warning("ownership verification failed", extra={"error": repr(exc)})
+            self._next_verify_at = time.monotonic() + 0.5
+        finally:
+            self._unverified = not ok
+            self._verifying = None
+            if not done.done():
+                done.set_result(ok)
+
     async def serving_shard(self, sid: str) -> Shard:
         s = self.shard_for(sid)
         if self.refusing:
             raise NotOwner(s, None, None)
+        if self.settings.replication:
+            self._check_stall()
+            if self._unverified:
+                verified = False
+                if self._verifying is not None:
+                    try:
+                        verified = await asyncio.wait_for(asyncio.shield(self._verifying),
+                                                          self.settings.hold_timeout_s)
+                    except asyncio.TimeoutError:
+                        pass
+                if not verified:
+                    raise Unavailable("re-verifying shard ownership after a stall", retry_after_s=1,
+                                      code="recovering")
         if s in self.serving:
             return self.shards[s]
         event = self.recovering.get(s)
@@ -258,7 +325,7 @@ class NodeStore:
     async def _expiry_loop(self) -> None:
         while True:
             now = self.clock()
-            while self._expiry and self._expiry[0][0] <= now and not self.refusing:
+            while self._expiry and self._expiry[0][0] <= now and not self.refusing and not self._unverified:
                 _, sid = heapq.heappop(self._expiry)
                 s = self.shard_for(sid)
                 if s not in self.serving:

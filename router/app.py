@@ -76,6 +76,12 @@ class Forwarder:
         shard = shard_of(f"{tenant}:{sid}" if tenant else sid, self.settings.partitions)
         return await self.forward(request.method, request.path_qs, headers, body, shard)
 
+    async def _send(self, url: str, method: str, headers: CIMultiDict[str],
+                    body: bytes) -> tuple[int, bytes, CIMultiDict[str]]:
+        async with self.http.request(method, url, data=body or None, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s)) as resp:
+            return resp.status, await resp.read(), CIMultiDict(resp.headers)
+
     async def forward(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes,
                       shard: int) -> web.StreamResponse:
         last_error = "no attempt"
@@ -91,23 +97,30 @@ class Forwarder:
             node = self.cluster.owner(shard)
             if node is None:
                 return error_response(503, "no_nodes", "no healthy node", {"Retry-After": "1"})
+            # Race the request against the node being declared dead (missed health checks:
+            # a paused node holds the request until it resumes). Every request is retry-safe
+            # here: reads, and writes carry an Idempotency-Key; a paused owner's late write
+            # is fenced by the new owner's claim.
+            sending = asyncio.ensure_future(self._send(node.url + path_qs, method, headers, body))
+            await asyncio.wait((sending, node.down), return_when=asyncio.FIRST_COMPLETED)
+            if not sending.done():
+                sending.cancel()
+                last_error = f"node {node.id} declared dead while answering"
+                continue
             try:
-                async with self.http.request(method, node.url + path_qs, data=body or None, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
-                                             ) as resp:
-                    payload = await resp.read()
-                    if resp.status == 421:
-                        last_error = f"node {node.id} does not serve shard {shard}"
-                        self.cluster.resync(node)
-                        continue
-                    out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-                    if attempt:
-                        out["X-Stickystate-Retries"] = str(attempt)
-                    return web.Response(status=resp.status, body=payload, headers=out)
+                status, payload, resp_headers = sending.result()
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                # Every request is retry-safe here (reads, and writes carry an Idempotency-Key).
                 last_error = f"node {node.id}: {exc!r}"
                 self.cluster.mark_dead(node, repr(exc))
+                continue
+            if status == 421:
+                last_error = f"node {node.id} does not serve shard {shard}"
+                self.cluster.resync(node)
+                continue
+            out = {k: v for k, v in resp_headers.items() if k.lower() not in HOP_BY_HOP}
+            if attempt:
+                out["X-Stickystate-Retries"] = str(attempt)
+            return web.Response(status=status, body=payload, headers=out)
         return error_response(503, "unavailable", f"gave up after {self.settings.max_attempts} attempts: {last_error}",
                               {"Retry-After": "1"})
 

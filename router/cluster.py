@@ -35,6 +35,9 @@ class NodeView:
     generation: int = -1
     last_seen: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
+    # Resolved while the node is not healthy; in-flight requests race against it.
+    # Created by Cluster.start() on the running loop.
+    down: asyncio.Future[None] = field(init=False, repr=False)
 
 
 class Cluster:
@@ -54,6 +57,10 @@ class Cluster:
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         self._http = http
+        loop = asyncio.get_running_loop()
+        for node in self.nodes.values():
+            node.down = loop.create_future()
+            node.down.set_result(None)  # not healthy until a probe answers
         await self._probe_all()
         await self.rebalance()
         self._task = asyncio.create_task(self._run(), name="cluster-health")
@@ -79,6 +86,8 @@ class Cluster:
             log.warning("node down", extra={"peer": node.id, "reason": reason})
             node.healthy = False
             node.failures = self.settings.health_failures_to_dead
+            if not node.down.done():
+                node.down.set_result(None)
             self.failovers_total += 1
             self._settled.clear()
             self._rebalance_wanted.set()
@@ -123,6 +132,8 @@ class Cluster:
         if not node.healthy and not status.get("draining"):
             log.info("node up", extra={"peer": node.id})
             node.healthy = True
+            if node.down.done():
+                node.down = asyncio.get_running_loop().create_future()
             self._rebalance_wanted.set()
         elif node.healthy and status.get("draining"):
             self.mark_dead(node, "draining")

@@ -99,11 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(p, [Option("kafka_port", int, 9092, "broker port"),
                            Option("data_dir", str, ".run/kafka", "broker data directory")])
     p.set_defaults(func=_kafka)
+    sub.add_parser("chaos", help="chaos run: faults under load, then an independent check (see --help)", add_help=False)
+    sub.add_parser("bench", help="benchmark against Redis and client-side state (see --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("chaos", "bench"):
+        import importlib
+
+        sys.exit(importlib.import_module(f"{args[0]}.cli").main(args[1:]))
+    ns = build_parser().parse_args(args)
     ns.func(ns)
 
 

@@ -103,6 +103,7 @@ class LocalCluster:
     api_keys: str = ""  # key=tenant,...
     internal_secret: str = ""
     initial_nodes: int | None = None  # start only the first k nodes; the others can join later
+    stopped: set[str] = field(default_factory=set)  # nodes stopped on purpose (not expected healthy)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -171,11 +172,13 @@ class LocalCluster:
                     raise RuntimeError(f"router exited: see {proc.log_path}")
             try:
                 code, view = http_json(self.router_url + "/v1/cluster", headers=self.client_headers)
-                live = {n for n, p in self.procs.items() if n != "router" and p.alive()}
-                healthy = {n["id"] for n in view["nodes"] if n["healthy"]}
+                started = {n for n, p in self.procs.items() if n != "router" and p.popen is not None} - self.stopped
+                live = {n for n in started if self.procs[n].alive()}
+                healthy = {n["id"]: n for n in view["nodes"] if n["healthy"]}
+                current = all(n["generation"] == view["generation"] for n in healthy.values())
                 ready = all(http_json(self.node_url(n) + "/readyz")[0] == 200 for n in live)
                 last = view
-                if code == 200 and view["settled"] and healthy == live and ready:
+                if code == 200 and view["settled"] and set(healthy) == live == started and current and ready:
                     return
             except (OSError, ValueError, KeyError):
                 pass
@@ -196,17 +199,19 @@ class LocalCluster:
         return self.cluster_view()["shards"][str(shard)]
 
     def kill_node(self, nid: str) -> None:
+        self.stopped.add(nid)
         self.procs[nid].kill()
 
     def signal_node(self, nid: str, sig: int) -> None:
         self.procs[nid].signal(sig)
 
     def start_node(self, nid: str) -> None:
+        self.stopped.discard(nid)
         self._make_node(nid).start()
 
     def restart_node(self, nid: str) -> None:
         self.procs[nid].stop()
-        self._make_node(nid).start()
+        self.start_node(nid)
 
     def stop(self) -> None:
         router = self.procs.get("router")

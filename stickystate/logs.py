@@ -45,6 +45,8 @@ def setup(level: str = "info", **static: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # aiokafka logs every failed metadata refresh at ERROR, thousands per second while the
+    # broker is away; our replicator reports Kafka trouble itself (translated, rate-limited).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
