@@ -124,6 +124,14 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.node_ports[int(node_id[1:]) - 1]}"
 
     def start(self, timeout_s: float = 120.0) -> None:
+        """Start everything and wait until ready; on any failure stop what was started."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         if not self.kafka_bootstrap:
             self.kafka = LocalKafka(self.data_dir / "kafka", port=self.kafka_port,
                                     log_file=self.data_dir / "kafka.log")
