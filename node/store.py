@@ -458,6 +458,24 @@ class NodeStore:
         if ev is not None:
             ev.set()
 
+    async def _catch_up(self, s: int, end: int, timeout_s: float) -> None:
+        """Read shard ``s`` up to ``end``, logging progress every second while it runs."""
+        deadline = time.monotonic() + timeout_s
+        start = self.follower.position(s) or 0
+        started = time.monotonic()
+        while True:
+            try:
+                await self.follower.wait_position(s, end, min(1.0, max(0.01, deadline - time.monotonic())))
+                return
+            except asyncio.TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                pos = self.follower.position(s) or 0
+                done = (pos - start) / max(1, end - start)
+                log.info("recovering shard", extra={"shard": s, "position": pos, "finish_line": end,
+                                                    "progress": round(done, 3),
+                                                    "elapsed_s": round(time.monotonic() - started, 2)})
+
     async def _claim(self, s: int) -> bool:
         if not self.settings.replication:
             shard = self.shards.setdefault(s, Shard(s))
@@ -473,7 +491,7 @@ class NodeStore:
             shard.reset()
             self.follower.follow(s, 0)
         end = (await self.follower.end_offsets([s]))[s]
-        await self.follower.wait_position(s, end, timeout)  # the finish line
+        await self._catch_up(s, end, timeout)  # the finish line
         epoch = shard.epoch + 1
         shard.my_epoch = epoch
         claim = events.claim(s, epoch, self.me, self.clock())
