@@ -16,6 +16,7 @@ start (the finish line), append a claim with a higher epoch, read past it, serve
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import heapq
 import logging
@@ -173,7 +174,8 @@ class NodeStore:
             log.warning("stall detected: re-verifying ownership from the log")
         if self._unverified and self._verifying is None and self.serving and now >= self._next_verify_at:
             self._verifying = asyncio.get_running_loop().create_future()
-            asyncio.create_task(self._verify(self._verifying), name="verify-after-stall")
+            asyncio.create_task(self._verify(self._verifying), name="verify-after-stall",
+                                context=contextvars.Context())
 
     async def _ticker(self) -> None:
         while True:
@@ -412,7 +414,9 @@ class NodeStore:
                     self._drop(s)
             for s in owned - self.serving - set(self.recovering):
                 self.recovering[s] = asyncio.Event()
-                self._acquire_tasks[s] = asyncio.create_task(self._acquire(s), name=f"acquire-{s}")
+                # A fresh context: the task outlives the assign request (no request id in its logs).
+                self._acquire_tasks[s] = asyncio.create_task(self._acquire(s), name=f"acquire-{s}",
+                                                             context=contextvars.Context())
             return {"generation": generation, "serving": sorted(self.serving), "recovering": sorted(self.recovering),
                     "released": sorted(lost)}
 
