@@ -93,6 +93,7 @@ class NodeStore:
         self._unverified = False  # a verification failed: retry before serving again
         self._next_verify_at = 0.0
         self._tick_task: asyncio.Task[None] | None = None
+        self._verify_task: asyncio.Task[None] | None = None
         self.stalls_total = 0
         self.expired_total = 0
         self.recoveries: deque[dict[str, Any]] = deque(maxlen=256)  # recent, for /internal/status
@@ -141,7 +142,7 @@ class NodeStore:
         for task in list(self._acquire_tasks.values()):
             task.cancel()
         await asyncio.gather(*self._acquire_tasks.values(), return_exceptions=True)
-        for task in (self._expiry_task, self._tick_task):
+        for task in (self._expiry_task, self._tick_task, self._verify_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -174,8 +175,8 @@ class NodeStore:
             log.warning("stall detected: re-verifying ownership from the log")
         if self._unverified and self._verifying is None and self.serving and now >= self._next_verify_at:
             self._verifying = asyncio.get_running_loop().create_future()
-            asyncio.create_task(self._verify(self._verifying), name="verify-after-stall",
-                                context=contextvars.Context())
+            self._verify_task = asyncio.create_task(self._verify(self._verifying), name="verify-after-stall",
+                                                    context=contextvars.Context())
 
     async def _ticker(self) -> None:
         while True:
