@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
 
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster
-from tests.conftest import make_cluster
 from tests.helpers import Api, end_offset, read_partition
 
 pytestmark = pytest.mark.kafka
@@ -25,19 +22,8 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("api"), kafka_bootstrap, node_env=LIMITS)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-async def api(cluster: LocalCluster) -> AsyncIterator[Api]:
-    async with aiohttp.ClientSession() as http:
-        yield Api(http, cluster.router_url)
+def cluster_options() -> dict:
+    return {"node_env": LIMITS}
 
 
 def sid() -> str:

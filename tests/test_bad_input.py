@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -13,7 +13,6 @@ import pytest
 
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster
-from tests.conftest import make_cluster
 from tests.helpers import Api, end_offset
 from tests.test_api import LIMITS
 
@@ -49,13 +48,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("bad"), kafka_bootstrap, node_env=LIMITS)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster_options() -> dict:
+    return {"node_env": LIMITS}
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.conftest import make_cluster
 from tests.helpers import Api
 
 pytestmark = pytest.mark.kafka
@@ -22,13 +21,8 @@ N = 300
 
 
 @pytest.fixture
-def fresh_cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("failover"), kafka_bootstrap)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def fresh_cluster(start_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    return start_cluster()
 
 
 async def write_sessions(api: Api, n: int, prefix: str) -> dict[str, dict]:

@@ -6,28 +6,16 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.parse
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from stickystate.local_cluster import LocalCluster
-from tests.conftest import make_cluster
 
 pytestmark = pytest.mark.kafka
 
 SENTINELS = [f"sentinel-{i}" for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("fuzz"), kafka_bootstrap)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 
 from stickystate.local_cluster import LocalCluster
-from tests.conftest import make_cluster
 from tests.helpers import Api
 
 pytestmark = pytest.mark.kafka
@@ -75,13 +74,8 @@ async def wait_until(predicate, timeout_s: float = 60.0) -> None:  # type: ignor
 
 
 @pytest.fixture
-def four_slots(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("join"), kafka_bootstrap, nodes=4, initial_nodes=3)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def four_slots(start_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    return start_cluster(nodes=4, initial_nodes=3)
 
 
 async def test_node_join_under_load_loses_nothing(four_slots: LocalCluster) -> None:
@@ -99,13 +93,8 @@ async def test_node_join_under_load_loses_nothing(four_slots: LocalCluster) -> N
 
 
 @pytest.fixture
-def three(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("rolling"), kafka_bootstrap)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def three(start_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    return start_cluster()
 
 
 async def test_rolling_restart_under_load_loses_nothing(three: LocalCluster) -> None:

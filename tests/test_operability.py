@@ -6,7 +6,6 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -14,26 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.conftest import make_cluster
 from tests.helpers import Api
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("ops"), kafka_bootstrap)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-async def api(cluster: LocalCluster) -> AsyncIterator[Api]:
-    async with aiohttp.ClientSession() as http:
-        yield Api(http, cluster.router_url)
 
 
 async def scrape(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple], float]:

@@ -3,13 +3,12 @@ nodes refuse clients without the internal secret."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from stickystate.local_cluster import LocalCluster
-from tests.conftest import make_cluster
 from tests.helpers import Api
 
 pytestmark = pytest.mark.kafka
@@ -21,14 +20,8 @@ SID = "same-id"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("tenants"), kafka_bootstrap, auth="keys",
-                     api_keys=f"{KEY_A}=ta,{KEY_B}=tb", internal_secret=SECRET)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+def cluster_options() -> dict:
+    return {"auth": "keys", "api_keys": f"{KEY_A}=ta,{KEY_B}=tb", "internal_secret": SECRET}
 
 
 @pytest.fixture

@@ -1,0 +1,137 @@
+"""The benchmark harness (bench/) works: ``python -m bench --quick`` runs every system,
+counts right and writes its files. Not a speed test: nothing here judges performance.
+
+Uses the Kafka of the test session (KAFKA_BOOTSTRAP if set, else one LocalKafka) and
+needs ``redis-server`` (Debian package) on PATH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from bench import loadgen
+from bench.runner import SYSTEMS, combine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> dict[str, Any]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
+                           "--kafka-bootstrap", kafka_bootstrap],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    doc = json.loads((out / "results.json").read_text())
+    print(f"bench --quick took {elapsed:.1f}s")
+    return {"out": out, "doc": doc, "elapsed": elapsed, "stdout": proc.stdout}
+
+
+@pytest.mark.kafka
+def test_quick_writes_its_files(quick_run: dict[str, Any]) -> None:
+    out: Path = quick_run["out"]
+    for name in ("results.json", "report.md", "latency_vs_rate_write-heavy.png", "percentiles_write-heavy.png",
+                 "latency_vs_rate_read-heavy.png", "replication.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "| router |" in report and "| redis-naive |" in report
+    doc = quick_run["doc"]
+    assert {t["target"].split(" ")[0] for t in doc["targets"]} >= {"router", "straight-to-node", "bytes", "cost"}
+    assert quick_run["elapsed"] < 240  # a hang guard, not a speed check
+
+
+@pytest.mark.kafka
+def test_quick_counts_and_every_system_answers(quick_run: dict[str, Any]) -> None:
+    doc = quick_run["doc"]
+    steps = doc["steps"]
+    assert set(doc["systems"]) == set(SYSTEMS)
+    for system in SYSTEMS:
+        mine = [s for s in steps if s["system"] == system]
+        assert mine, f"{system} has no measured step"
+        assert doc["systems"][system]["seed"]["ok"] == doc["config"]["sessions"]
+        for s in mine:
+            # every scheduled request is accounted for: answered or an error (incl. timeout)
+            assert s["sent"] == s["ok"] + s["errors"], s
+            expected = s["target_rate"] * s["duration_s"]
+            assert abs(s["sent"] - expected) <= doc["config"]["gen_procs"], (s["sent"], expected)
+            assert s["errors"] == 0, (system, s["error_kinds"], s["checks"]["examples"])
+            assert 0.8 * s["target_rate"] <= s["achieved_rate"] <= 1.05 * s["target_rate"], s["achieved_rate"]
+            assert s["ops"]["read"]["sent"] + s["ops"]["turn"]["sent"] == s["sent"]
+            # sampled responses hold a full window ending with the message just sent
+            assert s["checks"]["ok"] > 0 and s["checks"]["fail"] == 0, s["checks"]
+            assert s["latency_ms"]["p50"] is not None and s["latency_ms"]["p50"] <= s["latency_ms"]["max"]
+            assert s["generator"]["cpu_pct"] >= 0 and "machine_busy_pct" in s["cpu_pct"]
+    mixes = {(s["system"], s["mix"]) for s in steps}
+    assert ("router", "read-heavy") in mixes and ("redis-naive", "read-heavy") in mixes
+
+
+@pytest.mark.kafka
+def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
+    summ = quick_run["doc"]["summary"]["write-heavy"]
+    cfg = quick_run["doc"]["config"]
+    window_bytes = cfg["window"] * cfg["msg_bytes"]
+    for system in ("router", "direct", "redis-naive", "redis-atomic"):
+        # the request carries one message, the response the whole window
+        assert window_bytes < summ[system]["bytes_per_turn"] < 1.5 * window_bytes, system
+    # client-side state ships the window both ways
+    assert summ["client-side"]["bytes_per_turn"] > 1.8 * window_bytes
+
+
+# --------------------------------------------------------------------------- generator alone
+
+
+async def test_loadgen_counts_errors_and_timeouts() -> None:
+    """Against a server answering 503 for one session and never in time for another:
+    sent == ok + http errors + timeouts, latency only from answered requests."""
+    window = 5
+
+    async def append(request: web.Request) -> web.Response:
+        sid = request.match_info["sid"]
+        doc = orjson.loads(await request.read())
+        if sid == "s-1":
+            return web.json_response({"error": "unavailable"}, status=503)
+        if sid == "s-2":
+            await asyncio.sleep(5)
+        msgs = [{"n": i} for i in range(window - 1)] + doc["items"]
+        return web.Response(body=orjson.dumps({"id": sid, "version": 2, "data": {"messages": msgs}}),
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/sessions/{sid}/lists/{field}", append)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        sessions = [(f"s-{i}", 0) for i in range(4)]
+        w = loadgen.Worker({"wid": 0, "kind": "sticky", "targets": [("127.0.0.1", port)], "sessions": sessions,
+                            "window": window, "msg_bytes": 300, "max_conns": 64, "check_every": 1})
+        await w.setup()
+        part = await w.step({"rate": 200, "duration": 0.5, "read_frac": 0.0, "drain_s": 0.3,
+                             "start_at": time.monotonic() + 0.05, "prewarm": 4})
+    finally:
+        await runner.cleanup()
+    step = combine([part], 200, 0.5)
+    assert step["sent"] == 100
+    assert step["sent"] == step["ok"] + step["errors"]
+    assert step["error_kinds"]["http_503"] == 25
+    assert step["error_kinds"]["timeout"] == 25
+    assert step["ok"] == 50 and step["checks"]["fail"] == 0 and step["checks"]["ok"] == 50
+    assert step["latency_ms"]["count"] == 50 and step["latency_ms"]["max"] < 1000
+    assert step["bytes_per_turn"] > 300
