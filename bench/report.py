@@ -1,0 +1,487 @@
+"""Summaries, the targets of issue 4 as met/missed ratios, the markdown report and plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+HEADLINE_MIX = "write-heavy"
+BASELINE = "redis-naive"
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        text = (out.stdout or out.stderr).strip()
+        return text.splitlines()[0] if text else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib import metadata
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for pkg in ("aiohttp", "uvloop", "orjson", "aiokafka", "redis", "hiredis", "hdrhistogram", "matplotlib"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        from stickystate.kafka_local import KAFKA_VERSION
+
+        versions["kafka"] = KAFKA_VERSION
+    except ImportError:
+        pass
+    versions["java"] = _first_line(["java", "-version"])
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb, "kernel": platform.release(),
+            "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]), "versions": versions}
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _steps(doc: dict[str, Any], system: str, mix: str) -> list[dict[str, Any]]:
+    return sorted((s for s in doc["steps"] if s["system"] == system and s["mix"] == mix),
+                  key=lambda s: s["target_rate"])
+
+
+def _passes(step: dict[str, Any], slo_ms: float, pct: str = "p99") -> bool:
+    p99 = step["latency_ms"][pct]
+    return (p99 is not None and p99 <= slo_ms and step["achieved_rate"] >= 0.95 * step["target_rate"]
+            and step["error_rate"] <= 0.001)
+
+
+def summarize(doc: dict[str, Any], pct: str = "p99") -> dict[str, dict[str, Any]]:
+    """Per mix and system: the best rate meeting the SLO (``pct`` <= slo_p99_ms) and the
+    latencies there."""
+    slo = doc["config"]["slo_p99_ms"]
+    out: dict[str, dict[str, Any]] = {}
+    mixes = sorted({s["mix"] for s in doc["steps"]}, key=lambda m: (m != HEADLINE_MIX, m))
+    for mix in mixes:
+        out[mix] = {}
+        for system in doc["systems"]:
+            steps = _steps(doc, system, mix)
+            if not steps:
+                continue
+            good = [s for s in steps if _passes(s, slo, pct)]
+            best = max(good, key=lambda s: s["achieved_rate"]) if good else None
+            bpt = sorted(s["bytes_per_turn"] for s in steps if s["bytes_per_turn"])
+            bpr = sorted(s["ops"]["read"]["bytes_per_op"] for s in steps if s["ops"]["read"]["bytes_per_op"])
+            req = sorted(s["ops"]["turn"]["req_bytes_per_op"] for s in steps if s["ops"]["turn"]["req_bytes_per_op"])
+            resp = sorted(s["ops"]["turn"]["resp_bytes_per_op"] for s in steps
+                          if s["ops"]["turn"]["resp_bytes_per_op"])
+            out[mix][system] = {
+                "slo_rate": best["achieved_rate"] if best else 0.0,
+                "slo_target_rate": best["target_rate"] if best else None,
+                "slo_latency_ms": best["latency_ms"] if best else None,
+                "peak_achieved_rate": max(s["achieved_rate"] for s in steps),
+                "bytes_per_turn": bpt[len(bpt) // 2] if bpt else None,
+                "bytes_per_read": bpr[len(bpr) // 2] if bpr else None,
+                "req_bytes_per_turn": req[len(req) // 2] if req else None,
+                "resp_bytes_per_turn": resp[len(resp) // 2] if resp else None,
+                "errors": sum(s["errors"] for s in steps),
+                "sent": sum(s["sent"] for s in steps),
+                "checks_fail": sum(s["checks"]["fail"] for s in steps),
+                "gen_cpu_pct_max": max(s["generator"]["cpu_pct_max_proc"] for s in steps),
+                "gen_cpu_pct_at_slo": best["generator"]["cpu_pct"] if best else None,
+                "machine_busy_at_slo": best["cpu_pct"].get("machine_busy_pct") if best else None,
+                "steps": len(steps),
+            }
+    return out
+
+
+def _step_at(doc: dict[str, Any], system: str, mix: str, rate: float) -> dict[str, Any] | None:
+    for s in _steps(doc, system, mix):
+        if abs(s["target_rate"] - rate) < 1e-6 and s.get("phase") in ("sweep", "fill"):
+            return s
+    return None
+
+
+def _sustains(step: dict[str, Any] | None, saturation_ms: float = 1000.0) -> bool:
+    """Keeps up with the offered rate: >= 95% achieved, <= 0.1% errors, no queue
+    building up (p99 under the saturation threshold)."""
+    return (step is not None and step["achieved_rate"] >= 0.95 * step["target_rate"]
+            and step["error_rate"] <= 0.001 and (step["latency_ms"]["p99"] or 0) <= saturation_ms)
+
+
+def common_rate(doc: dict[str, Any], mix: str, systems: list[str]) -> float | None:
+    """The highest ladder rate (offered to every system alike) that all ``systems``
+    sustain: >= 95% of it achieved, <= 0.1% errors, whatever the latency."""
+    systems = [s for s in systems if _steps(doc, s, mix)]
+    if not systems:
+        return None
+    rates = sorted({s["target_rate"] for s in _steps(doc, systems[0], mix) if s.get("phase") == "sweep"})
+    sat = doc["config"].get("saturation_p99_ms", 1000.0)
+    good = [r for r in rates if all(_sustains(_step_at(doc, s, mix, r), sat) for s in systems)]
+    return max(good) if good else None
+
+
+MAIN = ["router", "direct", "redis-naive", "redis-atomic", "client-side"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets(doc: dict[str, Any], mix: str = HEADLINE_MIX, pct: str = "p99") -> list[dict[str, Any]]:
+    """The issue's targets as ratios. ``pct`` picks the latency percentile the SLO is
+    judged on: p99 as specified; p90 as a variant robust to machine-wide stalls."""
+    summ = summarize(doc, pct).get(mix, {})
+    slo = doc["config"]["slo_p99_ms"]
+    rows: list[dict[str, Any]] = []
+    P = pct.replace("_", ".")
+
+    def thr(system: str) -> float | None:
+        s = summ.get(system)
+        return s["slo_rate"] if s else None
+
+    def add(name: str, measured: str, value: float | None, goal: str, ok: bool | None, info: bool = False) -> None:
+        rows.append({"target": name, "measured": measured, "value": None if value is None else round(value, 3),
+                     "goal": goal, "met": None if info else ok, "info": info})
+
+    r = _ratio(thr("router"), thr(BASELINE))
+    add(f"router throughput at {P}<={slo:g}ms vs Redis server ({BASELINE})",
+        f"{_f(thr('router'))}/s vs {_f(thr(BASELINE))}/s", r, ">= 1.5x", None if r is None else r >= 1.5)
+    x = common_rate(doc, mix, ["router", BASELINE])
+    if x is not None:
+        a, b = _step_at(doc, "router", mix, x), _step_at(doc, BASELINE, mix, x)
+        pa = a["latency_ms"][pct] if a else None
+        pb = b["latency_ms"][pct] if b else None
+        r = _ratio(pa, pb)
+        add(f"router {P} at equal rate ({x:g}/s: the highest ladder rate both router and {BASELINE} sustain)",
+            f"{_f(pa, 2)} ms vs {_f(pb, 2)} ms", r, "<= 1.0x (no worse)", None if r is None else r <= 1.0)
+    else:
+        add(f"router {P} at equal rate", "no ladder rate sustained by both", None, "<= 1.0x", None)
+    r = _ratio(thr("direct"), thr(BASELINE))
+    add(f"straight-to-node throughput at {P}<={slo:g}ms vs Redis server",
+        f"{_f(thr('direct'))}/s vs {_f(thr(BASELINE))}/s", r, ">= 3x", None if r is None else r >= 3.0)
+    r = _ratio(thr("router"), thr("direct"))
+    add("router throughput vs straight-to-node", f"{_f(thr('router'))}/s vs {_f(thr('direct'))}/s", r,
+        ">= 0.5x", None if r is None else r >= 0.5)
+    off, mem = thr("direct-repl-off"), thr("direct")
+    cost = None if not off or mem is None else 1.0 - mem / off
+    add("cost of replication (Durability: memory) vs replication off, throughput at the SLO",
+        f"{_f(mem)}/s vs {_f(off)}/s", cost, "<= 0.20 (20%)", None if cost is None else cost <= 0.20)
+    cs = summ.get("client-side", {}).get("bytes_per_turn")
+    for system in ("router", "direct"):
+        bs = summ.get(system, {}).get("bytes_per_turn")
+        r = _ratio(cs, bs)
+        add(f"bytes on the wire per turn, client-side state vs stickystate ({system})",
+            f"{_f(cs)} B vs {_f(bs)} B", r, ">= 20x", None if r is None else r >= 20.0)
+    # information: the turn's response carries the whole window in every system, so the
+    # difference is all in the request (client -> server)
+    cs_req = summ.get("client-side", {}).get("req_bytes_per_turn")
+    bs_req = summ.get("router", {}).get("req_bytes_per_turn")
+    r = _ratio(cs_req, bs_req)
+    add("(information) request bytes per turn only, client-side vs stickystate (router)",
+        f"{_f(cs_req)} B vs {_f(bs_req)} B", r, "-", None, info=True)
+    return rows
+
+
+def _f(v: float | None, nd: int = 0) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.{nd}f}"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: str = "") -> str:
+    cfg = doc["config"]
+    meta = doc["meta"]
+    summ = summarize(doc)
+    summ90 = summarize(doc, "p90")
+    lines: list[str] = []
+    lines.append(f"# stickystate benchmark ({meta.get('started', '?')})")
+    lines.append("")
+    v = meta.get("versions", {})
+    lines.append(f"Machine: {meta.get('cpu')}, {meta.get('cores')} cores, {meta.get('mem_gb')} GB RAM, "
+                 f"{meta.get('os')} (kernel {meta.get('kernel')}). Python {v.get('python')}, aiohttp "
+                 f"{v.get('aiohttp')}, uvloop {v.get('uvloop')}, Kafka {v.get('kafka')}, "
+                 f"{v.get('redis-server', 'redis-server ?')}, redis-py {v.get('redis')} (hiredis {v.get('hiredis')}).")
+    lines.append("")
+    lines.append(f"Workload: {cfg['sessions']} sessions, each a window of the last {cfg['window']} messages of "
+                 f"~{cfg['msg_bytes']} bytes, seeded full. A turn = one request that appends one message and "
+                 f"returns the whole window. Open loop ({cfg['arrivals']} arrivals), {cfg['step_s']:g}s per rate, "
+                 f"latency from the intended send time. SLO: p99 <= {cfg['slo_p99_ms']:g} ms with >= 95% of the "
+                 f"target rate achieved and <= 0.1% errors. stickystate: {cfg['nodes']} node(s), "
+                 f"{cfg['partitions']} partitions; baseline servers: {cfg['server_procs']} process(es); load "
+                 f"generator: {cfg['gen_procs']} process(es). Run took {meta.get('elapsed_s', '?')} s.")
+    lines.append("")
+    lines.append(f"Other load on the machine: {meta.get('noisy_steps', 0)} of {len(doc['steps'])} steps were noisy "
+                 f"(other processes above {cfg.get('noisy_pct', 25):g}% of a core after "
+                 f"{cfg.get('noisy_retries', 0)} re-measurement(s)); waited {meta.get('quiet_waited_s', 0):g} s in "
+                 "total for the machine to calm down. See the 'other CPU' column below.")
+    lines.append("")
+    for mix, systems in summ.items():
+        lines.append(f"## {mix} mix")
+        lines.append("")
+        x = common_rate(doc, mix, [m for m in MAIN if m in systems])
+        lines.append("| system | max rate at SLO | p50 | p90 | p99 | p99.9 | max | max rate at p90 SLO | peak achieved "
+                     "| bytes/turn | bytes/read | errors / sent | gen CPU (max) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for system, s in systems.items():
+            lat = s["slo_latency_ms"] or {}
+            best = f"{_f(s['slo_rate'])}/s" if s["slo_rate"] else f"none (< {_f(min(cfg['rates']))}/s)"
+            if s["slo_target_rate"] is not None and s["slo_target_rate"] >= max(cfg["rates"]):
+                best = f">= {best} (top of the sweep)"
+            lines.append(
+                f"| {system} | {best} | {_ms(lat.get('p50'))} | {_ms(lat.get('p90'))} | "
+                f"{_ms(lat.get('p99'))} | {_ms(lat.get('p99_9'))} | {_ms(lat.get('max'))} | "
+                f"{_f(summ90[mix][system]['slo_rate'])}/s | {_f(s['peak_achieved_rate'])}/s | {_f(s['bytes_per_turn'])} | {_f(s['bytes_per_read'])} | "
+                f"{s['errors']} / {s['sent']} | {s['gen_cpu_pct_max']:.0f}% |")
+        lines.append("")
+        lines.append("Latencies in ms, at each system's highest rate meeting the SLO (p99 <= "
+                     f"{cfg['slo_p99_ms']:g} ms). 'max rate at p90 SLO': the same with p90 <= {cfg['slo_p99_ms']:g} ms, "
+                     "a variant insensitive to machine-wide stalls.")
+        if x is not None:
+            lines.append("")
+            lines.append(f"At an equal rate of {x:g}/s (the highest ladder rate that "
+                         f"{', '.join(m for m in MAIN if m in systems)} all sustain: >= 95% achieved, <= 0.1% errors, "
+                         f"p99 under {cfg.get('saturation_p99_ms', 1000):g} ms):")
+            lines.append("")
+            lines.append("| system | achieved | p50 | p90 | p99 | p99.9 | max |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|")
+            for system in systems:
+                st = _step_at(doc, system, mix, x)
+                if st is None:
+                    continue
+                lat = st["latency_ms"]
+                lines.append(f"| {system} | {_f(st['achieved_rate'])}/s | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+                             f"{_ms(lat['p99'])} | {_ms(lat['p99_9'])} | {_ms(lat['max'])} |")
+        lines.append("")
+    lines.append(f"## Targets ({HEADLINE_MIX} mix)")
+    lines.append("")
+    lines.append("| target | measured | ratio | goal | result | ratio, p90 SLO variant | result, p90 variant |")
+    lines.append("|---|---|---:|---|---|---:|---|")
+
+    def verdict(t: dict[str, Any]) -> str:
+        return "info" if t.get("info") else ("n/a" if t["met"] is None else ("met" if t["met"] else "**missed**"))
+
+    for t, t90 in zip(targets(doc), targets(doc, pct="p90")):
+        lines.append(f"| {t['target']} | {t['measured']} | {_f(t['value'], 2)} | {t['goal']} | {verdict(t)} | "
+                     f"{_f(t90['value'], 2)} | {verdict(t90)} |")
+    lines.append("")
+    if plots:
+        lines.append("## Plots")
+        lines.append("")
+        for p in plots:
+            lines.append(f"![{Path(p).stem}]({plot_prefix}{Path(p).name})")
+            lines.append("")
+    lines.append("## Every step")
+    lines.append("")
+    lines.append("CPU columns: % of one core over the step (generator = load generator processes; server = the "
+                 "system's server processes: router+nodes+Kafka, or baseline servers+redis-server; other = "
+                 "everything else on the machine, e.g. other people's jobs; machine busy = % of all cores). "
+                 "gen lag = how late the generator sent requests vs their schedule (counted in the latency). "
+                 "stalls = what an idle probe process saw during the step (a 1 ms sleep loop): the longest "
+                 "oversleep and the share of time spent in oversleeps > 2 ms; machine-wide pauses show here.")
+    lines.append("")
+    lines.append("| system | mix | target/s | achieved/s | p50 | p90 | p99 | p99.9 | max | errors | B/turn "
+                 "| gen CPU | server CPU | other CPU | machine busy | gen lag p99 | stalls max / time |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in doc["steps"]:
+        lat = s["latency_ms"]
+        cpu = s["cpu_pct"]
+        skip = ("generator", "machine_busy_pct", "other_pct", "probe")
+        server = sum(v for k, v in cpu.items() if k not in skip)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k not in skip)
+        lines.append(f"| {s['system']} | {s['mix']} | {s['target_rate']:g} | {s['achieved_rate']:g} | "
+                     f"{_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99_9'])} | "
+                     f"{_ms(lat['max'])} | {s['errors']} | {_f(s['bytes_per_turn'])} | "
+                     f"{cpu.get('generator', 0):.0f}% | {server:.0f}% ({parts}) | {cpu.get('other_pct', 0):.0f}% | "
+                     f"{cpu.get('machine_busy_pct', 0):.0f}% | {s['generator']['dispatch_lag_ms_p99']:.1f} ms | "
+                     f"{_stalls(s.get('hiccups') or {})} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _stalls(h: dict[str, Any]) -> str:
+    if not h or h.get("max_ms") is None:
+        return "-"
+    return f"{h['max_ms']:.0f} ms / {h['stalled_pct']:.1f}%"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+COLORS = {"router": "tab:blue", "direct": "tab:green", "redis-naive": "tab:red", "redis-atomic": "tab:orange",
+          "client-side": "tab:purple", "direct-log": "tab:brown", "direct-repl-off": "tab:gray"}
+
+
+def plots(doc: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+
+    slo = doc["config"]["slo_p99_ms"]
+    written: list[str] = []
+    summ = summarize(doc)
+    for mix, systems in summ.items():
+        # latency vs offered rate
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for system in systems:
+            steps = _steps(doc, system, mix)
+            xs = [s["target_rate"] for s in steps if s["latency_ms"]["p99"] is not None]
+            p99 = [s["latency_ms"]["p99"] for s in steps if s["latency_ms"]["p99"] is not None]
+            p50 = [s["latency_ms"]["p50"] for s in steps if s["latency_ms"]["p50"] is not None]
+            c = COLORS.get(system)
+            ax.plot(xs, p99, "o-", color=c, label=f"{system} p99")
+            ax.plot(xs, p50, "x--", color=c, alpha=0.6, label=f"{system} p50")
+        ax.axhline(slo, color="black", linestyle=":", linewidth=1, label=f"SLO p99 {slo:g} ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_xlabel("offered rate (requests/s, open loop)")
+        ax.set_ylabel("latency (ms, from intended send time)")
+        ax.set_title(f"Latency vs rate, {mix} mix")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"latency_vs_rate_{mix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+
+        # percentiles per system: at the equal rate and at each system's SLO max
+        x = common_rate(doc, mix, [m for m in MAIN if m in systems])
+        labels = ["p50", "p90", "p99", "p99_9", "max"]
+        panels: list[tuple[str, dict[str, dict[str, Any]]]] = []
+        if x is not None:
+            at_x = {s: st["latency_ms"] for s in systems if (st := _step_at(doc, s, mix, x)) is not None}
+            panels.append((f"at {x:g}/s (equal rate)", at_x))
+        at_best = {s: v["slo_latency_ms"] for s, v in systems.items() if v["slo_latency_ms"]}
+        panels.append(("at each system's max rate meeting the SLO", at_best))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+        for ax, (title, data) in zip(axes[0], panels):
+            names = list(data)
+            width = 0.8 / max(1, len(names))
+            for i, name in enumerate(names):
+                vals = [data[name][k] or 0.0 for k in labels]
+                pos = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
+                rate = ""
+                if title.startswith("at each"):
+                    rate = f" ({systems[name]['slo_rate']:,.0f}/s)"
+                ax.bar(pos, vals, width, color=COLORS.get(name), label=name + rate)
+            ax.axhline(slo, color="black", linestyle=":", linewidth=1)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(["p50", "p90", "p99", "p99.9", "max"])
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.set_ylabel("latency (ms)")
+            ax.set_title(f"{mix}: {title}", fontsize=10)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"percentiles_{mix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+
+    # replication cost
+    rep = [s for s in ("direct-repl-off", "direct", "direct-log") if s in doc["systems"]]
+    if len(rep) >= 2:
+        mix = HEADLINE_MIX if HEADLINE_MIX in summ else next(iter(summ), None)
+        if mix is not None:
+            names = {"direct-repl-off": "replication off", "direct": "Durability: memory",
+                     "direct-log": "Durability: log"}
+            fig, ax = plt.subplots(figsize=(8, 5))
+            for system in rep:
+                steps = _steps(doc, system, mix)
+                xs = [s["target_rate"] for s in steps if s["latency_ms"]["p99"] is not None]
+                ys = [s["latency_ms"]["p99"] for s in steps if s["latency_ms"]["p99"] is not None]
+                ax.plot(xs, ys, "o-", color=COLORS.get(system), label=f"{names[system]} p99")
+                ys50 = [s["latency_ms"]["p50"] for s in steps if s["latency_ms"]["p50"] is not None]
+                ax.plot(xs, ys50, "x--", color=COLORS.get(system), alpha=0.6, label=f"{names[system]} p50")
+            ax.axhline(slo, color="black", linestyle=":", linewidth=1, label=f"SLO p99 {slo:g} ms")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.yaxis.set_major_formatter(plain)
+            ax.set_xlabel("offered rate (turns/s), straight to node")
+            ax.set_ylabel("latency (ms)")
+            ax.set_title(f"Replication cost, {mix} mix")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / "replication.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(str(path))
+    return written
+
+
+def write_all(doc: dict[str, Any], out_dir: Path, make_plots: bool = True) -> dict[str, Any]:
+    import json
+
+    written = plots(doc, out_dir) if make_plots else []
+    doc = dict(doc)
+    doc["summary"] = summarize(doc)
+    doc["targets"] = targets(doc)
+    doc["summary_p90"] = summarize(doc, "p90")
+    doc["targets_p90"] = targets(doc, pct="p90")
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    (out_dir / "report.md").write_text(markdown(doc, written))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render report.md and the plots of a results folder (from its results.json)."""
+    import argparse
+    import json
+    import shutil
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("results_dir", type=Path)
+    p.add_argument("--copy-plots", type=Path, default=None, help="also copy the PNGs into this folder")
+    args = p.parse_args(argv)
+    doc = json.loads((args.results_dir / "results.json").read_text())
+    doc = write_all(doc, args.results_dir)
+    if args.copy_plots is not None:
+        args.copy_plots.mkdir(parents=True, exist_ok=True)
+        for png in sorted(args.results_dir.glob("*.png")):
+            shutil.copy2(png, args.copy_plots / png.name)
+    print(args.results_dir / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
