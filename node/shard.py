@@ -134,10 +134,3 @@ class Shard:
         self.position = 0
         self.my_epoch = None
         self.claims.clear()
-
-    def state_of(self, sid: str) -> Session | None:
-        return self.sessions.get(sid)
-
-    def summary(self) -> dict[str, Any]:
-        return {"shard": self.id, "sessions": len(self.sessions), "epoch": self.epoch, "owner": self.owner,
-                "position": self.position, "serving": self.my_epoch is not None}

@@ -32,7 +32,7 @@ from node.settings import NodeSettings
 from node.shard import Shard
 from node.validate import check_precondition, check_state
 from replicator import events
-from replicator.errors import DeliveryTimeout, ReplicationError
+from replicator.errors import ReplicationError
 from replicator.follower import Follower
 from replicator.history import HistoryReader
 from replicator.producer import Replicator
@@ -291,7 +291,7 @@ class NodeStore:
         try:
             offset = await asyncio.wait_for(asyncio.shield(result.delivery), deadline)
             await self.follower.wait_position(result.shard, offset + 1, deadline)
-        except (asyncio.TimeoutError, DeliveryTimeout):
+        except asyncio.TimeoutError:
             raise Unavailable("Kafka did not confirm the write in time; it is applied in memory and still queued",
                               retry_after_s=1, code="replication_timeout") from None
         except LookupError:

@@ -2,8 +2,7 @@
 
     ReplicationError (retriable)
     ├── QueueFull        the bounded send queue is full
-    ├── KafkaStalled     the oldest unacknowledged event is older than the deadline
-    └── DeliveryTimeout  a durability=log write was not confirmed within the deadline
+    └── KafkaStalled     the oldest unacknowledged event is older than the deadline
 """
 
 from __future__ import annotations
@@ -20,6 +19,3 @@ class QueueFull(ReplicationError):
 class KafkaStalled(ReplicationError):
     pass
 
-
-class DeliveryTimeout(ReplicationError):
-    pass

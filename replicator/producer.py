@@ -57,7 +57,6 @@ class Replicator:
         self.sent_total = 0
         self.acked_total = 0
         self.rebuilds_total = 0
-        self.last_ack_at = time.monotonic()
         self.send_latency_sum_s = 0.0
 
     # -- admission --------------------------------------------------------------
@@ -223,7 +222,6 @@ class Replicator:
         del self._inflight[item.seq]
         self.acked_total += 1
         now = time.monotonic()
-        self.last_ack_at = now
         self.send_latency_sum_s += now - item.enqueued_at
         if not item.future.done():
             item.future.set_result(delivery.result().offset)

@@ -13,7 +13,7 @@ the same membership, so this module is pinned by golden vectors in the tests.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from uhashring import HashRing
@@ -72,6 +72,3 @@ def moved_shards(before: Mapping[int, str], after: Mapping[int, str]) -> dict[in
     """Shards whose owner differs between two owner maps: shard -> (old, new)."""
     return {s: (before.get(s), o) for s, o in after.items() if before.get(s) != o}
 
-
-def placement_for(nodes: Iterable[str], partitions: int, standbys: int = 0) -> Placement:
-    return Placement(tuple(nodes), partitions, standbys)

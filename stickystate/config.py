@@ -73,7 +73,7 @@ NODE = [
     Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
     Option("max_depth", int, 32, "deepest JSON nesting accepted (413)"),
-    Option("replication", lambda v: _onoff(v), True, "on|off: off keeps no log at all (benchmark baseline only)"),
+    Option("replication", _onoff, True, "on|off: off keeps no log at all (benchmark baseline only)"),
     Option("auth", str, "keys", "keys: require the internal secret on every request; open: no check (local dev)"),
     Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),
     Option("log_level", str, "info", "log level"),
