@@ -54,6 +54,7 @@ class Forwarder:
         self.cluster = cluster
         self.http = http
         self.metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -77,10 +78,12 @@ class Forwarder:
         return await self.forward(request.method, request.path_qs, headers, body, shard)
 
     async def _send(self, url: str, method: str, headers: CIMultiDict[str],
-                    body: bytes) -> tuple[int, bytes, CIMultiDict[str]]:
+                    body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """One attempt: status, body, and the response headers worth relaying."""
         async with self.http.request(method, url, data=body or None, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s)) as resp:
-            return resp.status, await resp.read(), CIMultiDict(resp.headers)
+                                     timeout=self._timeout) as resp:
+            relayed = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+            return resp.status, await resp.read(), relayed
 
     async def forward(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes,
                       shard: int) -> web.StreamResponse:
@@ -117,10 +120,9 @@ class Forwarder:
                 last_error = f"node {node.id} does not serve shard {shard}"
                 self.cluster.resync(node)
                 continue
-            out = {k: v for k, v in resp_headers.items() if k.lower() not in HOP_BY_HOP}
             if attempt:
-                out["X-Stickystate-Retries"] = str(attempt)
-            return web.Response(status=status, body=payload, headers=out)
+                resp_headers["X-Stickystate-Retries"] = str(attempt)
+            return web.Response(status=status, body=payload, headers=resp_headers)
         return error_response(503, "unavailable", f"gave up after {self.settings.max_attempts} attempts: {last_error}",
                               {"Retry-After": "1"})
 
