@@ -352,29 +352,34 @@ def plots(doc: dict[str, Any], out_dir: Path) -> list[str]:
     slo = doc["config"]["slo_p99_ms"]
     written: list[str] = []
     summ = summarize(doc)
-    for mix, systems in summ.items():
-        # latency vs offered rate
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for system in systems:
+
+    def latency_vs_rate(ax: Any, mix: str, labels: dict[str, str], title: str, xlabel: str, ylabel: str,
+                        legend_fontsize: int, ncol: int) -> None:
+        """p99 (solid) and p50 (dashed) against the offered rate, one colour per system."""
+        for system, label in labels.items():
             steps = _steps(doc, system, mix)
-            xs = [s["target_rate"] for s in steps if s["latency_ms"]["p99"] is not None]
-            p99 = [s["latency_ms"]["p99"] for s in steps if s["latency_ms"]["p99"] is not None]
-            p50 = [s["latency_ms"]["p50"] for s in steps if s["latency_ms"]["p50"] is not None]
-            c = COLORS.get(system)
-            ax.plot(xs, p99, "o-", color=c, label=f"{system} p99")
-            ax.plot(xs, p50, "x--", color=c, alpha=0.6, label=f"{system} p50")
+            for pct, style, alpha in (("p99", "o-", 1.0), ("p50", "x--", 0.6)):
+                pts = [(s["target_rate"], s["latency_ms"][pct]) for s in steps if s["latency_ms"][pct] is not None]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=COLORS.get(system), alpha=alpha,
+                        label=f"{label} {pct}")
         ax.axhline(slo, color="black", linestyle=":", linewidth=1, label=f"SLO p99 {slo:g} ms")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.yaxis.set_major_formatter(plain)
-        ax.set_xlabel("offered rate (requests/s, open loop)")
-        ax.set_ylabel("latency (ms, from intended send time)")
-        ax.set_title(f"Latency vs rate, {mix} mix")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        ax.legend(fontsize=legend_fontsize, ncol=ncol)
+        ax.figure.tight_layout()
+    for mix, systems in summ.items():
+        # latency vs offered rate
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        latency_vs_rate(ax, mix, {system: system for system in systems}, f"Latency vs rate, {mix} mix",
+                        "offered rate (requests/s, open loop)", "latency (ms, from intended send time)",
+                        legend_fontsize=7, ncol=2)
         path = out_dir / f"latency_vs_rate_{mix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -424,25 +429,8 @@ def plots(doc: dict[str, Any], out_dir: Path) -> list[str]:
             names = {"direct-repl-off": "replication off", "direct": "Durability: memory",
                      "direct-log": "Durability: log"}
             fig, ax = plt.subplots(figsize=(8, 5))
-            for system in rep:
-                steps = _steps(doc, system, mix)
-                xs = [s["target_rate"] for s in steps if s["latency_ms"]["p99"] is not None]
-                ys = [s["latency_ms"]["p99"] for s in steps if s["latency_ms"]["p99"] is not None]
-                ax.plot(xs, ys, "o-", color=COLORS.get(system), label=f"{names[system]} p99")
-                ys50 = [s["latency_ms"]["p50"] for s in steps if s["latency_ms"]["p50"] is not None]
-                ax.plot(xs, ys50, "x--", color=COLORS.get(system), alpha=0.6, label=f"{names[system]} p50")
-            ax.axhline(slo, color="black", linestyle=":", linewidth=1, label=f"SLO p99 {slo:g} ms")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-            ax.yaxis.set_major_formatter(plain)
-            ax.set_xlabel("offered rate (turns/s), straight to node")
-            ax.set_ylabel("latency (ms)")
-            ax.set_title(f"Replication cost, {mix} mix")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
+            latency_vs_rate(ax, mix, {system: names[system] for system in rep}, f"Replication cost, {mix} mix",
+                            "offered rate (turns/s), straight to node", "latency (ms)", legend_fontsize=8, ncol=1)
             path = out_dir / "replication.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
