@@ -33,9 +33,10 @@ log = logging.getLogger("stickystate.replicator")
 @dataclass(eq=False)
 class Outgoing:
     seq: int
+    topic: str
     partition: int
     key: bytes
-    value: bytes
+    value: bytes | None  # None: a tombstone (compacted topics only)
     enqueued_at: float
     future: asyncio.Future[int] = field(repr=False)
 
@@ -83,11 +84,15 @@ class Replicator:
         if self.oldest_unacked_age_s() > self.settings.kafka_deadline_s:
             raise KafkaStalled(f"Kafka has not acknowledged for {self.oldest_unacked_age_s():.1f}s")
 
-    def enqueue(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
-        """Hand one event over (synchronous). Returns a future of its log offset."""
+    def enqueue(self, partition: int, key: bytes, value: bytes | None, topic: str | None = None) -> asyncio.Future[int]:
+        """Hand one record over (synchronous). Returns a future of its log offset.
+
+        ``topic`` defaults to the changes topic. Records to all topics go out in the
+        order they were enqueued (also when resent after a producer rebuild)."""
         self.check_admission()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(Outgoing(next(self._seq), partition, key, value, time.monotonic(), fut))
+        self._pending.append(Outgoing(next(self._seq), topic or self.settings.changes_topic, partition, key, value,
+                                      time.monotonic(), fut))
         self._wake.set()
         return fut
 
@@ -188,7 +193,6 @@ class Replicator:
         await self._build_producer()
 
     async def _run(self) -> None:
-        topic = self.settings.changes_topic
         while True:
             if self._broken:
                 await self._rebuild()
@@ -201,7 +205,7 @@ class Replicator:
             try:
                 while self._pending and not self._broken:
                     item = self._pending[0]
-                    delivery = await producer.send(topic, item.value, key=item.key, partition=item.partition)
+                    delivery = await producer.send(item.topic, item.value, key=item.key, partition=item.partition)
                     self._pending.popleft()
                     self._inflight[item.seq] = item
                     self.sent_total += 1
