@@ -44,7 +44,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from chaos.workload import LIST_FIELD, Observation, compress_seqs, parse_items
 from replicator.events import decode  # the one shared piece: the wire format
 
-CLAIM_KEY = b"__claim__"
+CLAIM_KEY = b"#claim"  # "#" never occurs in a session id: no session can collide with it
 EXAMPLES = 20
 
 

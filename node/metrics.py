@@ -72,6 +72,17 @@ class _StoreCollector(Collector):
                                   value=st.recovery_events_total)
         yield CounterMetricFamily("stickystate_recovery_seconds", "Total time spent acquiring shards",
                                   value=st.recovery_seconds_total)
+        yield CounterMetricFamily("stickystate_snapshots_written", "Session snapshots handed to the producer",
+                                  value=st.snapshots_total)
+        yield CounterMetricFamily("stickystate_snapshot_tombstones", "Snapshot tombstones (deleted/expired sessions)",
+                                  value=st.tombstones_total)
+        yield CounterMetricFamily("stickystate_snapshot_bytes", "Bytes of session snapshots handed to the producer",
+                                  value=st.snapshot_bytes_total)
+        yield CounterMetricFamily("stickystate_snapshot_checkpoints", "Snapshot checkpoints written",
+                                  value=st.checkpoints_total)
+        yield GaugeMetricFamily("stickystate_snapshot_tail_events",
+                                "Change events after the last checkpoint, summed over owned shards (what a rebuild replays)",
+                                value=st.snapshot_tail_events())
         yield CounterMetricFamily("stickystate_follower_records", "Records read from Kafka by the follower",
                                   value=st.follower.records_total)
         yield GaugeMetricFamily("stickystate_ready", "1 when the node is ready to serve", value=1.0 if st.ready else 0.0)

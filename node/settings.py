@@ -18,6 +18,8 @@ class NodeSettings:
     replication: bool = True  # False: no Kafka at all (benchmark baseline; state dies with the node)
     auth: str = "keys"  # "keys": only holders of internal_secret may call the node; "open": anyone
     internal_secret: str = ""
+    snapshot_every_events: int = 100  # a session is snapshotted after this many changes (0: never)
+    snapshot_max_age_s: float = 30.0  # ... or at the latest this long after its first unsnapshotted change
     limits: Limits = field(default_factory=Limits)
     replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)
 
@@ -29,6 +31,10 @@ class NodeSettings:
         if self.auth == "keys" and len(self.internal_secret) < 16:
             raise ValueError("auth=keys needs an internal secret of at least 16 characters "
                              "(--internal-secret / STICKYSTATE_INTERNAL_SECRET), or --auth open for local development")
+        if self.snapshot_every_events < 0:
+            raise ValueError("snapshot_every_events must be >= 0")
+        if self.snapshot_max_age_s <= 0:
+            raise ValueError("snapshot_max_age_s must be > 0")
         if self.default_ttl_s <= 0:
             raise ValueError("default_ttl_s must be > 0")
         if not self.node_id or not self.node_id.replace("-", "").replace("_", "").isalnum():

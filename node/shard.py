@@ -9,11 +9,19 @@ Fencing rules, applied identically by every reader of a partition:
   written by a fenced owner after it lost the shard);
 - a change event whose version is not newer than the session's is a duplicate
   (a re-send after a producer was rebuilt) and is ignored.
+
+Snapshots (replicator/snapshots.py): a shard rebuilt from snapshots starts reading the
+partition at the checkpoint's ``replay_from`` with the checkpoint's (epoch, node) as
+the governing claim, and skips each session's events at or below its snapshot's
+offset (``floor``). While this node owns the shard it tracks which sessions have
+changes no snapshot covers yet (``dirty``), counting only changes it has read back
+from the log, so a snapshot never holds a change the log does not (or may never) have.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +31,8 @@ from node.errors import StickyError
 from node.ops import Op, Session, apply
 
 IDEM_PER_SHARD = 4096
+IDEM_PER_SESSION_SNAPSHOT = 8  # idempotency keys kept in a session's snapshot (recent writes only)
+DELETED = -1  # read_ver of a session whose last change read back was a delete or expiry
 
 STATUS_OF_OP = {"create": 201, "delete": 204}
 
@@ -52,6 +62,14 @@ class Shard:
     sizes: dict[str, int] = field(default_factory=dict)  # JSON size of each session's data
     data_bytes: int = 0
     last_offset: dict[str, int] = field(default_factory=dict)  # offset of each session's last event read
+    floor: dict[str, int] = field(default_factory=dict)  # loaded snapshots: events at or below are in the state
+    # owner only: sid -> [first offset not covered by a snapshot, monotonic time of it, changes since]
+    dirty: dict[str, list[float]] = field(default_factory=dict)
+    read_ver: dict[str, int] = field(default_factory=dict)  # owner: version of the last own change read back
+    recent_idem: dict[str, deque[str]] = field(default_factory=dict)  # sid -> its recent idempotency keys
+    covered: int = 0  # events skipped because a loaded snapshot already holds them
+    read_records: int = 0  # records of the partition handled (claims included)
+    loaded: dict[str, Any] = field(default_factory=dict)  # what the last load from snapshots read
 
     def remember(self, event: Op, state: Session | None) -> None:
         idem = event.get("idem")
@@ -63,6 +81,10 @@ class Shard:
         self.idem.move_to_end(key)
         while len(self.idem) > IDEM_PER_SHARD:
             self.idem.popitem(last=False)
+        recent = self.recent_idem.get(key[0])
+        if recent is None:
+            recent = self.recent_idem[key[0]] = deque(maxlen=IDEM_PER_SESSION_SNAPSHOT)
+        recent.append(idem[0])
 
     def commit(self, event: Op, new: Session | None, size: int | None = None) -> None:
         """Install the result of a live write (or of a replayed event)."""
@@ -71,6 +93,7 @@ class Shard:
         if new is None:
             self.sessions.pop(sid, None)
             self.last_offset.pop(sid, None)
+            self.recent_idem.pop(sid, None)
         else:
             self.sessions[sid] = new
             if size is None:
@@ -86,6 +109,7 @@ class Shard:
         caller must stop serving and drop the shard's state.
         """
         self.position = offset + 1
+        self.read_records += 1
         if event.get("op") == "claim":
             if event["epoch"] <= self.epoch:
                 return "stale_claim"
@@ -99,10 +123,20 @@ class Shard:
             self.ignored_stale += 1
             return "stale"
         sid = event["sid"]
+        if self.floor and offset <= self.floor.get(sid, -1):
+            self.covered += 1
+            return "covered"
         if sid in self.sessions or event["op"] in ("create", "replace"):
             self.last_offset[sid] = offset
         if self.my_epoch is not None and self.owner == me and self.epoch == self.my_epoch:
-            return "own"  # applied live already
+            # applied live already; now it is in the log, a snapshot may cover it
+            mark = self.dirty.get(sid)
+            if mark is None:
+                self.dirty[sid] = [offset, time.monotonic(), 1]
+            else:
+                mark[2] += 1
+            self.read_ver[sid] = DELETED if event["op"] in ("delete", "expire") else event["ver"]
+            return "own"
         current = self.sessions.get(sid)
         if current is not None and event["ver"] <= current["version"]:
             return "duplicate"
@@ -123,7 +157,72 @@ class Shard:
             governing = (claim_epoch, claim_node)
         return governing == (epoch, node)
 
+    # -- snapshots --------------------------------------------------------------------
+    def load(self, epoch: int, node: str | None, replay_from: int, snapshots: dict[str, dict[str, Any]]) -> None:
+        """Start from a checkpoint: its epoch's snapshots, then read from ``replay_from``."""
+        self.reset()
+        self.position = replay_from
+        if epoch:
+            self.epoch, self.owner = epoch, node
+            self.claims.append((replay_from - 1, epoch, node or ""))
+        for sid, snap in snapshots.items():
+            state = snap["state"]
+            self.sessions[sid] = state
+            size = len(orjson.dumps(state["data"]))
+            self.sizes[sid] = size
+            self.data_bytes += size
+            self.last_offset[sid] = self.floor[sid] = snap["offset"]
+            for key, fp, status in snap.get("idem", ()):
+                self.idem[(sid, key)] = IdemEntry(fp, status, state, {"op": "replayed"})
+                self.recent_idem.setdefault(sid, deque(maxlen=IDEM_PER_SESSION_SNAPSHOT)).append(key)
+
+    def start_owning(self) -> None:
+        """A new epoch of this node's ownership: everything held is about to be snapshotted."""
+        self.dirty.clear()
+        self.read_ver.clear()
+        self.floor.clear()
+
+    def snapshot_due(self, every_events: int, max_age_s: float, now: float) -> list[str]:
+        """Sessions to snapshot now: enough changes, or changed long enough ago; and every
+        change applied to them has been read back from the log (so the state is exactly
+        the log's up to their last offset)."""
+        due = []
+        for sid, (_, since, count) in self.dirty.items():
+            if count < every_events and now - since < max_age_s:
+                continue
+            state = self.sessions.get(sid)
+            read = self.read_ver.get(sid)
+            if (DELETED if state is None else state["version"]) == read:
+                due.append(sid)
+        return due
+
+    def snapshot_taken(self, sid: str) -> None:
+        self.dirty.pop(sid, None)
+        if sid not in self.sessions:
+            self.read_ver.pop(sid, None)
+
+    def idem_of(self, sid: str) -> list[list[Any]]:
+        out = []
+        for key in self.recent_idem.get(sid, ()):
+            entry = self.idem.get((sid, key))
+            if entry is not None:
+                out.append([key, entry.fingerprint, entry.status])
+        return out
+
+    def replay_from(self) -> int:
+        """The offset a rebuild may start at: every event before it is covered by a snapshot."""
+        start = self.position
+        for first, _, _ in self.dirty.values():
+            if first < start:
+                start = int(first)
+        return start
+
     def reset(self) -> None:
+        self.floor.clear()
+        self.dirty.clear()
+        self.read_ver.clear()
+        self.recent_idem.clear()
+        self.covered = 0
         self.sessions.clear()
         self.idem.clear()
         self.sizes.clear()

@@ -9,8 +9,15 @@ replicator and install the new state, all in one synchronous step. For durabilit
 this node's follower read it back with no takeover claim before it, so an acknowledged
 write can never be on the losing side of a claim.
 
-Ownership (``acquire``): follow the partition, read to the end offset taken at the
-start (the finish line), append a claim with a higher epoch, read past it, serve.
+Ownership (``acquire``): load the shard's snapshots and follow the partition from
+their checkpoint, read to the end offset taken at the start (the finish line), append
+a claim with a higher epoch, read past it, write a full set of snapshots for the new
+epoch, serve. Standbys are bootstrapped the same way (snapshots + tail), then follow.
+
+Snapshots (``_snapshot_loop``): while owning a shard, sessions whose changes have been
+read back from the log are snapshotted after ``snapshot_every_events`` changes or
+``snapshot_max_age_s`` seconds, then a checkpoint records the offset a rebuild may
+start from (replicator/snapshots.py says why keys carry the epoch).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from replicator.errors import ReplicationError
 from replicator.follower import Follower
 from replicator.history import HistoryReader
 from replicator.producer import Replicator
+from replicator.snapshots import SnapshotReader, checkpoint_key, encode_checkpoint, encode_snapshot, parse_key, session_key
 from router.placement import shard_of
 
 log = logging.getLogger("stickystate.node")
@@ -71,6 +79,17 @@ class NodeStore:
         self.follower = Follower(settings.replicator, client_id=f"stickystate-{self.me}-follower",
                                  on_records=self._on_records)
         self.history = HistoryReader(settings.replicator, client_id=f"stickystate-{self.me}-history")
+        self.snapshot_reader = SnapshotReader(settings.replicator, client_id=f"stickystate-{self.me}-snapshots")
+        self._bootstraps: dict[int, asyncio.Task[None]] = {}  # shard -> loading its snapshots, then following
+        self._full_due: set[int] = set()  # owned shards whose new epoch still needs its full snapshot set
+        self._checkpointed: dict[int, tuple[int, int]] = {}  # shard -> (epoch, replay_from) of the last checkpoint
+        self._cleanup_due: dict[int, asyncio.Future[int]] = {}  # shard -> first checkpoint of our epoch (its delivery)
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self.snapshots_total = 0
+        self.tombstones_total = 0
+        self.checkpoints_total = 0
+        self.snapshot_bytes_total = 0
+        self.snapshot_cleanups_total = 0
         self.shards: dict[int, Shard] = {}
         self.serving: set[int] = set()
         self.recovering: dict[int, asyncio.Event] = {}
@@ -114,6 +133,8 @@ class NodeStore:
         await self.follower.start()
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
         self._tick_task = asyncio.create_task(self._ticker(), name="stall-ticker")
+        if self.settings.snapshot_every_events:
+            self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="snapshots")
 
     async def drain(self, timeout_s: float = 15.0) -> None:
         """Leave gracefully: refuse new requests, flush replication, then ask the
@@ -139,18 +160,19 @@ class NodeStore:
 
     async def stop(self) -> None:
         self.refusing = self.draining = True
-        for task in list(self._acquire_tasks.values()):
+        for task in list(self._acquire_tasks.values()) + list(self._bootstraps.values()):
             task.cancel()
-        await asyncio.gather(*self._acquire_tasks.values(), return_exceptions=True)
-        for task in (self._expiry_task, self._tick_task, self._verify_task):
+        await asyncio.gather(*self._acquire_tasks.values(), *self._bootstraps.values(), return_exceptions=True)
+        for task in (self._expiry_task, self._tick_task, self._verify_task, self._snapshot_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._expiry_task = self._tick_task = None
+        self._expiry_task = self._tick_task = self._snapshot_task = None
         if self.settings.replication:
             await self.replicator.stop()
             await self.follower.stop()
             await self.history.stop()
+            await self.snapshot_reader.stop()
 
     @property
     def ready(self) -> bool:
@@ -371,11 +393,75 @@ class NodeStore:
     def _reset_shard(self, s: int, keep_following: bool) -> None:
         shard = self.shards[s]
         shard.reset()
+        self.follower.unfollow(s)
+        self._forget_ownership(s)
         if keep_following:
-            self.follower.follow(s, 0)
+            self._start_bootstrap(s)
         else:
-            self.follower.unfollow(s)
             del self.shards[s]
+
+    def _forget_ownership(self, s: int) -> None:
+        self._full_due.discard(s)
+        self._checkpointed.pop(s, None)
+        self._cleanup_due.pop(s, None)
+
+    # -- rebuilding from snapshots + tail ---------------------------------------------
+    def _start_bootstrap(self, s: int) -> None:
+        task = self._bootstraps.get(s)
+        if task is not None and not task.done():
+            return
+        task = self._bootstraps[s] = asyncio.create_task(self._bootstrap(s), name=f"bootstrap-{s}",
+                                                         context=contextvars.Context())
+        task.add_done_callback(self._bootstrap_done)
+
+    @staticmethod
+    def _bootstrap_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("loading a shard from snapshots failed", extra={"task": task.get_name(),
+                                                                      "error": repr(task.exception())})
+
+    async def _bootstrap(self, s: int) -> None:
+        """Load the shard's snapshots, then follow its changes from their checkpoint."""
+        shard = self.shards.get(s)
+        if shard is None:
+            return
+        loaded = await self.snapshot_reader.load(s, self.settings.recovery_timeout_s)
+        start = await self.snapshot_reader.changes_start(s)
+        if start > loaded.replay_from:
+            raise RuntimeError(
+                f"shard {s}: the changes partition starts at offset {start} but snapshots cover only the events "
+                f"before {loaded.replay_from}: retention removed changes no snapshot holds "
+                "(see README 'Snapshots and retention'); refusing to serve a partial state")
+        if self.shards.get(s) is not shard:
+            return  # dropped meanwhile
+        shard.load(loaded.epoch, loaded.node, loaded.replay_from, loaded.snapshots)
+        shard.loaded = {"snapshot_sessions": len(loaded.snapshots), "snapshot_records": loaded.records_read,
+                        "snapshot_epoch": loaded.epoch, "replay_from": loaded.replay_from,
+                        "snapshot_load_s": round(loaded.seconds, 4)}
+        self.follower.follow(s, loaded.replay_from)
+        log.info("shard bootstrapped from snapshots",
+                 extra={"shard": s, "snapshot_epoch": loaded.epoch, "sessions": len(loaded.snapshots),
+                        "snapshot_records": loaded.records_read, "replay_from": loaded.replay_from,
+                        "duration_s": round(loaded.seconds, 4)})
+
+    async def _ensure_following(self, s: int) -> Shard:
+        """The shard object, loaded from snapshots and followed (waits for a running bootstrap)."""
+        for _ in range(3):
+            shard = self.shards.setdefault(s, Shard(s))
+            if s in self.follower.following():
+                return shard
+            task = self._bootstraps.get(s)
+            if task is None or task.done():
+                self._bootstraps.pop(s, None)
+                self._start_bootstrap(s)
+                task = self._bootstraps[s]
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    continue  # dropped and re-assigned meanwhile: start over
+                raise
+        raise RuntimeError(f"shard {s}: could not load snapshots")
 
     # -- assignment (told by the router) -------------------------------------------
     async def assign(self, generation: int, owners: dict[int, str], standbys: dict[int, list[str]]) -> dict[str, Any]:
@@ -396,8 +482,10 @@ class NodeStore:
                     task.cancel()
                 self.recovering.pop(s, None)
                 self.serving.discard(s)
+                self._forget_ownership(s)
                 if s in self.shards:
                     self.shards[s].my_epoch = None
+                    self.shards[s].dirty.clear()
             if lost and self.settings.replication:
                 try:
                     await self.replicator.flush(lost, timeout_s=self.settings.replicator.kafka_deadline_s * 2)
@@ -409,7 +497,7 @@ class NodeStore:
             for s in standby - owned if self.settings.replication else ():
                 if s not in self.shards:
                     self.shards[s] = Shard(s)
-                    self.follower.follow(s, 0)
+                    self._start_bootstrap(s)
             for s in set(self.shards) - owned - standby:
                 if s not in self.serving and s not in self.recovering:
                     self._drop(s)
@@ -422,6 +510,10 @@ class NodeStore:
                     "released": sorted(lost)}
 
     def _drop(self, s: int) -> None:
+        task = self._bootstraps.pop(s, None)
+        if task is not None:
+            task.cancel()
+        self._forget_ownership(s)
         if self.settings.replication:
             self.follower.unfollow(s)
         self.shards.pop(s, None)
@@ -429,6 +521,7 @@ class NodeStore:
     async def _acquire(self, s: int) -> None:
         started = time.monotonic()
         applied_before = self.shards[s].applied if s in self.shards else 0
+        read_before = self.shards[s].read_records if s in self.shards else 0
         try:
             for attempt in range(5):
                 if await self._claim(s):
@@ -449,11 +542,16 @@ class NodeStore:
         for state in shard.sessions.values():
             heapq.heappush(self._expiry, (state["expires_at"], state["id"]))
         self._expiry_wake.set()
+        shard.start_owning()
+        if self.settings.snapshot_every_events and self.settings.replication:
+            self._full_due.add(s)
+            self._snapshot_full(shard)
         self.serving.add(s)
         ev = self.recovering.pop(s, None)
         self._acquire_tasks.pop(s, None)
         info = {"shard": s, "epoch": shard.epoch, "sessions": len(shard.sessions),
                 "events_applied": shard.applied - applied_before,
+                "tail_records": shard.read_records - read_before, **shard.loaded,
                 "duration_s": round(time.monotonic() - started, 4)}
         self.recoveries.append(info)
         self.recoveries_total += 1
@@ -488,13 +586,7 @@ class NodeStore:
             shard.owner = self.me
             return True
         timeout = self.settings.recovery_timeout_s
-        shard = self.shards.get(s)
-        if shard is None:
-            shard = self.shards[s] = Shard(s)
-            self.follower.follow(s, 0)
-        elif s not in self.follower.following():
-            shard.reset()
-            self.follower.follow(s, 0)
+        shard = await self._ensure_following(s)
         end = (await self.follower.end_offsets([s]))[s]
         await self._catch_up(s, end, timeout)  # the finish line
         epoch = shard.epoch + 1
@@ -506,6 +598,105 @@ class NodeStore:
             return True
         shard.my_epoch = None
         return False
+
+    # -- snapshots ----------------------------------------------------------------------
+    def _write_snapshot(self, shard: Shard, sid: str, epoch: int) -> None:
+        """Enqueue one session's snapshot (or tombstone) for the current epoch; raises
+        ReplicationError when the queue refuses it (the session then stays dirty)."""
+        state = shard.sessions.get(sid)
+        topic = self.settings.replicator.snapshots_topic
+        if state is None:
+            self.replicator.enqueue(shard.id, session_key(sid, epoch), None, topic=topic)
+            self.tombstones_total += 1
+            return
+        offset = shard.last_offset.get(sid, shard.position - 1)
+        value = encode_snapshot(sid, state, offset, epoch, self.me, self.clock(), shard.idem_of(sid))
+        self.replicator.enqueue(shard.id, session_key(sid, epoch), value, topic=topic)
+        self.snapshots_total += 1
+        self.snapshot_bytes_total += len(value)
+
+    def _write_checkpoint(self, shard: Shard, epoch: int) -> asyncio.Future[int] | None:
+        replay_from = shard.replay_from()
+        last = self._checkpointed.get(shard.id)
+        if last is not None and last == (epoch, replay_from):
+            return None
+        fut = self.replicator.enqueue(shard.id, checkpoint_key(epoch),
+                                      encode_checkpoint(epoch, self.me, replay_from, self.clock()),
+                                      topic=self.settings.replicator.snapshots_topic)
+        self._checkpointed[shard.id] = (epoch, replay_from)
+        self.checkpoints_total += 1
+        return fut
+
+    def _snapshot_full(self, shard: Shard) -> None:
+        """A new epoch: snapshot every session of the shard, then checkpoint. Until this
+        succeeds, readers keep using the previous epoch's checkpoint (still valid)."""
+        epoch = shard.my_epoch
+        if epoch is None:
+            return
+        try:
+            for sid in list(shard.sessions):
+                self._write_snapshot(shard, sid, epoch)
+            fut = self._write_checkpoint(shard, epoch)
+        except ReplicationError as exc:
+            log.warning("full snapshot deferred", extra={"shard": shard.id, "error": str(exc)})
+            return
+        self._full_due.discard(shard.id)
+        if fut is not None:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody else awaits it
+            self._cleanup_due[shard.id] = fut
+
+    def snapshot_round(self) -> None:
+        """Snapshot what is due in every owned shard, then move each shard's checkpoint."""
+        now = time.monotonic()
+        for s in sorted(self.serving):
+            shard = self.shards.get(s)
+            if shard is None or shard.my_epoch is None:
+                continue
+            if s in self._full_due:
+                self._snapshot_full(shard)
+                continue
+            epoch = shard.my_epoch
+            try:
+                for sid in shard.snapshot_due(self.settings.snapshot_every_events, self.settings.snapshot_max_age_s,
+                                              now):
+                    self._write_snapshot(shard, sid, epoch)
+                    shard.snapshot_taken(sid)
+                self._write_checkpoint(shard, epoch)
+            except ReplicationError:
+                return  # queue full or Kafka away: the sessions stay dirty, next round tries again
+        for s, fut in list(self._cleanup_due.items()):
+            if fut.done():
+                del self._cleanup_due[s]
+                if not fut.cancelled() and fut.exception() is None and s in self.serving:
+                    asyncio.create_task(self._cleanup(s, self.shards[s].my_epoch), name=f"snapshot-cleanup-{s}",
+                                        context=contextvars.Context())
+
+    async def _cleanup(self, s: int, epoch: int | None) -> None:
+        """Our epoch's first checkpoint is in the log: older epochs' records are not needed."""
+        try:
+            loaded = await self.snapshot_reader.load(s, self.settings.recovery_timeout_s)
+            if epoch is None or loaded.epoch != epoch or self.shards.get(s) is None or self.shards[s].my_epoch != epoch:
+                return
+            topic = self.settings.replicator.snapshots_topic
+            for key in loaded.other_epoch_keys:
+                parsed = parse_key(key)
+                if parsed is not None and parsed[1] < epoch:
+                    self.replicator.enqueue(s, key, None, topic=topic)
+            self.snapshot_cleanups_total += 1
+        except Exception as exc:  # best effort: stale records only cost reading time
+            log.warning("snapshot cleanup failed", extra={"shard": s, "error": repr(exc)})
+
+    def snapshot_tail_events(self) -> int:
+        """Records after the last checkpoint, summed over owned shards: what a rebuild would replay."""
+        return sum(max(0, self.shards[s].position - self._checkpointed.get(s, (0, 0))[1])
+                   for s in self.serving if s in self.shards)
+
+    async def _snapshot_loop(self) -> None:
+        interval = min(1.0, self.settings.snapshot_max_age_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            if not self.refusing and not self._unverified:
+                self.snapshot_round()
 
     # -- introspection -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:

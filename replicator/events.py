@@ -1,6 +1,6 @@
 """Event wire format of the ``changes`` topic, pure.
 
-Record key: the session id (UTF-8), or ``__claim__`` for ownership claims.
+Record key: the session id (UTF-8), or ``#claim`` for ownership claims.
 Record value: an orjson object. A change event is the operation (see node/ops.py) plus
 ``sid``, ``ver`` (the resulting version), ``at`` (unix seconds the owner applied it),
 ``node`` (writer) and ``epoch`` (the writer's ownership epoch of the shard); optional
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-CLAIM_KEY = b"__claim__"
+CLAIM_KEY = b"#claim"  # "#" never occurs in a session id: no session can collide with it
 FORMAT_VERSION = 1
 
 

@@ -9,6 +9,8 @@ class ReplicatorSettings:
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     changes_topic: str = "changes"
+    snapshots_topic: str = ""  # "": "snapshots" next to "changes", else "<changes_topic>-snapshots"
+    changes_retention_ms: int = -1  # retention.ms of the changes topic when it is created (-1: forever)
     partitions: int = 64
     replication_factor: int = 1
     queue_max: int = 10_000  # events queued or in flight before writes get 503
@@ -18,6 +20,13 @@ class ReplicatorSettings:
     fetch_max_wait_ms: int = 50
 
     def __post_init__(self) -> None:
+        if not self.snapshots_topic:
+            derived = "snapshots" if self.changes_topic == "changes" else f"{self.changes_topic}-snapshots"
+            object.__setattr__(self, "snapshots_topic", derived)
+        if self.snapshots_topic == self.changes_topic:
+            raise ValueError("snapshots_topic must differ from changes_topic")
+        if self.changes_retention_ms < -1 or self.changes_retention_ms == 0:
+            raise ValueError("changes_retention_ms must be -1 (forever) or > 0")
         if not self.kafka_bootstrap:
             raise ValueError("kafka_bootstrap is required")
         if not 1 <= self.partitions <= 4096:

@@ -58,6 +58,10 @@ KAFKA = [
     Option("kafka_bootstrap", str, "127.0.0.1:9092", "Kafka bootstrap host:port (KAFKA_BOOTSTRAP also works)"),
     Option("partitions", int, 64, "shards = partitions of the changes topic (fixed at topic creation)"),
     Option("changes_topic", str, "changes", "Kafka topic of change events"),
+    Option("snapshots_topic", str, "", "compacted Kafka topic of session snapshots "
+           "(empty: 'snapshots', or '<changes-topic>-snapshots' for another changes topic)"),
+    Option("changes_retention_ms", int, -1, "retention.ms of the changes topic when it is created "
+           "(-1: forever; see README 'Snapshots and retention' for the safe bound)"),
     Option("replication_factor", int, 1, "replication factor when creating topics"),
 ]
 
@@ -73,6 +77,8 @@ NODE = [
     Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
     Option("max_depth", int, 32, "deepest JSON nesting accepted (413)"),
+    Option("snapshot_every_events", int, 100, "snapshot a session after this many changes (0: no snapshots)"),
+    Option("snapshot_max_age_s", float, 30.0, "snapshot a changed session at the latest after this long"),
     Option("replication", _onoff, True, "on|off: off keeps no log at all (benchmark baseline only)"),
     Option("auth", str, "keys", "keys: require the internal secret on every request; open: no check (local dev)"),
     Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),

@@ -77,16 +77,16 @@ def test_checker_replay_applies_fencing_and_drops_duplicates() -> None:
                 "ver": ver, "at": 0.0, "node": node, "epoch": epoch}
 
     evs = [
-        (b"__claim__", {"op": "claim", "shard": p, "epoch": 1, "node": "n1", "at": 0}),
+        (b"#claim", {"op": "claim", "shard": p, "epoch": 1, "node": "n1", "at": 0}),
         (k, {"op": "create", "sid": sid, "data": {"items": []}, "ttl_s": 60, "ver": 1, "at": 0, "node": "n1",
              "epoch": 1}),
         (k, app(1, 2, "n1", 1)),
         (k, app(2, 3, "n2", 1)),                      # right epoch, wrong node: does not count
-        (b"__claim__", {"op": "claim", "shard": p, "epoch": 2, "node": "n2", "at": 0}),
+        (b"#claim", {"op": "claim", "shard": p, "epoch": 2, "node": "n2", "at": 0}),
         (k, app(3, 3, "n1", 1)),                      # fenced: written by the old owner after the claim
         (k, app(4, 3, "n2", 2)),
         (k, app(4, 3, "n2", 2)),                      # re-send: duplicate by version
-        (b"__claim__", {"op": "claim", "shard": p, "epoch": 2, "node": "n3", "at": 0}),  # not higher: stale
+        (b"#claim", {"op": "claim", "shard": p, "epoch": 2, "node": "n3", "at": 0}),  # not higher: stale
         (k, app(5, 4, "n3", 2)),                      # under the stale claim: does not count
         (k, app(6, 4, "n2", 2)),
     ]
