@@ -42,7 +42,7 @@ class _StoreCollector(Collector):
         owned = [st.shards[s] for s in st.serving if s in st.shards]
         standby = [sh for s, sh in st.shards.items() if s not in st.serving]
         for role, shards in (("owned", owned), ("standby", standby)):
-            sessions.add_metric([role], sum(len(sh.sessions) for sh in shards))
+            sessions.add_metric([role], sum(sh.session_count() for sh in shards))
             size.add_metric([role], sum(sh.data_bytes for sh in shards))
         yield sessions
         yield size
@@ -58,6 +58,8 @@ class _StoreCollector(Collector):
                                 "Age of the oldest event not yet acknowledged by Kafka", value=rep.oldest_unacked_age_s())
         yield CounterMetricFamily("stickystate_replication_events_sent", "Events handed to the Kafka producer",
                                   value=rep.sent_total)
+        yield CounterMetricFamily("stickystate_replication_snapshot_records_acked",
+                                  "Records of the snapshots topic acknowledged by Kafka", value=rep.other_acked_total)
         yield CounterMetricFamily("stickystate_replication_events_acked", "Events acknowledged by Kafka (acks=all)",
                                   value=rep.acked_total)
         yield CounterMetricFamily("stickystate_replication_send_seconds",

@@ -16,6 +16,12 @@ the governing claim, and skips each session's events at or below its snapshot's
 offset (``floor``). While this node owns the shard it tracks which sessions have
 changes no snapshot covers yet (``dirty``), counting only changes it has read back
 from the log, so a snapshot never holds a change the log does not (or may never) have.
+
+Compact standby form: a shard this node follows without owning keeps each session as
+its orjson bytes (``packed``) plus the few events applied since (``pending``), folded
+into the bytes every ``FOLD_EVERY`` events. JSON bytes take a fraction of the memory
+of the equivalent Python objects. Promotion (``unpack_all``) decodes every session and
+applies its pending events: work in proportion to the live state, not the history.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from node.ops import Op, Session, apply
 
 IDEM_PER_SHARD = 4096
 IDEM_PER_SESSION_SNAPSHOT = 8  # idempotency keys kept in a session's snapshot (recent writes only)
+FOLD_EVERY = 8  # pending events per packed session before they are folded into its bytes
 DELETED = -1  # read_ver of a session whose last change read back was a delete or expiry
 
 STATUS_OF_OP = {"create": 201, "delete": 204}
@@ -70,6 +77,10 @@ class Shard:
     covered: int = 0  # events skipped because a loaded snapshot already holds them
     read_records: int = 0  # records of the partition handled (claims included)
     loaded: dict[str, Any] = field(default_factory=dict)  # what the last load from snapshots read
+    # compact standby form: sid -> orjson bytes of the session, events since, resulting version
+    packed: dict[str, bytes] = field(default_factory=dict)
+    pending: dict[str, list[Op]] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def remember(self, event: Op, state: Session | None) -> None:
         idem = event.get("idem")
@@ -126,8 +137,10 @@ class Shard:
         if self.floor and offset <= self.floor.get(sid, -1):
             self.covered += 1
             return "covered"
-        if sid in self.sessions or event["op"] in ("create", "replace"):
+        if sid in self.sessions or sid in self.versions or event["op"] in ("create", "replace"):
             self.last_offset[sid] = offset
+        if self.my_epoch is None and sid not in self.sessions:
+            return self._apply_packed(sid, event)
         if self.my_epoch is not None and self.owner == me and self.epoch == self.my_epoch:
             # applied live already; now it is in the log, a snapshot may cover it
             mark = self.dirty.get(sid)
@@ -157,9 +170,97 @@ class Shard:
             governing = (claim_epoch, claim_node)
         return governing == (epoch, node)
 
+    # -- compact standby form ---------------------------------------------------------------
+    def _apply_packed(self, sid: str, event: Op) -> str:
+        ver = self.versions.get(sid)
+        op = event["op"]
+        if ver is None:
+            if op not in ("create", "replace"):
+                return "skipped"  # as apply() would: the session does not exist
+        elif event["ver"] <= ver:
+            return "duplicate"
+        elif op == "create":
+            return "skipped"  # exists already
+        if op in ("delete", "expire"):
+            self.packed.pop(sid, None)
+            self.pending.pop(sid, None)
+            del self.versions[sid]
+            self.data_bytes -= self.sizes.pop(sid, 0)
+            self.last_offset.pop(sid, None)
+            self.recent_idem.pop(sid, None)
+            self.remember(event, None)
+            self.applied += 1
+            return "applied"
+        pend = self.pending.setdefault(sid, [])
+        pend.append(event)
+        self.versions[sid] = event["ver"]
+        if len(pend) >= FOLD_EVERY:
+            self._fold(sid)
+        self.remember(event, None)  # the state after it is materialised on promotion (see unpack_all)
+        self.applied += 1
+        return "applied"
+
+    def _fold(self, sid: str) -> Session | None:
+        """Apply a packed session's pending events; keep the result packed; return it."""
+        raw = self.packed.get(sid)
+        state: Session | None = orjson.loads(raw) if raw is not None else None
+        for event in self.pending.pop(sid, ()):
+            try:
+                state, _ = apply(state, event, event["at"])
+            except StickyError:
+                continue  # replay is deterministic: the owner could not have logged it either
+        if state is None:
+            self.packed.pop(sid, None)
+            return None
+        packed = orjson.dumps(state)
+        self.packed[sid] = packed
+        self.data_bytes += len(packed) - self.sizes.get(sid, 0)
+        self.sizes[sid] = len(packed)
+        return state
+
+    def pack(self, sid: str, state: Session) -> None:
+        packed = orjson.dumps(state)
+        self.packed[sid] = packed
+        self.versions[sid] = state["version"]
+        self.data_bytes += len(packed) - self.sizes.get(sid, 0)
+        self.sizes[sid] = len(packed)
+
+    def session_count(self) -> int:
+        return len(self.sessions) + len(self.versions)
+
+    def unpack_all(self) -> None:
+        """Promotion: every session as a Python object again, pending events applied."""
+        for sid in list(self.versions):
+            state = self._fold(sid) if self.pending.get(sid) else orjson.loads(self.packed[sid])
+            self.data_bytes -= self.sizes.pop(sid, 0)
+            if state is None:
+                continue
+            self.sessions[sid] = state
+            size = len(orjson.dumps(state["data"]))
+            self.sizes[sid] = size
+            self.data_bytes += size
+        self.packed.clear()
+        self.pending.clear()
+        self.versions.clear()
+        for (sid, _), entry in self.idem.items():
+            if entry.state is None and entry.status != 204:
+                entry.state = self.sessions.get(sid)  # a replay after promotion answers with the state as of now
+
+    def pack_all(self) -> None:
+        """No longer the owner, still following: keep the sessions in the compact form."""
+        for sid, state in self.sessions.items():
+            self.data_bytes -= self.sizes.pop(sid, 0)
+            self.pack(sid, state)
+        self.sessions.clear()
+        for entry in self.idem.values():
+            if entry.status != 204:
+                entry.state = None
+
     # -- snapshots --------------------------------------------------------------------
-    def load(self, epoch: int, node: str | None, replay_from: int, snapshots: dict[str, dict[str, Any]]) -> None:
-        """Start from a checkpoint: its epoch's snapshots, then read from ``replay_from``."""
+    def load(self, epoch: int, node: str | None, replay_from: int, snapshots: dict[str, dict[str, Any]],
+             packed: bool = False) -> None:
+        """Start from a checkpoint: its epoch's snapshots, then read from ``replay_from``
+        (``packed``: keep the sessions in the compact standby form)."""
         self.reset()
         self.position = replay_from
         if epoch:
@@ -167,13 +268,16 @@ class Shard:
             self.claims.append((replay_from - 1, epoch, node or ""))
         for sid, snap in snapshots.items():
             state = snap["state"]
-            self.sessions[sid] = state
-            size = len(orjson.dumps(state["data"]))
-            self.sizes[sid] = size
-            self.data_bytes += size
+            if packed:
+                self.pack(sid, state)
+            else:
+                self.sessions[sid] = state
+                size = len(orjson.dumps(state["data"]))
+                self.sizes[sid] = size
+                self.data_bytes += size
             self.last_offset[sid] = self.floor[sid] = snap["offset"]
             for key, fp, status in snap.get("idem", ()):
-                self.idem[(sid, key)] = IdemEntry(fp, status, state, {"op": "replayed"})
+                self.idem[(sid, key)] = IdemEntry(fp, status, None if packed else state, {"op": "replayed"})
                 self.recent_idem.setdefault(sid, deque(maxlen=IDEM_PER_SESSION_SNAPSHOT)).append(key)
 
     def start_owning(self) -> None:
@@ -218,6 +322,9 @@ class Shard:
         return start
 
     def reset(self) -> None:
+        self.packed.clear()
+        self.pending.clear()
+        self.versions.clear()
         self.floor.clear()
         self.dirty.clear()
         self.read_ver.clear()

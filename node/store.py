@@ -434,7 +434,7 @@ class NodeStore:
                 "(see README 'Snapshots and retention'); refusing to serve a partial state")
         if self.shards.get(s) is not shard:
             return  # dropped meanwhile
-        shard.load(loaded.epoch, loaded.node, loaded.replay_from, loaded.snapshots)
+        shard.load(loaded.epoch, loaded.node, loaded.replay_from, loaded.snapshots, packed=s not in self.recovering)
         shard.loaded = {"snapshot_sessions": len(loaded.snapshots), "snapshot_records": loaded.records_read,
                         "snapshot_epoch": loaded.epoch, "replay_from": loaded.replay_from,
                         "snapshot_load_s": round(loaded.seconds, 4)}
@@ -494,6 +494,8 @@ class NodeStore:
             for s in lost:
                 if s not in standby:
                     self._drop(s)
+                elif s in self.shards:
+                    self.shards[s].pack_all()
             for s in standby - owned if self.settings.replication else ():
                 if s not in self.shards:
                     self.shards[s] = Shard(s)
@@ -589,6 +591,7 @@ class NodeStore:
         shard = await self._ensure_following(s)
         end = (await self.follower.end_offsets([s]))[s]
         await self._catch_up(s, end, timeout)  # the finish line
+        shard.unpack_all()  # from the compact standby form: from now on events apply to live objects
         epoch = shard.epoch + 1
         shard.my_epoch = epoch
         claim = events.claim(s, epoch, self.me, self.clock())

@@ -55,8 +55,10 @@ class Replicator:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # figures for /metrics and tests
-        self.sent_total = 0
+        self.sent_total = 0  # changes topic only (events and claims)
         self.acked_total = 0
+        self.other_sent_total = 0  # other topics (snapshots)
+        self.other_acked_total = 0
         self.rebuilds_total = 0
         self.send_latency_sum_s = 0.0
 
@@ -208,7 +210,10 @@ class Replicator:
                     delivery = await producer.send(item.topic, item.value, key=item.key, partition=item.partition)
                     self._pending.popleft()
                     self._inflight[item.seq] = item
-                    self.sent_total += 1
+                    if item.topic == self.settings.changes_topic:
+                        self.sent_total += 1
+                    else:
+                        self.other_sent_total += 1
                     delivery.add_done_callback(lambda f, item=item, g=generation: self._on_delivered(item, g, f))
             except (KafkaError, OSError) as exc:
                 log.warning("send failed", extra={"error": repr(exc)})
@@ -224,7 +229,10 @@ class Replicator:
                 self._wake.set()
             return
         del self._inflight[item.seq]
-        self.acked_total += 1
+        if item.topic == self.settings.changes_topic:
+            self.acked_total += 1
+        else:
+            self.other_acked_total += 1
         now = time.monotonic()
         self.send_latency_sum_s += now - item.enqueued_at
         if not item.future.done():

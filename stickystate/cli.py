@@ -1,4 +1,4 @@
-"""``stickystate``: up | node | router | kafka."""
+"""``stickystate``: up | node | router | kafka | chaos | bench | bench-rebuild."""
 
 from __future__ import annotations
 
@@ -104,15 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_kafka)
     sub.add_parser("chaos", help="chaos run: faults under load, then an independent check (see --help)", add_help=False)
     sub.add_parser("bench", help="benchmark against Redis and client-side state (see --help)", add_help=False)
+    sub.add_parser("bench-rebuild", help="shard rebuild time for 20 vs 2,000 changes per session (see --help)",
+                   add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("chaos", "bench"):
+    if args and args[0] in ("chaos", "bench", "bench-rebuild"):
         import importlib
 
-        sys.exit(importlib.import_module(f"{args[0]}.cli").main(args[1:]))
+        module = {"chaos": "chaos.cli", "bench": "bench.cli", "bench-rebuild": "bench.rebuild"}[args[0]]
+        sys.exit(importlib.import_module(module).main(args[1:]))
     ns = build_parser().parse_args(args)
     ns.func(ns)
 

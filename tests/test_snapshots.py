@@ -235,3 +235,56 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
     new_key = snap.session_key(sids[0], 2)
     assert orjson.loads(latest[new_key])["state"]["data"]["m"] == list(range(changes))
     assert any(snap.parse_key(k) == (snap.CHECKPOINT, 2) for k, v in records if v is not None)
+
+
+# -- pure: the compact standby form ------------------------------------------------------
+def _random_ops(rng: Any, sids: list[str], n: int) -> list[dict[str, Any]]:
+    ops: list[dict[str, Any]] = []
+    for i in range(n):
+        sid = rng.choice(sids)
+        kind = rng.choice(["create", "append", "append", "append", "patch", "set_key", "delete_key", "replace",
+                           "delete"])
+        if kind == "create":
+            ops.append({"op": "create", "sid": sid, "data": {"m": []}, "ttl_s": 600.0})
+        elif kind == "append":
+            ops.append({"op": "append", "sid": sid, "field": "m", "items": [{"n": i}], "max_len": 5})
+        elif kind == "patch":
+            ops.append({"op": "patch", "sid": sid, "patch": {"p": i, "q": None}})
+        elif kind == "set_key":
+            ops.append({"op": "set_key", "sid": sid, "key": f"k{i % 3}", "value": i, "ttl_s": rng.choice([None, 50.0])})
+        elif kind == "delete_key":
+            ops.append({"op": "delete_key", "sid": sid, "key": f"k{i % 3}"})
+        elif kind == "replace":
+            ops.append({"op": "replace", "sid": sid, "data": {"m": [i]}, "ttl_s": 600.0})
+        else:
+            ops.append({"op": "delete", "sid": sid})
+    return ops
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_packed_standby_unpacks_to_exactly_the_owners_state(seed: int) -> None:
+    import random
+
+    from node.errors import StickyError
+
+    rng = random.Random(seed)
+    owner = _owned_shard()
+    standby = Shard(0)
+    standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2")
+    offset = 1
+    for i, op in enumerate(_random_ops(rng, [f"s{j}" for j in range(6)], 600)):
+        try:
+            event = _own_write(owner, op, now=1000.0 + i)
+        except StickyError:
+            continue  # refused on the owner: never logged
+        owner.apply_record(offset, event, "n1")
+        standby.apply_record(offset, event, "n2")
+        if rng.random() < 0.05:  # a re-sent duplicate after a producer rebuild
+            standby.apply_record(offset + 1, event, "n2")
+            offset += 1
+        offset += 1
+    assert standby.sessions == {} and standby.session_count() == len(owner.sessions)
+    standby.unpack_all()
+    assert orjson.dumps(standby.sessions, option=orjson.OPT_SORT_KEYS) == \
+        orjson.dumps(owner.sessions, option=orjson.OPT_SORT_KEYS)
+    assert standby.data_bytes == owner.data_bytes
