@@ -41,9 +41,9 @@ class _StoreCollector(Collector):
                                  labels=["role"])
         owned = [st.shards[s] for s in st.serving if s in st.shards]
         standby = [sh for s, sh in st.shards.items() if s not in st.serving]
-        for role, shards in (("owned", owned), ("standby", standby)):
-            sessions.add_metric([role], sum(sh.session_count() for sh in shards))
-            size.add_metric([role], sum(sh.data_bytes for sh in shards))
+        for role, of_role in (("owned", owned), ("standby", standby)):
+            sessions.add_metric([role], sum(sh.session_count() for sh in of_role))
+            size.add_metric([role], sum(sh.data_bytes for sh in of_role))
         yield sessions
         yield size
         shards = GaugeMetricFamily("stickystate_shards", "Shards by role on this node", labels=["role"])

@@ -160,8 +160,8 @@ class NodeStore:
 
     async def stop(self) -> None:
         self.refusing = self.draining = True
-        for task in list(self._acquire_tasks.values()) + list(self._bootstraps.values()):
-            task.cancel()
+        for pending in list(self._acquire_tasks.values()) + list(self._bootstraps.values()):
+            pending.cancel()
         await asyncio.gather(*self._acquire_tasks.values(), *self._bootstraps.values(), return_exceptions=True)
         for task in (self._expiry_task, self._tick_task, self._verify_task, self._snapshot_task):
             if task is not None:
