@@ -496,18 +496,22 @@ class NodeStore:
                     self._drop(s)
                 elif s in self.shards:
                     self.shards[s].pack_all()
-            for s in standby - owned if self.settings.replication else ():
-                if s not in self.shards:
-                    self.shards[s] = Shard(s)
-                    self._start_bootstrap(s)
             for s in set(self.shards) - owned - standby:
                 if s not in self.serving and s not in self.recovering:
                     self._drop(s)
-            for s in owned - self.serving - set(self.recovering):
+            # Owned shards first: their snapshot loads queue ahead of the standbys'.
+            for s in sorted(owned - self.serving - set(self.recovering)):
                 self.recovering[s] = asyncio.Event()
+                if self.settings.replication and s not in self.shards:
+                    self.shards[s] = Shard(s)
+                    self._start_bootstrap(s)
                 # A fresh context: the task outlives the assign request (no request id in its logs).
                 self._acquire_tasks[s] = asyncio.create_task(self._acquire(s), name=f"acquire-{s}",
                                                              context=contextvars.Context())
+            for s in sorted(standby - owned) if self.settings.replication else ():
+                if s not in self.shards:
+                    self.shards[s] = Shard(s)
+                    self._start_bootstrap(s)
             return {"generation": generation, "serving": sorted(self.serving), "recovering": sorted(self.recovering),
                     "released": sorted(lost)}
 
