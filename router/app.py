@@ -121,7 +121,7 @@ def build_app(settings: RouterSettings, core: RouterCore | None = None) -> web.A
 
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        rid = (logs.request_id.get() or secrets.token_hex(8)).encode()
+        rid = logs.request_id.get().encode()  # type: ignore[union-attr] # set by the edge middleware
         out = prepare(request.method.encode(), request.raw_path.encode("utf-8", "surrogateescape"),
                       HeaderScan(request.raw_headers), body, tenant=request.get(TENANT), request_id=rid,
                       internal_lines=core.forwarder.internal_lines, partitions=settings.partitions)

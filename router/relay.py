@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -32,8 +31,8 @@ from collections.abc import Sequence
 import httptools
 
 from router.auth import Gate
-from router.forward import (HOP_BY_HOP, Forwarder, HeaderScan, error_reply, is_session_request, prepare,
-                            _str)
+from router.forward import (HOP_BY_HOP, Forwarder, HeaderScan, error_reply, is_session_request, new_request_id,
+                            prepare, _str)
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.upstream import Header, Reply, UpstreamError, UpstreamPool
@@ -89,11 +88,11 @@ class RelayFront:
     async def answer(self, req: Incoming) -> Sequence[bytes]:
         """The bytes of the answer to ``req``."""
         if req.refusal is not None:
-            return _render(req.refusal, req, secrets.token_hex(8).encode())
+            return _render(req.refusal, req, new_request_id())
         method = req.method
         started = time.perf_counter()
         scan = HeaderScan(req.headers)
-        rid = scan.request_id or secrets.token_hex(8).encode()
+        rid = scan.request_id or new_request_id()
         token = logs.request_id.set(rid.decode("latin-1"))
         try:
             if not is_session_request(method, req.target):
@@ -186,10 +185,12 @@ class ClientConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._continue_wanted = False
         self._eof = False
+        self._answering = False  # the serving task is working on the queue's first request
+        self._waiting: asyncio.Future[None] | None = None  # the serving task waits for a request
 
     @property
     def idle(self) -> bool:
-        return self._task is None and self._current is None and not self._queue
+        return not self._answering and self._current is None and not self._queue
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,15 +202,16 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = True
         self._queue.clear()  # nobody to answer; an exchange in progress finishes on its own
         self.front.connections.discard(self)
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+        for fut in (self._writable, self._waiting):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def eof_received(self) -> bool:
         """The client will send nothing more: answer what came complete, then close."""
         self._stopped = True
         self._eof = True
         self._current = None
-        if self._task is None and not self._queue:
+        if not self._answering and not self._queue:
             return False  # the transport closes
         if self._queue:
             self._queue[-1].keep_alive = False
@@ -313,7 +315,11 @@ class ClientConnection(asyncio.Protocol):
     # -- answering ---------------------------------------------------------------------
     def _enqueue(self, req: Incoming) -> None:
         self._queue.append(req)
-        if self._task is None:
+        waiting = self._waiting
+        if waiting is not None:
+            self._waiting = None
+            waiting.set_result(None)
+        elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def _refuse(self, reply: Reply) -> None:
@@ -341,23 +347,39 @@ class ClientConnection(asyncio.Protocol):
     def _maybe_continue(self) -> None:
         """100 Continue for a client waiting to send its body, once the answers to its
         earlier requests are out (never in the middle of them)."""
-        if self._continue_wanted and self._current is not None and self._task is None and not self._queue:
+        if self._continue_wanted and self._current is not None and not self._answering and not self._queue:
             self._continue_wanted = False
             if self.transport is not None and not self._lost:
                 self.transport.write(_CONTINUE)
 
     async def _serve(self) -> None:
+        """Answer queued requests in order; between requests, wait for the next one (one
+        future per request, cheaper than a task per request)."""
+        loop = asyncio.get_running_loop()
         try:
-            while self._queue:
+            while not self._lost:
+                if not self._queue:
+                    if self._stopped:
+                        break
+                    self.last_active = time.monotonic()
+                    self._answering = False
+                    if self.front.closing:
+                        self.close()
+                        break
+                    self._maybe_continue()
+                    self._waiting = loop.create_future()
+                    await self._waiting
+                    continue
+                self._answering = True
                 req = self._queue[0]
                 data = await self.front.answer(req)
                 if self._lost:
-                    return
+                    break
                 self._queue.popleft()
                 self.transport.writelines(data)  # type: ignore[union-attr]
                 if not req.keep_alive:
                     self._close_after_answer()
-                    return
+                    break
                 if self._writable is not None:
                     await self._writable
                 if self._reading_paused and len(self._queue) < MAX_PIPELINE // 2 and not self._lost:
@@ -365,11 +387,8 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.resume_reading()  # type: ignore[union-attr]
         finally:
             self._task = None
-            self.last_active = time.monotonic()
-        if self.front.closing and self.idle:
-            self.close()
-        else:
-            self._maybe_continue()
+            self._waiting = None
+            self._answering = False
 
     def _close_after_answer(self) -> None:
         """Half-close, then linger: closing while the client's unread bytes (the rest of a
