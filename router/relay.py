@@ -27,6 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import httptools
 
@@ -83,12 +84,13 @@ class RelayFront:
         self.local = local
         self.connections: set[ClientConnection] = set()
         self.closing = False
-        self._counted: dict[tuple[bytes, int], object] = {}
+        # prometheus children per (method, status): labels() per request is a lookup and a lock
+        self._counted: dict[tuple[bytes, int], tuple[Any, Any]] = {}
 
     async def answer(self, req: Incoming) -> Sequence[bytes]:
         """The bytes of the answer to ``req``."""
         if req.refusal is not None:
-            return _render(req.refusal, req, new_request_id())
+            return _render(req.refusal, req, HeaderScan(req.headers).request_id or new_request_id())
         method = req.method
         started = time.perf_counter()
         scan = HeaderScan(req.headers)
@@ -143,7 +145,7 @@ class RelayFront:
             m = method.decode("latin-1")
             children = self._counted[(method, status)] = (self.metrics.requests.labels(m, str(status)),
                                                           self.metrics.latency.labels(m))
-        counter, histogram = children  # type: ignore[misc]
+        counter, histogram = children
         counter.inc()
         histogram.observe(elapsed_s)
 
@@ -373,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
                 self._answering = True
                 req = self._queue[0]
                 data = await self.front.answer(req)
-                if self._lost:
+                if self._lost or self.transport.is_closing():  # type: ignore[union-attr] # gone, or closed by drain()
                     break
                 self._queue.popleft()
                 self.transport.writelines(data)  # type: ignore[union-attr]
