@@ -153,7 +153,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = head_request
         self._received = False
         self._reason, self._headers, self._body = b"", [], []
-        self.transport.writelines(parts)
+        try:
+            self.transport.writelines(parts)
+        except (RuntimeError, OSError) as exc:  # closed under us (uvloop raises on a closed handle)
+            self._waiter = None
+            self.close()
+            raise ConnectionBroken(f"write failed: {exc!r}", nothing_received=True) from exc
         self._timer = loop.call_later(timeout_s, self._on_timeout, timeout_s)
         if abandon is not None:
             self._abandon = abandon

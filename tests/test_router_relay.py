@@ -23,9 +23,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+from router.forward import HeaderScan, Outgoing, is_session_request, prepare
 from router.placement import shard_of
+from router.relay import Incoming, _render
 from router.server import serve
 from router.settings import RouterSettings
+from router.upstream import Reply
 from stickystate.local_cluster import LocalCluster, free_port
 from tests.helpers import end_offset
 
@@ -537,3 +540,70 @@ async def test_a_half_closed_client_still_gets_its_answers(fake: FakeSetup) -> N
     assert (first.status, second.status) == (200, 200) and second.headers["connection"] == "close"
     assert (await conn.read()) == [] and conn.closed
     await conn.close()
+
+
+# == pure: routing decision, request preparation, answer framing ===============================
+
+
+@pytest.mark.parametrize("method,target,forwarded", [
+    (b"POST", b"/v1/sessions", True), (b"POST", b"/v1/sessions?x=1", True), (b"GET", b"/v1/sessions", False),
+    (b"GET", b"/v1/sessions/abc", True), (b"DELETE", b"/v1/sessions/abc/keys/k?x", True),
+    (b"GET", b"/v1/sessions/", False), (b"GET", b"/v1/sessions//x", False), (b"GET", b"/v1/sessionsx", False),
+    (b"GET", b"/v1/cluster", False), (b"GET", b"/livez", False), (b"GET", b"http://h/v1/sessions/a", False),
+])
+def test_which_requests_the_relay_forwards(method: bytes, target: bytes, forwarded: bool) -> None:
+    assert is_session_request(method, target) is forwarded
+
+
+def _prep(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"",
+          tenant: str | None = None) -> Outgoing | Reply:
+    return prepare(method, target, HeaderScan(headers), body, tenant=tenant, request_id=b"rid",
+                   internal_lines=b"X-Stickystate-Internal: s\r\n", partitions=8)
+
+
+def test_prepare_rewrites_headers_and_routes_by_the_tenant_s_id() -> None:
+    out = _prep(b"PUT", b"/v1/sessions/a%2Db/keys/k", [(b"Host", b"x"), (b"Authorization", b"Bearer k"),
+                                                     (b"X-Stickystate-Tenant", b"evil"), (b"If-Match", b'"1"')],
+                b"5", tenant="acme")
+    assert isinstance(out, Outgoing)
+    head = out.head.decode()
+    assert head.startswith("PUT /v1/sessions/a%2Db/keys/k HTTP/1.1\r\n")
+    assert 'If-Match: "1"\r\n' in head and "X-Stickystate-Tenant: acme\r\n" in head and "evil" not in head
+    assert "Authorization" not in head and "Host" not in head and "X-Request-Id: rid\r\n" in head
+    assert "Idempotency-Key: router-" in head and out.tail == b"Content-Length: 1\r\n\r\n"
+    assert out.shard == shard_of("acme:a-b", 8)  # the decoded id, namespaced
+    get = _prep(b"GET", b"/v1/sessions/a", [(b"Idempotency-Key", b"mine")])
+    assert isinstance(get, Outgoing) and get.tail == b"\r\n" and get.head.count(b"Idempotency-Key") == 1
+
+
+def test_prepare_refuses_bad_ids_and_dot_segments() -> None:
+    for target in (b"/v1/sessions/has%20space", b"/v1/sessions/" + b"x" * 129, b"/v1/sessions/%C3%A9"):
+        out = _prep(b"GET", target, [])
+        assert isinstance(out, Reply) and out.status == 400 and orjson.loads(out.body)["error"] == "bad_id"
+    for target in (b"/v1/sessions/..", b"/v1/sessions/a/../../internal/assign", b"/v1/sessions/a/%2E"):
+        out = _prep(b"POST", target, [])
+        assert isinstance(out, Reply) and orjson.loads(out.body)["error"] == "bad_request", target
+    created = _prep(b"POST", b"/v1/sessions", [], b'{"id": "from-body"}')
+    assert isinstance(created, Outgoing) and created.shard == shard_of("from-body", 8)
+    assert b"X-Stickystate-Session-Id" not in created.head
+    generated = _prep(b"POST", b"/v1/sessions", [], b"not json")
+    assert isinstance(generated, Outgoing) and b"X-Stickystate-Session-Id: " in generated.head
+
+
+def _framed(reply: Reply, method: bytes = b"GET", keep_alive: bool = True, http10: bool = False) -> bytes:
+    req = Incoming()
+    req.method, req.keep_alive, req.http10 = method, keep_alive, http10
+    return b"".join(_render(reply, req, b"rid"))
+
+
+def test_render_frames_answers_for_this_hop() -> None:
+    node = Reply(200, b"OK", [(b"Content-Type", b"application/json"), (b"Content-Length", b"999"),
+                              (b"Connection", b"close"), (b"Transfer-Encoding", b"chunked"),
+                              (b"X-Request-Id", b"node-rid"), (b"ETag", b'"3"')], b'{"a":1}')
+    out = _framed(node)
+    assert out == (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: "3"\r\nX-Request-Id: rid\r\n'
+                   b'Content-Length: 7\r\n\r\n{"a":1}')
+    assert _framed(node, b"HEAD").endswith(b"Content-Length: 999\r\n\r\n")  # the GET's length, no body
+    assert _framed(Reply(204, b"No Content", [], b""), keep_alive=False).endswith(b"Connection: close\r\n\r\n")
+    assert b"Content-Length" not in _framed(Reply(204, b"No Content", [], b""))
+    assert b"Connection: keep-alive\r\n" in _framed(node, http10=True)
