@@ -253,7 +253,7 @@ class UpstreamPool:
             except ConnectionBroken as exc:
                 if not exc.nothing_received:
                     raise
-        conn = await self._connect()
+        conn = await self._connect(timeout_s)
         return await conn.exchange(parts, head_request, timeout_s, abandon)
 
     def _take_idle(self) -> UpstreamConnection | None:
@@ -265,12 +265,12 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, timeout_s: float) -> UpstreamConnection:
         if self._closed:
             raise ConnectFailed(f"{self.name}: pool closed")
         try:
-            _, conn = await self._open_connection(lambda: UpstreamConnection(self))
-        except OSError as exc:
+            _, conn = await asyncio.wait_for(self._open_connection(lambda: UpstreamConnection(self)), timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectFailed(f"{self.name}: {exc!r}") from exc
         assert isinstance(conn, UpstreamConnection)
         self._all.add(conn)
