@@ -309,6 +309,12 @@ class ClientConnection(asyncio.Protocol):
             self._stopped = True  # answer what came before and this, then close
 
     def _count_head(self, n: int) -> None:
+        if self._head_bytes < 0:  # trailers of a chunked body: they count as body
+            req = self._req()
+            req.size += n
+            if req.size > self.settings.max_request_bytes:
+                self._too_large()
+            return
         self._head_bytes += n
         if self._head_bytes > self.settings.max_head_bytes:
             self._refuse(error_reply(400, code="bad_request", message="request head too large"))

@@ -162,6 +162,9 @@ async def test_chunked_bodies_are_forwarded_whole(cluster: LocalCluster) -> None
         (created,) = await conn.read()
         conn.send(chunked("PATCH", f"/v1/sessions/{s}", [b'{"more"', b': [1, 2', b", 3]}"]))
         (patched,) = await conn.read()
+        # Trailer fields after the last chunk are read (and passed on as headers).
+        conn.send(chunked("PATCH", f"/v1/sessions/{s}", [b'{"more": [4]}'])[:-2] + b"X-Trailer: t\r\n\r\n")
+        (trailed,) = await conn.read()
         # A chunked create without an id: the router makes one, as for any empty body.
         conn.send(chunked("POST", "/v1/sessions", []))
         (generated,) = await conn.read()
@@ -169,6 +172,7 @@ async def test_chunked_bodies_are_forwarded_whole(cluster: LocalCluster) -> None
         await conn.close()
     assert created.status == 201 and created.json()["data"] == {"text": "x" * 3000}
     assert patched.status == 200 and patched.json()["data"] == {"text": "x" * 3000, "more": [1, 2, 3]}
+    assert trailed.status == 200 and trailed.json()["data"]["more"] == [4]
     assert generated.status == 201 and len(generated.json()["id"]) >= 22
 
 
