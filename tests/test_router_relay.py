@@ -527,7 +527,10 @@ async def test_heads_that_are_not_http_or_too_large_are_400s(fake: FakeSetup) ->
 async def test_a_client_leaving_while_its_request_is_forwarded(fake: FakeSetup) -> None:
     conn = await RawConnection.open(fake.router_port)
     conn.send(request("GET", "/v1/sessions/slow-300", headers=AUTH) + request("GET", "/v1/sessions/after", headers=AUTH))
-    await asyncio.sleep(0.05)
+    for _ in range(100):  # until the node holds the first one (it answers after 300 ms)
+        if any(s["target"] == "/v1/sessions/slow-300" for s in fake.node.seen):
+            break
+        await asyncio.sleep(0.01)
     conn.reset()  # gone (RST) before the answers
     await asyncio.sleep(0.6)
     assert any(s["target"] == "/v1/sessions/slow-300" for s in fake.node.seen)
