@@ -4,11 +4,17 @@ Keys come from a file (one ``key tenant`` pair per line, ``#`` comments) or from
 ``STICKYSTATE_API_KEYS`` (``key=tenant,key2=tenant2``). A request's tenant namespaces
 every session id it names: the node stores ``<tenant>:<id>``, so one tenant can never
 name another's session, whatever id it chooses (tenant names contain no ``:``).
+
+``Gate`` is what the router checks on every request but ``/livez``, ``/readyz`` and
+``/metrics``: the key (-> tenant), then the tenant's token bucket. One per router, shared
+by its two fronts (the relay for session requests, the aiohttp app for the rest), so a
+tenant has one bucket whatever it asks for.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,14 +58,20 @@ def load_keys(file: str = "", inline: str = "") -> dict[str, str]:
 @dataclass
 class KeyRing:
     keys: dict[str, str]
+    _encoded: list[tuple[bytes, str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._encoded = [(key.encode(), tenant) for key, tenant in self.keys.items()]
 
     def tenant_of(self, presented: str | None) -> str | None:
         """Constant-time comparison against every key (no early exit on a prefix match)."""
         if not presented:
             return None
+        # surrogateescape: header bytes that are not UTF-8 compare unequal instead of raising
+        raw = presented.encode("utf-8", "surrogateescape")
         found = None
-        for key, tenant in self.keys.items():
-            if hmac.compare_digest(key.encode(), presented.encode()):
+        for key, tenant in self._encoded:
+            if hmac.compare_digest(key, raw):
                 found = tenant
         return found
 
@@ -103,3 +115,36 @@ class RateLimiter:
         if bucket is None:
             bucket = self.buckets[tenant] = TokenBucket(self.rate_per_s, self.burst)
         return bucket.take(now)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer instead of forwarding: status, error code, message, extra headers."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Gate:
+    """API key -> tenant, then the tenant's rate limit (open mode: no tenant, no limit)."""
+
+    def __init__(self, auth: str, keys: dict[str, str], rate_limit_rps: float, rate_limit_burst: float) -> None:
+        self.auth = auth
+        self.keys = KeyRing(dict(keys))
+        self.limiter = RateLimiter(rate_limit_rps, rate_limit_burst)
+
+    def admit(self, authorization: str | None, api_key: str | None, now: float) -> tuple[str | None, Refusal | None]:
+        """(tenant, None) to go ahead, or (tenant or None, the refusal)."""
+        if self.auth != "keys":
+            return None, None
+        tenant = self.keys.tenant_of(bearer(authorization) or api_key)
+        if tenant is None:
+            return None, Refusal(401, code="unauthorized", message="a valid API key is required "
+                                 "(Authorization: Bearer <key> or X-Api-Key)", headers=(("WWW-Authenticate", "Bearer"),))
+        wait = self.limiter.check(tenant, now)
+        if wait > 0:
+            return tenant, Refusal(429, code="rate_limited", message="request rate limit of this tenant exceeded",
+                                   headers=(("Retry-After", str(max(1, math.ceil(wait)))),))
+        return tenant, None

@@ -34,6 +34,9 @@ class RouterSettings:
     internal_secret: str = ""  # sent to nodes; they refuse requests without it
     rate_limit_rps: float = 1000.0  # per tenant; 0 = unlimited
     rate_limit_burst: float = 2000.0
+    max_request_bytes: int = 16 * 1024 * 1024  # request body limit at the router (413); the nodes' is lower
+    max_head_bytes: int = 64 * 1024  # request line and headers (400 beyond)
+    keepalive_timeout_s: float = 75.0  # idle client connections are closed after this
 
     def __post_init__(self) -> None:
         if not self.nodes:

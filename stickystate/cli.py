@@ -35,10 +35,8 @@ def _node(ns: argparse.Namespace) -> None:
 
 
 def _router(ns: argparse.Namespace) -> None:
-    from aiohttp import web
-
-    from router.app import build_app
     from router.auth import load_keys
+    from router.server import serve
     from router.settings import RouterSettings, parse_nodes
     from stickystate import logs
 
@@ -50,7 +48,7 @@ def _router(ns: argparse.Namespace) -> None:
                               api_keys=tuple(keys.items()), internal_secret=ns.internal_secret,
                               rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst)
     _install_uvloop()
-    web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None, access_log=None)
+    asyncio.run(serve(settings))
 
 
 def _up(ns: argparse.Namespace) -> None:

@@ -1,0 +1,245 @@
+"""Forwarding a session request to the owner of its shard, and failing over.
+
+A request is routed by its session id (from the path; for ``POST /v1/sessions`` from
+the body, or an id the router generates). Every write gets an ``Idempotency-Key`` if
+the client sent none, so the router may retry any request on the next owner: a write
+that reached the log before its node died is answered from the new owner's
+idempotency record (rebuilt from the log), one that did not is applied once.
+
+Transport-neutral: requests come in as bytes (method, target, header pairs, body) from
+either front (router/relay.py, or the aiohttp app in router/app.py) and answers go back
+as ``Reply`` objects; the wire to the nodes is router/upstream.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import ssl
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import orjson
+
+from node.http import INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER
+from node.validate import SESSION_ID_RE
+from router.cluster import Cluster, NodeView
+from router.metrics import RouterMetrics
+from router.placement import shard_of
+from router.settings import RouterSettings
+from router.upstream import Abandoned, Header, Reply, UpstreamError, UpstreamPool
+
+log = logging.getLogger("stickystate.router")
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server", "Expect"))
+# Client headers never forwarded: credentials, and what only the router may assert.
+STRIPPED = HOP_BY_HOP | {h.lower() for h in (SESSION_ID_HEADER, TENANT_HEADER, INTERNAL_HEADER, "Authorization",
+                                              "X-Api-Key")}
+_STRIPPED_B = frozenset(h.encode() for h in STRIPPED | {REQUEST_ID_HEADER.lower()})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_WRITE_METHODS_B = frozenset(m.encode() for m in WRITE_METHODS)
+SESSIONS_PATH = b"/v1/sessions"
+
+
+# Ids the router makes for every request, without a system call each (os.urandom was ~5%
+# of the relay's CPU). Request ids tag log lines: a PRNG is enough. Idempotency-Keys
+# must only be unique: a random per-process prefix and a counter. (Ids of sessions the
+# router creates stay secrets.token_urlsafe: those must be unguessable.)
+_IDEMPOTENCY_PREFIX = b"router-" + secrets.token_urlsafe(9).encode() + b"-"
+_idempotency_counter = itertools.count()
+
+
+def new_request_id() -> bytes:
+    return b"%016x" % random.getrandbits(64)
+
+
+def is_session_request(method: bytes, target: bytes) -> bool:
+    """What the router forwards: ``POST /v1/sessions`` and anything under
+    ``/v1/sessions/{id}``. The rest (its own endpoints, 404s, 405s) it answers itself."""
+    path = target.split(b"?", 1)[0]
+    if path == SESSIONS_PATH:
+        return method == b"POST"
+    return path.startswith(b"/v1/sessions/") and len(path) > 13 and path[13:14] != b"/"
+
+
+class HeaderScan:
+    """One pass over a client request's headers: what to forward, and what the router reads."""
+
+    __slots__ = ("lines", "authorization", "api_key", "request_id", "idempotency_key")
+
+    def __init__(self, headers: Iterable[Header]) -> None:
+        lines: list[bytes] = []
+        self.authorization: bytes | None = None
+        self.api_key: bytes | None = None
+        self.request_id: bytes | None = None
+        self.idempotency_key = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _STRIPPED_B:
+                if lname == b"authorization":
+                    self.authorization = self.authorization or value
+                elif lname == b"x-api-key":
+                    self.api_key = self.api_key or value
+                elif lname == b"x-request-id":
+                    self.request_id = self.request_id or value
+                continue
+            if lname == b"idempotency-key":
+                self.idempotency_key = True
+            lines.append(name + b": " + value + b"\r\n")
+        self.lines = lines
+
+
+def _str(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogateescape") if value is not None else None
+
+
+class Outgoing:
+    """A request ready for any node: head (without Host), tail (framing), body, shard."""
+
+    __slots__ = ("head", "tail", "body", "shard", "head_request")
+
+    def __init__(self, head: bytes, tail: bytes, body: bytes, shard: int, head_request: bool) -> None:
+        self.head = head
+        self.tail = tail
+        self.body = body
+        self.shard = shard
+        self.head_request = head_request
+
+
+def error_reply(status: int, *, code: str, message: str, headers: Iterable[tuple[str, str]] = (),
+                **extra: Any) -> Reply:
+    """The router's own JSON error answer (same shape as node.http.error_response)."""
+    hdrs = [(b"Content-Type", b"application/json; charset=utf-8")]
+    hdrs += [(k.encode(), v.encode()) for k, v in headers]
+    body = orjson.dumps({"error": code, "message": message, **extra})
+    return Reply(status, HTTPStatus(status).phrase.encode(), hdrs, body)
+
+
+def prepare(method: bytes, target: bytes, scan: HeaderScan, body: bytes, *, tenant: str | None, request_id: bytes,
+            internal_lines: bytes, partitions: int) -> Outgoing | Reply:
+    """The request as the owner will get it, or the router's refusal (bad path or id)."""
+    path = target.split(b"?", 1)[0]
+    segments = path.split(b"/")  # b"", b"v1", b"sessions", id, ...
+    for seg in segments[3:]:
+        if seg in (b".", b"..") or (b"%" in seg and unquote_to_bytes(seg) in (b".", b"..")):
+            # A node-side URL normaliser would turn /v1/sessions/../../internal/... into an
+            # internal endpoint reached with the router's secret: never forward one.
+            return error_reply(400, code="bad_request", message="path segments '.' and '..' are not allowed")
+    extra = b""
+    if len(segments) == 3:  # POST /v1/sessions
+        sid = _id_from_create_body(body)
+        if sid is None:
+            sid = secrets.token_urlsafe(16)
+            extra = f"{SESSION_ID_HEADER}: {sid}\r\n".encode()
+    else:
+        raw = segments[3]
+        sid = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("utf-8", "replace")
+    if not SESSION_ID_RE.fullmatch(sid):
+        return error_reply(400, code="bad_id", message="session id must be 1-128 characters of [A-Za-z0-9._:-]")
+    if tenant:
+        extra += f"{TENANT_HEADER}: {tenant}\r\n".encode()
+    if method in _WRITE_METHODS_B and not scan.idempotency_key:
+        extra += b"Idempotency-Key: %s%x\r\n" % (_IDEMPOTENCY_PREFIX, next(_idempotency_counter))
+    head = b"".join((method, b" ", target, b" HTTP/1.1\r\n", *scan.lines,
+                     b"X-Request-Id: ", request_id, b"\r\n", internal_lines, extra))
+    if body or method not in (b"GET", b"HEAD"):
+        tail = b"Content-Length: %d\r\n\r\n" % len(body)
+    else:
+        tail = b"\r\n"
+    shard = shard_of(f"{tenant}:{sid}" if tenant else sid, partitions)
+    return Outgoing(head, tail, body, shard, method == b"HEAD")
+
+
+def _id_from_create_body(body: bytes) -> str | None:
+    if not body.strip():
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    sid = doc.get("id") if isinstance(doc, dict) else None
+    return sid if isinstance(sid, str) else None
+
+
+class Forwarder:
+    """Sends a prepared request to its shard's owner; retries on the next owner when the
+    node fails, is declared dead meanwhile, or answers 421 (it does not serve the shard)."""
+
+    def __init__(self, settings: RouterSettings, cluster: Cluster, metrics: RouterMetrics) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.metrics = metrics
+        self.internal_lines = b"".join(f"{k}: {v}\r\n".encode() for k, v in cluster.internal_headers.items())
+        self._pools: dict[str, UpstreamPool] = {}
+        self._host_lines: dict[str, bytes] = {}
+
+    def _pool(self, node: NodeView) -> UpstreamPool:
+        pool = self._pools.get(node.id)
+        if pool is None:
+            url = urlsplit(node.url)
+            host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
+            tls = ssl.create_default_context() if url.scheme == "https" else None
+            loop = asyncio.get_running_loop()
+
+            def open_connection(factory: Any) -> Any:
+                return loop.create_connection(factory, host, port, ssl=tls)
+
+            pool = self._pools[node.id] = UpstreamPool(node.id, open_connection)
+            self._host_lines[node.id] = f"Host: {url.netloc}\r\n".encode()
+        return pool
+
+    async def forward(self, out: Outgoing) -> Reply:
+        cluster = self.cluster
+        last_error = "no attempt"
+        for attempt in range(self.settings.max_attempts):
+            if attempt:
+                self.metrics.retries.inc()
+                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+            try:
+                await cluster.settled()
+            except asyncio.TimeoutError:
+                return error_reply(503, code="rebalancing", message="cluster placement did not settle in time",
+                                   headers=(("Retry-After", "1"),))
+            node = cluster.owner(out.shard)
+            if node is None:
+                return error_reply(503, code="no_nodes", message="no healthy node", headers=(("Retry-After", "1"),))
+            if node.down.done():
+                last_error = f"node {node.id} is down"
+                continue
+            pool = self._pool(node)
+            # Race the request against the node being declared dead (missed health checks:
+            # a paused node holds the request until it resumes). Every request is retry-safe
+            # here: reads, and writes carry an Idempotency-Key; a paused owner's late write
+            # is fenced by the new owner's claim.
+            try:
+                reply = await pool.exchange((out.head, self._host_lines[node.id], out.tail, out.body),
+                                            head_request=out.head_request,
+                                            timeout_s=self.settings.request_timeout_s, abandon=node.down)
+            except Abandoned:
+                last_error = f"node {node.id} declared dead while answering"
+                continue
+            except UpstreamError as exc:
+                last_error = f"node {node.id}: {exc.detail}"
+                cluster.mark_dead(node, exc.detail)
+                continue
+            if reply.status == 421:
+                last_error = f"node {node.id} does not serve shard {out.shard}"
+                cluster.resync(node)
+                continue
+            if attempt:
+                reply.headers.append((b"X-Stickystate-Retries", str(attempt).encode()))
+            return reply
+        return error_reply(503, code="unavailable",
+                           message=f"gave up after {self.settings.max_attempts} attempts: {last_error}",
+                           headers=(("Retry-After", "1"),))
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
