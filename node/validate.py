@@ -122,6 +122,22 @@ def durability(header: str | None, default: str) -> str:
     return value
 
 
+def prefers_minimal(headers: list[str]) -> bool:
+    """RFC 7240 ``Prefer`` header(s): True when the client asked for ``return=minimal``.
+
+    Preferences are comma-separated, each ``token[=value]`` with optional ``;params``;
+    names and the ``return`` value are compared case-insensitively and a value may be
+    quoted. Only the first ``return`` counts (RFC 7240 section 2); anything this server
+    does not understand is ignored, never an error (a preference is not a demand).
+    """
+    for header in headers:
+        for pref in header.split(","):
+            name, _, value = pref.split(";", 1)[0].partition("=")
+            if name.strip().lower() == "return":
+                return value.strip().strip('"').lower() == "minimal"
+    return False
+
+
 def if_match(header: str | None) -> int | str | None:
     """``"7"``, ``7``, ``W/"7"`` -> 7; ``*`` -> "*"; absent -> None."""
     if header is None:
