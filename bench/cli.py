@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=3.0, help="wait this long after a step for answers")
     p.add_argument("--refine", type=int, default=None,
                    help="extra bisection steps for the highest rate meeting the SLO (default 2, quick 0)")
+    p.add_argument("--turn-response", choices=["minimal", "full"], default="minimal",
+                   help="what a turn gets back: 'minimal' = Prefer: return=minimal, a small acknowledgement "
+                        "(every system); 'full' = the whole new window (the turn definition of the first runs)")
     p.add_argument("--slo-p99-ms", type=float, default=20.0)
     p.add_argument("--arrivals", choices=["uniform", "poisson"], default="uniform")
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", ""),
@@ -112,6 +115,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         seed=ns.seed,
         quick=quick,
         check_every=10 if quick else 50,
+        turn_response=ns.turn_response,
         noisy_pct=ns.noisy_pct,
         noisy_retries=ns.noisy_retries if ns.noisy_retries is not None else (0 if quick else 2),
         stall_pct=ns.stall_pct,

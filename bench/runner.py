@@ -88,6 +88,7 @@ class Config:
     seed: int = 1
     quick: bool = False
     check_every: int = 50
+    turn_response: str = "minimal"  # minimal: turns send Prefer: return=minimal; full: they get the window back
     noisy_pct: float = 25.0  # other processes above this (% of one core) make a step "noisy"
     noisy_retries: int = 2
     stall_pct: float = 0.8  # the idle probe stalled (> 2 ms oversleeps) more than this % of a step: noisy
@@ -189,7 +190,7 @@ class Generator:
             wcfg = {"wid": wid, "kind": sysdef.kind, "targets": targets, "sessions": mine,
                     "window": cfg.window, "msg_bytes": cfg.msg_bytes, "durability": sysdef.durability,
                     "max_conns": max(1, cfg.max_conns // n), "check_every": cfg.check_every,
-                    "seed": cfg.seed, "ttl_s": 3600}
+                    "seed": cfg.seed, "ttl_s": 3600, "turn_response": cfg.turn_response}
             parent, child = ctx.Pipe()
             p = ctx.Process(target=loadgen.worker_main, args=(child, wcfg), name=f"loadgen-{wid}", daemon=True)
             p.start()
