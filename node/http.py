@@ -129,6 +129,8 @@ class NodeHandlers:
         result: WriteResult = await self.store.write(op, if_match=if_match, idem=idem, request_fingerprint=fp,
                                                      appended_field=appended_field)
         if durability == "log":
+            if result.delivery is not None and not result.delivery.done():
+                self.store.replicator.hurry()  # we wait for Kafka: no send interval for this one
             await self.store.confirm(result)
         state = result.state
         headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None)
