@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) ->
     out = tmp_path_factory.mktemp("bench") / "quick"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
-                           "--kafka-bootstrap", kafka_bootstrap],
+                           "--kafka-bootstrap", kafka_bootstrap, "--profile", "direct"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -92,6 +92,55 @@ def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
         assert summ[system]["resp_bytes_per_turn"] < cfg["msg_bytes"] * 2, system
     # client-side state ships the window to the server with every turn
     assert window_bytes < summ["client-side"]["bytes_per_turn"] < 1.2 * window_bytes
+
+
+@pytest.mark.kafka
+def test_quick_profile_of_direct(quick_run: dict[str, Any]) -> None:
+    """--profile direct: one extra step with py-spy on the router and both nodes."""
+    doc = quick_run["doc"]
+    (prof,) = doc["profiles"]
+    assert prof["system"] == "direct" and set(prof["procs"]) == {"n1", "n2", "router"}
+    assert all(s["phase"] != "profile" for s in doc["steps"])  # not part of the sweep's results
+    if not any(prof["procs"].values()):
+        pytest.skip("py-spy could not attach to the processes here (ptrace not permitted)")
+    for name in ("n1", "n2"):
+        s = prof["procs"][name]
+        assert s["samples"] > 0 and s["cpu_pct"] is not None
+        assert any(area.startswith("HTTP") for area, _ in s["by_area"])
+        for kind in ("txt", "svg", "collapsed"):
+            assert Path(s["files"][kind]).stat().st_size > 0
+    assert "## Profiles (py-spy)" in (quick_run["out"] / "report.md").read_text()
+
+
+def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
+    from bench import profile
+
+    text = "\n".join([
+        "main (cli.py);Runner.run (asyncio/runners.py) 50",
+        "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
+        "NodeStore.write (node/store.py);apply (node/ops.py) 20",
+        "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
+        "json_response (node/http.py) 10",
+        "main (cli.py);Runner.run (asyncio/runners.py);Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py)"
+        ";Schema.decode (aiokafka/protocol/types.py) 20",
+        "garbage line",
+    ])
+    stacks = profile.parse_collapsed(text)
+    assert len(stacks) == 4
+    s = profile.summarize(stacks, duration_s=2.0, rate_hz=100)
+    assert s["samples"] == 100 and s["active_pct"] == 50.0
+    areas = dict(s["by_area"])
+    assert areas == {profile.EVENT_LOOP: 50.0, "Kafka consumer: aiokafka Fetcher": 20.0,
+                     "node: store.write (apply, limits, hand-over to the replicator)": 20.0,
+                     "HTTP: handlers, middlewares, responses (aiohttp)": 10.0}
+    assert dict(s["by_package"]) == {"asyncio": 50.0, "aiokafka": 20.0, "node": 30.0}
+    incl = dict(s["top_inclusive"])
+    assert incl["RequestHandler._handle_request (aiohttp/web_protocol.py)"] == 30.0
+    assert incl["main (cli.py)"] == 100.0
+    svg = profile.flamegraph_svg(stacks, "t <&>")
+    assert svg.startswith("<svg") and "t &lt;&amp;&gt;" in svg and svg.count("<rect") >= 6
+    assert "apply (node/ops.py) (20.0%)" in svg
+    assert "no-such" not in profile.summary_text("n1", s) and "%own  function" in profile.summary_text("n1", s)
 
 
 # --------------------------------------------------------------------------- generator alone
