@@ -594,6 +594,10 @@ class Runner:
         rate = float(parts[1]) if len(parts) > 1 and parts[1] else (self.best_rate(sysdef.name, mix)
                                                                     or min(cfg.rates))
         out_dir = cfg.out / "profiles" / f"{sysdef.name}-{mix}-{rate:g}"
+        n = 2
+        while out_dir.exists():  # the same system and rate profiled twice
+            out_dir = cfg.out / "profiles" / f"{sysdef.name}-{mix}-{rate:g}-{n}"
+            n += 1
         log(f"{sysdef.name} / {mix}: profiling one step at {rate:g}/s with py-spy -> {out_dir}")
         if cfg.quiet_wait_s > 0:
             self._wait_quiet(comps)
