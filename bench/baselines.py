@@ -6,7 +6,8 @@ Redis, with the same HTTP API as stickystate for the calls the benchmark makes::
 
     POST /v1/sessions                       {"id","data","ttl_s"} -> 201 (SET NX EX)
     GET  /v1/sessions/{id}                  -> the stored JSON (passed through as bytes)
-    POST /v1/sessions/{id}/lists/{field}    {"items":[...],"max_len":50} -> the new state
+    POST /v1/sessions/{id}/lists/{field}    {"items":[...],"max_len":50} -> the new state, or with
+                                            Prefer: return=minimal {"id","version","expires_at"}
 
   ``--mode naive``: read-modify-write like a naive ``RedisStateStore``: GET the JSON,
   parse, append, trim, serialize, SET with the sliding TTL. Two round trips to Redis,
@@ -17,7 +18,8 @@ Redis, with the same HTTP API as stickystate for the calls the benchmark makes::
 ``client``: client-side state. The server keeps nothing; the client sends the whole
 history with every request::
 
-    POST /v1/turn  {"history":[...],"items":[...],"max_len":50} -> {"history": last 50 of history+items}
+    POST /v1/turn  {"history":[...],"items":[...],"max_len":50} -> {"history": last 50 of history+items},
+                   or with Prefer: return=minimal {"length": n} (the client has the history already)
     POST /v1/read  {"history":[...]}                            -> {"history": [...]}
 
   (a "read" is a request the server must answer with the session's state at hand,
@@ -37,10 +39,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from node.validate import prefers_minimal as parse_prefer
+
 KEY_PREFIX = "sess:"
 
-# KEYS[1] session key; ARGV: field, items (JSON array), max_len (0 = unbounded), now.
-# Returns the new document, or false when the session does not exist.
+# KEYS[1] session key; ARGV: field, items (JSON array), max_len (0 = unbounded), now, minimal (0/1).
+# Returns the new document (minimal: only id, version, expires_at), or false when the
+# session does not exist.
 APPEND_LUA = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
@@ -63,8 +68,17 @@ s['version'] = s['version'] + 1
 s['expires_at'] = now + s['ttl_s']
 local out = cjson.encode(s)
 redis.call('SET', KEYS[1], out, 'EX', math.ceil(s['ttl_s']))
+if ARGV[5] == '1' then
+  return cjson.encode({id = s['id'], version = s['version'], expires_at = s['expires_at']})
+end
 return out
 """
+MINIMAL_HEADERS = {"Preference-Applied": "return=minimal"}
+
+
+def prefers_minimal(request: web.Request) -> bool:
+    # the same RFC 7240 reading as the node's (the baseline mirrors its API)
+    return parse_prefer(request.headers.getall("Prefer", []))
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -137,17 +151,22 @@ def build_redis_app(redis_host: str, redis_port: int, mode: str, pool_size: int 
         session["expires_at"] = time.time() + session["ttl_s"]
         out = orjson.dumps(session)
         await r.set(KEY_PREFIX + sid, out, ex=max(1, int(session["ttl_s"])))
+        if prefers_minimal(request):
+            return web.Response(body=orjson.dumps({"id": sid, "version": session["version"],
+                                                   "expires_at": session["expires_at"]}),
+                                content_type="application/json", headers=MINIMAL_HEADERS)
         return web.Response(body=out, content_type="application/json")
 
     async def append_atomic(request: web.Request) -> web.Response:
         sid, field = request.match_info["sid"], request.match_info["field"]
         doc = await _read_json(request)
+        minimal = prefers_minimal(request)
         out = await state["append"](keys=[KEY_PREFIX + sid],
                                     args=[field, orjson.dumps(doc["items"]), int(doc.get("max_len") or 0),
-                                          repr(time.time())])
+                                          repr(time.time()), int(minimal)])
         if out is None:
             return _error(404, "not_found")
-        return web.Response(body=out, content_type="application/json")
+        return web.Response(body=out, content_type="application/json", headers=MINIMAL_HEADERS if minimal else None)
 
     app.router.add_post("/v1/sessions", create)
     app.router.add_get("/v1/sessions/{sid}", get)
@@ -169,6 +188,9 @@ def build_client_state_app() -> web.Application:
         max_len = doc.get("max_len")
         if max_len and len(history) > max_len:
             history = history[len(history) - max_len:]
+        if prefers_minimal(request):
+            return web.Response(body=orjson.dumps({"length": len(history)}), content_type="application/json",
+                                headers=MINIMAL_HEADERS)
         return _json({"history": history})
 
     async def read(request: web.Request) -> web.Response:

@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=3.0, help="wait this long after a step for answers")
     p.add_argument("--refine", type=int, default=None,
                    help="extra bisection steps for the highest rate meeting the SLO (default 2, quick 0)")
+    p.add_argument("--turn-response", choices=["minimal", "full"], default="minimal",
+                   help="what a turn gets back: 'minimal' = Prefer: return=minimal, a small acknowledgement "
+                        "(every system); 'full' = the whole new window (the turn definition of the first runs)")
+    p.add_argument("--profile", type=_csv, default=[], metavar="SYSTEM[@RATE[@MIX]],...",
+                   help="after a system's sweep, run one more step (not counted in the results) with py-spy "
+                        "sampling every Python server process (router, nodes, baseline servers); RATE defaults "
+                        "to the highest rate that met the SLO, MIX to the system's first. Writes "
+                        "profiles/<system>-<mix>-<rate>/<process>.{txt,svg,collapsed} and a report section")
+    p.add_argument("--profile-rate-hz", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-native", action="store_true",
+                   help="py-spy --native: also sample C/Cython frames (uvloop, orjson, aiohttp's parser)")
     p.add_argument("--slo-p99-ms", type=float, default=20.0)
     p.add_argument("--arrivals", choices=["uniform", "poisson"], default="uniform")
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", ""),
@@ -83,6 +94,19 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     for m in ns.mixes + ns.replication_mixes:
         if m not in MIXES:
             raise SystemExit(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
+    for spec in ns.profile:
+        parts = spec.split("@")
+        if parts[0] not in ns.systems or len(parts) > 3 or (len(parts) > 2 and parts[2] not in MIXES):
+            raise SystemExit(f"bad --profile entry {spec!r}: SYSTEM[@RATE[@MIX]] with a system being run")
+        try:
+            float(parts[1]) if len(parts) > 1 and parts[1] else None
+        except ValueError:
+            raise SystemExit(f"bad --profile rate in {spec!r}") from None
+    if ns.profile:
+        from bench.profile import py_spy_path
+
+        if py_spy_path() is None:
+            raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
     out = ns.out or Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if ns.quick else ''}"
     quick = ns.quick
     return Config(
@@ -112,6 +136,10 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         seed=ns.seed,
         quick=quick,
         check_every=10 if quick else 50,
+        turn_response=ns.turn_response,
+        profiles=list(ns.profile),
+        profile_rate_hz=ns.profile_rate_hz,
+        profile_native=ns.profile_native,
         noisy_pct=ns.noisy_pct,
         noisy_retries=ns.noisy_retries if ns.noisy_retries is not None else (0 if quick else 2),
         stall_pct=ns.stall_pct,

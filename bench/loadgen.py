@@ -52,15 +52,19 @@ def message(n: int, size: int) -> bytes:
 
 
 class Req:
-    __slots__ = ("op", "sess", "n", "intended", "data", "check", "pool", "fut")
+    __slots__ = ("op", "sess", "n", "intended", "data", "check", "expect", "pool", "fut")
 
-    def __init__(self, op: int, sess: int, n: int, intended: float, data: bytes, check: bool) -> None:
+    def __init__(self, op: int, sess: int, n: int, intended: float, data: bytes, check: bool,
+                 expect: int = 0) -> None:
         self.op = op
         self.sess = sess
         self.n = n
         self.intended = intended
         self.data = data
         self.check = check
+        # what a checked answer must show: for a read, the newest message acknowledged to
+        # this session when the read was sent; for a minimal turn, the turns sent so far
+        self.expect = expect
         self.pool: Pool | None = None
         self.fut: asyncio.Future[None] | None = None
 
@@ -256,7 +260,15 @@ class Worker:
         if cfg.get("durability"):
             extra += b"Durability: %s\r\n" % cfg["durability"].encode()
         self.extra_headers = extra
+        # A turn asks for a minimal answer (RFC 7240 Prefer: return=minimal): every system
+        # here keeps or is handed the state, so the client need not get the window back.
+        self.minimal: bool = cfg.get("turn_response", "minimal") == "minimal"
+        self.turn_headers = extra + (b"Prefer: return=minimal\r\n" if self.minimal else b"")
         self.history: list[deque[bytes]] = []
+        n_sessions = len(self.sessions)
+        self.turns_sent = [0] * n_sessions  # per session, to bound the version a turn may return
+        self.seen_version = [1] * n_sessions  # per session, the highest version a checked answer showed
+        self.acked_n = [self.window - 1] * n_sessions  # per session, the newest message acknowledged
         self.cursor = 0
         self.counter = (cfg["wid"] + 1) * 1_000_000_000
         self.pools: list[Pool] = []
@@ -266,11 +278,12 @@ class Worker:
         self.n_checked = 0
 
     # -- request construction ------------------------------------------------------
-    def _request(self, method: bytes, path: bytes, target: int, body: bytes | None) -> bytes:
+    def _request(self, method: bytes, path: bytes, target: int, body: bytes | None, extra: bytes | None = None) -> bytes:
+        extra = self.extra_headers if extra is None else extra
         if body is None:
-            return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (method, path, self.hosts[target], self.extra_headers)
+            return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (method, path, self.hosts[target], extra)
         return (b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
-                % (method, path, self.hosts[target], len(body), self.extra_headers)) + body
+                % (method, path, self.hosts[target], len(body), extra)) + body
 
     def build(self, op: int, idx: int, intended: float) -> Req:
         sid = self.sid_bytes[idx]
@@ -289,6 +302,11 @@ class Worker:
         if self.n_checked >= self.check_every:
             self.n_checked = 0
             check = True
+        if op == TURN:
+            self.turns_sent[idx] += 1
+            expect = self.turns_sent[idx]
+        else:
+            expect = self.acked_n[idx]
         if self.kind == "client":
             hist = self.history[idx]
             joined = b",".join(hist)
@@ -296,16 +314,16 @@ class Worker:
                 msg = message(n, self.msg_bytes)
                 body = b'{"history":[%s],"items":[%s],"max_len":%d}' % (joined, msg, self.window)
                 hist.append(msg)
-                data = self._request(b"POST", b"/v1/turn", target, body)
+                data = self._request(b"POST", b"/v1/turn", target, body, self.turn_headers)
             else:
                 data = self._request(b"POST", b"/v1/read", target, b'{"history":[%s]}' % joined)
         elif op == TURN:
             msg = message(n, self.msg_bytes)
             body = b'{"items":[%s],"max_len":%d}' % (msg, self.window)
-            data = self._request(b"POST", b"/v1/sessions/%s/lists/messages" % sid, target, body)
+            data = self._request(b"POST", b"/v1/sessions/%s/lists/messages" % sid, target, body, self.turn_headers)
         else:
             data = self._request(b"GET", b"/v1/sessions/%s" % sid, target, None)
-        return Req(op, idx, n, intended, data, check)
+        return Req(op, idx, n, intended, data, check, expect)
 
     # -- completion -----------------------------------------------------------------
     def complete(self, req: Req, status: int, nbytes: int, body: bytes) -> None:
@@ -322,6 +340,8 @@ class Worker:
             st.req_bytes[op] += len(req.data)
             st.resp_bytes[op] += nbytes
             st.lat[op].append(int((now - req.intended) * 1e6))
+            if op == TURN and req.n > self.acked_n[req.sess]:
+                self.acked_n[req.sess] = req.n
             if now <= st.end:
                 st.in_window += 1
             if req.check:
@@ -355,6 +375,16 @@ class Worker:
             doc = orjson.loads(body)
             if req.op == SEED:
                 ok = len(doc["data"]["messages"]) == self.window
+            elif req.op == TURN and self.minimal:
+                if self.kind == "client":
+                    # the server was handed the history, appended and trimmed it
+                    ok = doc["length"] == self.window
+                else:
+                    # the version grew past every version seen before, and by no more than
+                    # the turns sent to this session (only this worker writes it)
+                    v = doc["version"]
+                    ok = self.seen_version[req.sess] < v <= 1 + req.expect and "data" not in doc
+                    self.seen_version[req.sess] = max(self.seen_version[req.sess], v)
             else:
                 window = doc["history"] if self.kind == "client" else doc["data"]["messages"]
                 ok = len(window) == self.window
@@ -362,6 +392,10 @@ class Worker:
                     # the newest message is ours (a concurrent turn on the same session could
                     # follow it, but sessions are visited round-robin, far apart)
                     ok = window[-1]["n"] == req.n
+                elif ok and self.kind != "client":
+                    # read-your-writes: the window holds every turn acknowledged before the read
+                    # was sent (message numbers only grow)
+                    ok = window[-1]["n"] >= req.expect
         except (orjson.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
             ok = False
             body = f"{exc!r} {body[:100]!r}".encode()

@@ -192,8 +192,7 @@ def targets(doc: dict[str, Any], mix: str = HEADLINE_MIX, pct: str = "p99") -> l
         r = _ratio(cs, bs)
         add(f"bytes on the wire per turn, client-side state vs stickystate ({system})",
             f"{_f(cs)} B vs {_f(bs)} B", r, ">= 20x", None if r is None else r >= 20.0)
-    # information: the turn's response carries the whole window in every system, so the
-    # difference is all in the request (client -> server)
+    # information: the request alone (client -> server), where client-side state differs most
     cs_req = summ.get("client-side", {}).get("req_bytes_per_turn")
     bs_req = summ.get("router", {}).get("req_bytes_per_turn")
     r = _ratio(cs_req, bs_req)
@@ -233,7 +232,10 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
     lines.append("")
     lines.append(f"Workload: {cfg['sessions']} sessions, each a window of the last {cfg['window']} messages of "
                  f"~{cfg['msg_bytes']} bytes, seeded full. A turn = one request that appends one message and "
-                 f"returns the whole window. Open loop ({cfg['arrivals']} arrivals), {cfg['step_s']:g}s per rate, "
+                 + ("gets a minimal answer (Prefer: return=minimal; the client-side-state server is sent the "
+                    "whole history and answers minimally too)" if cfg.get("turn_response", "full") == "minimal"
+                    else "returns the whole window")
+                 + f". Open loop ({cfg['arrivals']} arrivals), {cfg['step_s']:g}s per rate, "
                  f"latency from the intended send time. SLO: p99 <= {cfg['slo_p99_ms']:g} ms with >= 95% of the "
                  f"target rate achieved and <= 0.1% errors. stickystate: {cfg['nodes']} node(s), "
                  f"{cfg['partitions']} partitions; baseline servers: {cfg['server_procs']} process(es); load "
@@ -293,6 +295,7 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
         lines.append(f"| {t['target']} | {t['measured']} | {_f(t['value'], 2)} | {t['goal']} | {verdict(t)} | "
                      f"{_f(t90['value'], 2)} | {verdict(t90)} |")
     lines.append("")
+    lines += profiles_markdown(doc)
     if plots:
         lines.append("## Plots")
         lines.append("")
@@ -325,6 +328,53 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
                      f"{_stalls(s.get('hiccups') or {})} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def profiles_markdown(doc: dict[str, Any], link_prefix: str = "", top: int = 8) -> list[str]:
+    """The ``--profile`` steps: per server process, its on-CPU share by package and its
+    top functions (py-spy samples), with links to the flame graphs."""
+    profs = doc.get("profiles") or []
+    if not profs:
+        return []
+    lines = ["## Profiles (py-spy)", "",
+             "One extra step per entry, not part of the sweep (the sampler pauses each process ~100 times a "
+             "second, which costs some throughput). CPU per process is from /proc over the step. Shares are "
+             "of py-spy's samples of the process while it was running, runnable or in a system call (system "
+             "calls are over-represented by the sampler), by area of the code (a frame on the stack), by "
+             "package and function of the innermost frame ('own') or anywhere on the stack ('incl.'). "
+             "Without --profile-native, time in C code (uvloop, orjson, the HTTP parser) is charged to the "
+             "Python function that called it.", ""]
+    for pr in profs:
+        st = pr["step"]
+        lat = st["latency_ms"]
+        cpu = ", ".join(f"{k} {v:.0f}%" for k, v in st["cpu_pct"].items() if k not in ("machine_busy_pct",))
+        lines.append(f"### {pr['system']}, {pr['mix']}, {pr['rate']:g}/s offered")
+        lines.append("")
+        lines.append(f"Achieved {_f(st['achieved_rate'])}/s, p50 {_ms(lat['p50'])} ms, p99 {_ms(lat['p99'])} ms, "
+                     f"errors {st['errors']}. CPU (% of one core): {cpu}.")
+        lines.append("")
+        for name, s in (pr.get("procs") or {}).items():
+            if not s:
+                lines.append(f"- **{name}**: no profile (py-spy failed; see its log)")
+                continue
+            if not s["samples"]:
+                lines.append(f"- **{name}**: no samples (idle during the step)")
+                continue
+            pkgs = ", ".join(f"{pkg} {p:.0f}%" for pkg, p in s["by_package"][:top] if p >= 1)
+            areas = "; ".join(f"{a} {p:.0f}%" for a, p in s.get("by_area", []) if p >= 1)
+            rel = Path(s["files"]["svg"])
+            link = f"{link_prefix}{Path(pr['dir']).name}/{rel.name}" if link_prefix else str(
+                rel.relative_to(doc["config"]["out"])) if str(rel).startswith(doc["config"]["out"]) else str(rel)
+            cpu = f"{s['cpu_pct']:.0f}% of a core" if s.get("cpu_pct") is not None else "CPU n/a"
+            lines.append(f"- **{name}**: {cpu} ([flame graph]({link}))")
+            if areas:
+                lines.append(f"  - areas: {areas}")
+            lines.append(f"  - own time by package: {pkgs}")
+            lines.append(f"  - top own: " + "; ".join(f"`{f}` {p:.1f}%" for f, p in s["top_own"][:top]))
+            incl = [(f, p) for f, p in s["top_inclusive"] if p < 99.5][:top]
+            lines.append(f"  - top incl.: " + "; ".join(f"`{f}` {p:.0f}%" for f, p in incl))
+        lines.append("")
+    return lines
 
 
 def _stalls(h: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
+from bench import profile as pyspy
 from bench.procs import CpuMeter, HiccupMeter, RedisServer, ServerGroup
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster
@@ -88,6 +89,12 @@ class Config:
     seed: int = 1
     quick: bool = False
     check_every: int = 50
+    turn_response: str = "minimal"
+    # --profile: "system", "system@rate" or "system@rate@mix"; an extra step per entry,
+    # sampled with py-spy, kept apart from the sweep's steps
+    profiles: list[str] = field(default_factory=list)
+    profile_rate_hz: int = 100
+    profile_native: bool = False  # minimal: turns send Prefer: return=minimal; full: they get the window back
     noisy_pct: float = 25.0  # other processes above this (% of one core) make a step "noisy"
     noisy_retries: int = 2
     stall_pct: float = 0.8  # the idle probe stalled (> 2 ms oversleeps) more than this % of a step: noisy
@@ -109,6 +116,10 @@ class Env:
         raise NotImplementedError
 
     def cpu_components(self) -> dict[str, list[int]]:
+        return {}
+
+    def python_procs(self) -> dict[str, int]:
+        """The Python server processes, by name (what ``--profile`` samples)."""
         return {}
 
     def stop(self) -> None:
@@ -135,6 +146,9 @@ class ServerEnv(Env):
         if self.redis is not None and self.redis.pid:
             comps["redis-server"] = [self.redis.pid]
         return comps
+
+    def python_procs(self) -> dict[str, int]:
+        return {f"server-{i}": pid for i, pid in enumerate(self.group.pids)}
 
     def stop(self) -> None:
         self.group.stop()
@@ -168,6 +182,9 @@ class ClusterEnv(Env):
             comps["kafka"] = [self.kafka_pid]
         return comps
 
+    def python_procs(self) -> dict[str, int]:
+        return {name: p.pid for name, p in sorted(self.cluster.procs.items()) if p.pid}
+
     def stop(self) -> None:
         self.cluster.stop()
 
@@ -189,7 +206,7 @@ class Generator:
             wcfg = {"wid": wid, "kind": sysdef.kind, "targets": targets, "sessions": mine,
                     "window": cfg.window, "msg_bytes": cfg.msg_bytes, "durability": sysdef.durability,
                     "max_conns": max(1, cfg.max_conns // n), "check_every": cfg.check_every,
-                    "seed": cfg.seed, "ttl_s": 3600}
+                    "seed": cfg.seed, "ttl_s": 3600, "turn_response": cfg.turn_response}
             parent, child = ctx.Pipe()
             p = ctx.Process(target=loadgen.worker_main, args=(child, wcfg), name=f"loadgen-{wid}", daemon=True)
             p.start()
@@ -327,6 +344,7 @@ class Runner:
         self._kafka_warm = False
         self.quiet_waited_s = 0.0
         self.hiccups: HiccupMeter | None = None
+        self.profiles: list[dict[str, Any]] = []
 
     # -- environments ------------------------------------------------------------------
     def _ensure_kafka(self) -> str:
@@ -422,6 +440,9 @@ class Runner:
             info["warmup"] = {k: warm[k] for k in ("target_rate", "achieved_rate", "sent", "ok", "errors")}
             for mix in self.mixes_for(sysdef.name):
                 self.sweep(gen, comps, sysdef, mix)
+            for spec in cfg.profiles:
+                if spec.split("@")[0] == sysdef.name:
+                    self.profile_step(gen, comps, sysdef, spec, env)
         finally:
             gen.stop()
 
@@ -558,10 +579,55 @@ class Runner:
             else:
                 hi = mid
 
+    def best_rate(self, system: str, mix: str) -> float | None:
+        good = [s["target_rate"] for s in self.steps
+                if s["system"] == system and s["mix"] == mix and passes(s, self.cfg.slo_p99_ms)]
+        return max(good) if good else None
+
+    def profile_step(self, gen: Generator, comps: dict[str, list[int]], sysdef: SystemDef, spec: str,
+                     env: Env) -> None:
+        """One more step (not part of the sweep) with py-spy sampling every Python server
+        process: at the rate given, else the highest rate that met the SLO."""
+        cfg = self.cfg
+        parts = spec.split("@")
+        mix = parts[2] if len(parts) > 2 else self.mixes_for(sysdef.name)[0]
+        rate = float(parts[1]) if len(parts) > 1 and parts[1] else (self.best_rate(sysdef.name, mix)
+                                                                    or min(cfg.rates))
+        out_dir = cfg.out / "profiles" / f"{sysdef.name}-{mix}-{rate:g}"
+        n = 2
+        while out_dir.exists():  # the same system and rate profiled twice
+            out_dir = cfg.out / "profiles" / f"{sysdef.name}-{mix}-{rate:g}-{n}"
+            n += 1
+        log(f"{sysdef.name} / {mix}: profiling one step at {rate:g}/s with py-spy -> {out_dir}")
+        if cfg.quiet_wait_s > 0:
+            self._wait_quiet(comps)
+        targets = env.python_procs()
+        recs = [pyspy.start(name, pid, out_dir, cfg.profile_rate_hz, cfg.profile_native)
+                for name, pid in targets.items()]
+        per_proc = CpuMeter({name: [pid] for name, pid in targets.items()})
+        per_proc.start()
+        t0 = time.monotonic()
+        try:
+            step = self._measure(gen, {**comps, "py-spy": [r.popen.pid for r in recs]}, sysdef.name, mix, rate,
+                                 cfg.step_s, MIXES[mix], phase="profile")
+        finally:
+            wall = time.monotonic() - t0
+            cpu = per_proc.stop()
+            procs = {r.name: pyspy.finish(r, wall, cfg.profile_rate_hz, f"{sysdef.name} {mix} {rate:g}/s",
+                                          cpu.get(r.name))
+                     for r in recs}
+        self.profiles.append({
+            "system": sysdef.name, "mix": mix, "rate": rate, "dir": str(out_dir),
+            "step": {k: step[k] for k in ("target_rate", "achieved_rate", "latency_ms", "errors", "cpu_pct",
+                                          "hiccups", "bytes_per_turn")},
+            "procs": procs,
+        })
+        self.save()
+
     # -- top level -----------------------------------------------------------------------
     def save(self) -> None:
         doc = {"meta": self.meta, "config": _config_doc(self.cfg), "systems": self.systems, "envs": self.envs,
-               "steps": self.steps}
+               "steps": self.steps, "profiles": self.profiles}
         tmp = self.results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.results_path)

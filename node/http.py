@@ -129,6 +129,8 @@ class NodeHandlers:
         result: WriteResult = await self.store.write(op, if_match=if_match, idem=idem, request_fingerprint=fp,
                                                      appended_field=appended_field)
         if durability == "log":
+            if result.delivery is not None and not result.delivery.done():
+                self.store.replicator.hurry()  # we wait for Kafka: no send interval for this one
             await self.store.confirm(result)
         state = result.state
         headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None)
@@ -136,6 +138,11 @@ class NodeHandlers:
             headers["Idempotent-Replayed"] = "true"
         if state is None:
             return web.Response(status=204, headers=headers)
+        if v.prefers_minimal(request.headers.getall("Prefer", [])):
+            # RFC 7240: the client keeps no copy of the state (it lives here), so a write
+            # answers with what identifies the result, not the whole session.
+            headers["Preference-Applied"] = "return=minimal"
+            return json_response(self._render_minimal(request, state), result.status, headers)
         return json_response(self._render(request, state, self.store.clock()), result.status, headers)
 
     def _sid(self, request: web.Request) -> str:
@@ -149,6 +156,15 @@ class NodeHandlers:
         body = view(state, now)
         if request.headers.get(TENANT_HEADER):
             body["id"] = body["id"].split(":", 1)[1]
+        return body
+
+    @staticmethod
+    def _render_minimal(request: web.Request, state: dict[str, Any]) -> dict[str, Any]:
+        """``Prefer: return=minimal``: the session without its data."""
+        sid = state["id"]
+        if request.headers.get(TENANT_HEADER):
+            sid = sid.split(":", 1)[1]
+        body = {"id": sid, "version": state["version"], "expires_at": state["expires_at"]}
         return body
 
     # -- public API -------------------------------------------------------------------

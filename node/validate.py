@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ def check_depth(value: Any, max_depth: int) -> None:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -120,6 +122,22 @@ def durability(header: str | None, default: str) -> str:
     if value not in DURABILITIES:
         raise BadRequest("Durability must be 'memory' or 'log'", code="bad_durability")
     return value
+
+
+def prefers_minimal(headers: list[str]) -> bool:
+    """RFC 7240 ``Prefer`` header(s): True when the client asked for ``return=minimal``.
+
+    Preferences are comma-separated, each ``token[=value]`` with optional ``;params``;
+    names and the ``return`` value are compared case-insensitively and a value may be
+    quoted. Only the first ``return`` counts (RFC 7240 section 2); anything this server
+    does not understand is ignored, never an error (a preference is not a demand).
+    """
+    for header in headers:
+        for pref in header.split(","):
+            name, _, value = pref.split(";", 1)[0].partition("=")
+            if name.strip().lower() == "return":
+                return value.strip().strip('"').lower() == "minimal"
+    return False
 
 
 def if_match(header: str | None) -> int | str | None:

@@ -4,16 +4,31 @@
 change, so a change is never applied without being handed over (and is not applied
 when the hand-over is refused: ``QueueFull`` / ``KafkaStalled`` are raised before).
 
-The sender task owns the aiokafka producer. When a delivery fails (broker gone,
-fenced, out of sequence, timeout) the producer is rebuilt and every event not yet
-acknowledged is sent again in its original order; readers drop the duplicates by
-version (node/shard.py). If the sender task itself dies, every pending delivery
-future is failed, never left hanging.
+The sender task owns the aiokafka producer and hands records over in batches: per
+partition, everything queued (up to the producer's batch size) goes into one record
+batch (``create_batch``/``send_batch``), and a partition has at most one batch handed
+over and not yet acknowledged. aiokafka sends one request per broker at a time and,
+with idempotence, one batch per partition at a time anyway, so this loses no
+pipelining; it saves aiokafka's per-record work (a future, metadata and partition
+look-ups, an await per record). Record ``i`` of a batch gets offset
+``base_offset + i``. A round of batches is handed over at most once per
+``linger_ms`` (fewer produce requests, and fewer wake-ups of every follower's fetch:
+most of a node's replication CPU is aiokafka's per-request work), at once after a
+quiet spell or when a caller is about to wait for its record (``hurry()``:
+``Durability: log``, claims, flushes), so only ``memory`` writes ever wait for it. Per partition, records go
+out in the order they were enqueued; across topics and partitions they are handed
+over in enqueue order, round by round.
+
+When a delivery fails (broker gone, fenced, out of sequence, timeout) the producer is
+rebuilt and every record not yet acknowledged is sent again in its original order;
+readers drop the duplicates by version (node/shard.py). If the sender task itself
+dies, every pending delivery future is failed, never left hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -41,14 +56,23 @@ class Outgoing:
     future: asyncio.Future[int] = field(repr=False)
 
 
+TopicPartition = tuple[str, int]
+MAX_BATCH_BYTES = 256 * 1024
+
+
 class Replicator:
     def __init__(self, settings: ReplicatorSettings, client_id: str) -> None:
         self.settings = settings
         self.client_id = client_id
         self._seq = itertools.count()
-        self._pending: deque[Outgoing] = deque()  # not yet handed to the producer
-        self._inflight: dict[int, Outgoing] = {}  # handed over, not acknowledged (insertion = send order)
+        # every record from enqueue to acknowledgement, in enqueue order (seq)
+        self._unacked: dict[int, Outgoing] = {}
+        # records not yet handed to the producer, per partition, in enqueue order
+        self._queues: dict[TopicPartition, deque[Outgoing]] = {}
+        # partitions with a batch handed over and not yet acknowledged
+        self._busy: set[TopicPartition] = set()
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # someone awaits a delivery: skip the send interval
         self._producer: AIOKafkaProducer | None = None
         self._generation = 0
         self._broken = False
@@ -61,27 +85,24 @@ class Replicator:
         self.other_acked_total = 0
         self.rebuilds_total = 0
         self.send_latency_sum_s = 0.0
+        self.batches_total = 0
 
     # -- admission --------------------------------------------------------------
     @property
     def depth(self) -> int:
-        return len(self._pending) + len(self._inflight)
+        return len(self._unacked)
 
     def oldest_unacked_age_s(self, now: float | None = None) -> float:
+        if not self._unacked:
+            return 0.0
         now = time.monotonic() if now is None else now
-        oldest = None
-        if self._inflight:
-            oldest = next(iter(self._inflight.values())).enqueued_at
-        if self._pending:
-            first = self._pending[0].enqueued_at
-            oldest = first if oldest is None else min(oldest, first)
-        return 0.0 if oldest is None else now - oldest
+        return now - next(iter(self._unacked.values())).enqueued_at
 
     def check_admission(self) -> None:
         """Raise before anything changes if a new event could not be replicated in time."""
         if self._task is None or self._task.done():
             raise KafkaStalled("replicator is not running")
-        if self.depth >= self.settings.queue_max:
+        if len(self._unacked) >= self.settings.queue_max:
             raise QueueFull(f"replication queue full ({self.depth} events)")
         if self.oldest_unacked_age_s() > self.settings.kafka_deadline_s:
             raise KafkaStalled(f"Kafka has not acknowledged for {self.oldest_unacked_age_s():.1f}s")
@@ -93,21 +114,35 @@ class Replicator:
         order they were enqueued (also when resent after a producer rebuild)."""
         self.check_admission()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(Outgoing(next(self._seq), topic or self.settings.changes_topic, partition, key, value,
-                                      time.monotonic(), fut))
-        self._wake.set()
+        item = Outgoing(next(self._seq), topic or self.settings.changes_topic, partition, key, value,
+                        time.monotonic(), fut)
+        self._unacked[item.seq] = item
+        tp = (item.topic, partition)
+        queue = self._queues.get(tp)
+        if queue is None:
+            queue = self._queues[tp] = deque()
+        queue.append(item)
+        if tp not in self._busy:
+            self._wake.set()
         return fut
+
+    def hurry(self) -> None:
+        """A caller is about to wait for the records queued so far (``Durability: log``,
+        a claim): hand them over now rather than at the end of the send interval."""
+        self._hurry.set()
+        self._wake.set()
 
     async def send_and_wait(self, partition: int, key: bytes, value: bytes, timeout_s: float | None = None) -> int:
         fut = self.enqueue(partition, key, value)
+        self.hurry()
         return await asyncio.wait_for(asyncio.shield(fut), timeout_s or self.settings.kafka_deadline_s * 2)
 
     async def flush(self, partitions: Iterable[int] | None = None, timeout_s: float = 30.0) -> None:
         """Wait until every event queued so far (for these partitions) is acknowledged."""
         wanted = None if partitions is None else set(partitions)
-        futs = [o.future for o in itertools.chain(self._pending, self._inflight.values())
-                if wanted is None or o.partition in wanted]
+        futs = [o.future for o in self._unacked.values() if wanted is None or o.partition in wanted]
         if futs:
+            self.hurry()
             await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in futs), return_exceptions=True), timeout_s)
 
     # -- lifecycle --------------------------------------------------------------
@@ -139,12 +174,13 @@ class Replicator:
         self._fail_all(ReplicationError(f"replicator sender stopped: {exc!r}"))
 
     def _fail_all(self, exc: Exception) -> None:
-        for item in itertools.chain(self._pending, self._inflight.values()):
+        for item in self._unacked.values():
             if not item.future.done():
                 item.future.set_exception(exc)
                 item.future.exception()  # mark retrieved: nobody may be awaiting a memory-durability future
-        self._pending.clear()
-        self._inflight.clear()
+        self._unacked.clear()
+        self._queues.clear()
+        self._busy.clear()
 
     async def _build_producer(self) -> None:
         backoff = 0.1
@@ -154,9 +190,9 @@ class Replicator:
                 client_id=self.client_id,
                 acks="all",
                 enable_idempotence=True,
-                linger_ms=self.settings.linger_ms,
+                linger_ms=0,  # batches are built and closed here (see _run)
                 request_timeout_ms=self.settings.request_timeout_ms,
-                max_batch_size=256 * 1024,
+                max_batch_size=MAX_BATCH_BYTES,  # also the size of the batches built here
                 max_request_size=2 * 1024 * 1024,
             )
             try:
@@ -185,55 +221,99 @@ class Replicator:
         self.rebuilds_total += 1
         old = self._producer
         self._producer = None
-        # Everything not acknowledged goes out again, in its original order.
-        unacked = sorted(list(self._inflight.values()) + list(self._pending), key=lambda o: o.seq)
-        self._inflight.clear()
-        self._pending = deque(unacked)
-        log.warning("rebuilding Kafka producer", extra={"resend": len(unacked)})
+        # Everything not acknowledged goes out again, in its original order (the
+        # callbacks of the old producer's batches are ignored: another generation).
+        self._queues.clear()
+        self._busy.clear()
+        for item in self._unacked.values():  # enqueue (seq) order
+            self._queues.setdefault((item.topic, item.partition), deque()).append(item)
+        log.warning("rebuilding Kafka producer", extra={"resend": len(self._unacked)})
         if old is not None:
             await self._close_producer(old)
         await self._build_producer()
 
+    def _ready(self) -> list[TopicPartition]:
+        """Partitions with queued records and no batch in flight, oldest record first."""
+        ready = [tp for tp, q in self._queues.items() if q and tp not in self._busy]
+        if len(ready) > 1:
+            ready.sort(key=lambda tp: self._queues[tp][0].seq)
+        return ready
+
     async def _run(self) -> None:
+        linger_s = self.settings.linger_ms / 1000
+        last_round = -linger_s
         while True:
             if self._broken:
                 await self._rebuild()
-            if not self._pending:
+            ready = self._ready()
+            if not ready:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # At most one round per linger: under load, records arriving meanwhile share
+            # the next request (fewer produce requests, and fewer wake-ups of every
+            # follower's fetch); after a quiet spell, or when a caller waits for its
+            # record (hurry), records go at once.
+            wait_s = last_round + linger_s - time.monotonic()
+            if wait_s > 0 and not self._hurry.is_set():
+                try:
+                    await asyncio.wait_for(self._hurry.wait(), wait_s)
+                except asyncio.TimeoutError:
+                    pass
+                ready = self._ready()
+            self._hurry.clear()
+            last_round = time.monotonic()
             producer, generation = self._producer, self._generation
             assert producer is not None
             try:
-                while self._pending and not self._broken:
-                    item = self._pending[0]
-                    delivery = await producer.send(item.topic, item.value, key=item.key, partition=item.partition)
-                    self._pending.popleft()
-                    self._inflight[item.seq] = item
-                    if item.topic == self.settings.changes_topic:
-                        self.sent_total += 1
+                for tp in ready:
+                    if self._broken:
+                        break
+                    queue = self._queues[tp]
+                    batch = producer.create_batch()
+                    items: list[Outgoing] = []
+                    while queue:
+                        item = queue[0]
+                        # the first record always fits (a batch may exceed its size for it)
+                        if batch.append(timestamp=None, key=item.key, value=item.value) is None:
+                            break
+                        items.append(queue.popleft())
+                    batch.close()
+                    # A failure from here on leaves the records in _unacked: _rebuild re-queues them.
+                    delivery = await producer.send_batch(batch, tp[0], partition=tp[1])
+                    self._busy.add(tp)
+                    if tp[0] == self.settings.changes_topic:
+                        self.sent_total += len(items)
                     else:
-                        self.other_sent_total += 1
-                    delivery.add_done_callback(lambda f, item=item, g=generation: self._on_delivered(item, g, f))
+                        self.other_sent_total += len(items)
+                    self.batches_total += 1
+                    delivery.add_done_callback(functools.partial(self._on_delivered, tp, items, generation))
             except (KafkaError, OSError) as exc:
                 log.warning("send failed", extra={"error": repr(exc)})
                 self._broken = True
 
-    def _on_delivered(self, item: Outgoing, generation: int, delivery: asyncio.Future) -> None:
-        if generation != self._generation or item.seq not in self._inflight:
-            return  # superseded by a rebuild: the item was re-queued
+    def _on_delivered(self, tp: TopicPartition, items: list[Outgoing], generation: int,
+                      delivery: asyncio.Future) -> None:
+        if generation != self._generation:
+            return  # superseded by a rebuild: the items were re-queued
         if delivery.cancelled() or delivery.exception() is not None:
             if not self._broken:
                 log.warning("delivery failed", extra={"error": repr(None if delivery.cancelled() else delivery.exception())})
                 self._broken = True
                 self._wake.set()
             return
-        del self._inflight[item.seq]
-        if item.topic == self.settings.changes_topic:
-            self.acked_total += 1
-        else:
-            self.other_acked_total += 1
+        self._busy.discard(tp)
+        base = delivery.result().offset
         now = time.monotonic()
-        self.send_latency_sum_s += now - item.enqueued_at
-        if not item.future.done():
-            item.future.set_result(delivery.result().offset)
+        for i, item in enumerate(items):
+            if self._unacked.pop(item.seq, None) is None:
+                continue  # failed meanwhile (stop)
+            if tp[0] == self.settings.changes_topic:
+                self.acked_total += 1
+            else:
+                self.other_acked_total += 1
+            self.send_latency_sum_s += now - item.enqueued_at
+            if not item.future.done():
+                item.future.set_result(base + i)
+        if self._queues.get(tp):
+            self._wake.set()

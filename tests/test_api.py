@@ -195,3 +195,50 @@ async def test_ttl_expiry_removes_the_session_and_logs_it(api: Api, cluster: Loc
 async def test_unknown_route_is_a_json_404(api: Api) -> None:
     status, body, _ = await api.call("GET", "/v2/nothing")
     assert status == 404 and body["error"] == "not_found"
+
+
+async def test_prefer_return_minimal_answers_without_the_data(api: Api) -> None:
+    """RFC 7240 through the router: it passes Prefer to the node and Preference-Applied back."""
+    minimal = {"Prefer": "return=minimal"}
+    s = sid()
+    status, body, headers = await api.call("POST", "/v1/sessions", {"id": s, "data": {"big": "x" * 500}},
+                                           headers=minimal)
+    assert status == 201 and set(body) == {"id", "version", "expires_at"}
+    assert body["id"] == s and body["version"] == 1 and headers["Preference-Applied"] == "return=minimal"
+    for i in range(3):
+        status, body, headers = await api.call("POST", f"/v1/sessions/{s}/lists/messages",
+                                               {"items": [f"m{i}"], "max_len": 2}, headers=minimal)
+        assert status == 200 and body["version"] == i + 2 and "data" not in body
+        assert headers["ETag"] == f'"{i + 2}"' and headers["Preference-Applied"] == "return=minimal"
+    # the write was applied in full; only the answer was small
+    status, body, headers = await api.call("GET", f"/v1/sessions/{s}", headers=minimal)
+    assert status == 200 and body["data"] == {"big": "x" * 500, "messages": ["m1", "m2"]}
+    assert "Preference-Applied" not in headers  # reads always return the session
+    for op in (("PATCH", f"/v1/sessions/{s}", {"a": 1}), ("PUT", f"/v1/sessions/{s}/keys/k", 2),
+               ("DELETE", f"/v1/sessions/{s}/keys/k", None), ("PUT", f"/v1/sessions/{s}", {"b": 3})):
+        status, body, headers = await api.call(*op, headers={"Prefer": 'respond-async, RETURN="Minimal"; x=1'})
+        assert status == 200 and set(body) == {"id", "version", "expires_at"}, op
+        assert headers["Preference-Applied"] == "return=minimal"
+    # no preference, or another one: the whole session, no Preference-Applied
+    for hdrs in ({}, {"Prefer": "return=representation"}, {"Prefer": "return=representation, return=minimal"},
+                 {"Prefer": "handling=lenient"}):
+        status, body, headers = await api.call("PATCH", f"/v1/sessions/{s}", {"c": 4}, headers=hdrs)
+        assert status == 200 and body["data"]["b"] == 3 and "Preference-Applied" not in headers, hdrs
+    status, body, headers = await api.call("DELETE", f"/v1/sessions/{s}", headers=minimal)
+    assert status == 204 and body is None and "Preference-Applied" not in headers
+
+
+async def test_prefer_minimal_on_a_generated_id_and_an_idempotent_replay(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/v1/sessions", headers={"Prefer": "return=minimal"})
+    assert status == 201 and len(body["id"]) >= 22 and body["version"] == 1  # the client learns its id
+    s = body["id"]
+    append = {"items": ["once"], "max_len": 5}
+    first = await api.call("POST", f"/v1/sessions/{s}/lists/m", append,
+                           headers={"Idempotency-Key": "pm-1", "Prefer": "return=minimal"})
+    assert first[0] == 200 and first[1]["version"] == 2
+    # a replay is rendered as the repeat asks: the stored first answer, minimal or whole
+    again = await api.call("POST", f"/v1/sessions/{s}/lists/m", append,
+                           headers={"Idempotency-Key": "pm-1", "Prefer": "return=minimal"})
+    assert again[1] == first[1] and again[2]["Idempotent-Replayed"] == "true"
+    full = await api.call("POST", f"/v1/sessions/{s}/lists/m", append, headers={"Idempotency-Key": "pm-1"})
+    assert full[1]["version"] == 2 and full[1]["data"] == {"m": ["once"]}

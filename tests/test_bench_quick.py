@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) ->
     out = tmp_path_factory.mktemp("bench") / "quick"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
-                           "--kafka-bootstrap", kafka_bootstrap],
+                           "--kafka-bootstrap", kafka_bootstrap, "--profile", "direct"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -85,11 +85,62 @@ def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
     summ = quick_run["doc"]["summary"]["write-heavy"]
     cfg = quick_run["doc"]["config"]
     window_bytes = cfg["window"] * cfg["msg_bytes"]
+    assert cfg["turn_response"] == "minimal"
     for system in ("router", "direct", "redis-naive", "redis-atomic"):
-        # the request carries one message, the response the whole window
-        assert window_bytes < summ[system]["bytes_per_turn"] < 1.5 * window_bytes, system
-    # client-side state ships the window both ways
-    assert summ["client-side"]["bytes_per_turn"] > 1.8 * window_bytes
+        # the request carries one message, the minimal answer no window
+        assert cfg["msg_bytes"] < summ[system]["bytes_per_turn"] < 5 * cfg["msg_bytes"], system
+        assert summ[system]["resp_bytes_per_turn"] < cfg["msg_bytes"] * 2, system
+    # client-side state ships the window to the server with every turn
+    assert window_bytes < summ["client-side"]["bytes_per_turn"] < 1.2 * window_bytes
+
+
+@pytest.mark.kafka
+def test_quick_profile_of_direct(quick_run: dict[str, Any]) -> None:
+    """--profile direct: one extra step with py-spy on the router and both nodes."""
+    doc = quick_run["doc"]
+    (prof,) = doc["profiles"]
+    assert prof["system"] == "direct" and set(prof["procs"]) == {"n1", "n2", "router"}
+    assert all(s["phase"] != "profile" for s in doc["steps"])  # not part of the sweep's results
+    if not any(prof["procs"].values()):
+        pytest.skip("py-spy could not attach to the processes here (ptrace not permitted)")
+    for name in ("n1", "n2"):
+        s = prof["procs"][name]
+        assert s["samples"] > 0 and s["cpu_pct"] is not None
+        assert any(area.startswith("HTTP") for area, _ in s["by_area"])
+        for kind in ("txt", "svg", "collapsed"):
+            assert Path(s["files"][kind]).stat().st_size > 0
+    assert "## Profiles (py-spy)" in (quick_run["out"] / "report.md").read_text()
+
+
+def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
+    from bench import profile
+
+    text = "\n".join([
+        "main (cli.py);Runner.run (asyncio/runners.py) 50",
+        "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
+        "NodeStore.write (node/store.py);apply (node/ops.py) 20",
+        "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
+        "json_response (node/http.py) 10",
+        "main (cli.py);Runner.run (asyncio/runners.py);Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py)"
+        ";Schema.decode (aiokafka/protocol/types.py) 20",
+        "garbage line",
+    ])
+    stacks = profile.parse_collapsed(text)
+    assert len(stacks) == 4
+    s = profile.summarize(stacks, duration_s=2.0, rate_hz=100)
+    assert s["samples"] == 100 and s["active_pct"] == 50.0
+    areas = dict(s["by_area"])
+    assert areas == {profile.EVENT_LOOP: 50.0, "Kafka consumer: aiokafka Fetcher": 20.0,
+                     "node: store.write (apply, limits, hand-over to the replicator)": 20.0,
+                     "HTTP: handlers, middlewares, responses (aiohttp)": 10.0}
+    assert dict(s["by_package"]) == {"asyncio": 50.0, "aiokafka": 20.0, "node": 30.0}
+    incl = dict(s["top_inclusive"])
+    assert incl["RequestHandler._handle_request (aiohttp/web_protocol.py)"] == 30.0
+    assert incl["main (cli.py)"] == 100.0
+    svg = profile.flamegraph_svg(stacks, "t <&>")
+    assert svg.startswith("<svg") and "t &lt;&amp;&gt;" in svg and svg.count("<rect") >= 6
+    assert "apply (node/ops.py) (20.0%)" in svg
+    assert "no-such" not in profile.summary_text("n1", s) and "%own  function" in profile.summary_text("n1", s)
 
 
 # --------------------------------------------------------------------------- generator alone
@@ -97,8 +148,10 @@ def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
 
 async def test_loadgen_counts_errors_and_timeouts() -> None:
     """Against a server answering 503 for one session and never in time for another:
-    sent == ok + http errors + timeouts, latency only from answered requests."""
+    sent == ok + http errors + timeouts, latency only from answered requests. Turns ask
+    for minimal answers, whose versions the generator checks."""
     window = 5
+    versions: dict[str, int] = {}
 
     async def append(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
@@ -107,8 +160,9 @@ async def test_loadgen_counts_errors_and_timeouts() -> None:
             return web.json_response({"error": "unavailable"}, status=503)
         if sid == "s-2":
             await asyncio.sleep(5)
-        msgs = [{"n": i} for i in range(window - 1)] + doc["items"]
-        return web.Response(body=orjson.dumps({"id": sid, "version": 2, "data": {"messages": msgs}}),
+        versions[sid] = versions.get(sid, 1) + 1
+        assert request.headers["Prefer"] == "return=minimal" and len(doc["items"]) == 1
+        return web.Response(body=orjson.dumps({"id": sid, "version": versions[sid], "expires_at": 1.0}),
                             content_type="application/json")
 
     app = web.Application()
@@ -135,3 +189,30 @@ async def test_loadgen_counts_errors_and_timeouts() -> None:
     assert step["ok"] == 50 and step["checks"]["fail"] == 0 and step["checks"]["ok"] == 50
     assert step["latency_ms"]["count"] == 50 and step["latency_ms"]["max"] < 1000
     assert step["bytes_per_turn"] > 300
+
+
+async def test_loadgen_checks_catch_a_version_that_does_not_grow() -> None:
+    """A minimal answer whose version does not grow fails the generator's check."""
+
+    async def append(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"id": request.match_info["sid"], "version": 2, "expires_at": 1.0}),
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/sessions/{sid}/lists/{field}", append)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        w = loadgen.Worker({"wid": 0, "kind": "sticky", "targets": [("127.0.0.1", port)],
+                            "sessions": [("s-0", 0), ("s-1", 0)], "window": 5, "msg_bytes": 300, "max_conns": 8,
+                            "check_every": 1})
+        await w.setup()
+        part = await w.step({"rate": 100, "duration": 0.2, "read_frac": 0.0, "drain_s": 0.3,
+                             "start_at": time.monotonic() + 0.05, "prewarm": 2})
+    finally:
+        await runner.cleanup()
+    assert part["ok"] == 20
+    assert part["checks"]["ok"] == 2 and part["checks"]["fail"] == 18  # each session's first answer passes

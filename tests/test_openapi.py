@@ -430,3 +430,29 @@ def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
     enum = set(spec["components"]["schemas"]["Error"]["properties"]["error"]["enum"])
     assert all(v["error"] in enum for _, p, v in examples if p.endswith("/schema") and isinstance(v, dict)
                and "error" in v)
+
+
+# -- Prefer: return=minimal ------------------------------------------------------------
+
+
+def test_minimal_answer_is_documented_on_every_write_with_a_body(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    minimal = schemas["SessionMinimal"]
+    keys = _dict_keys_of(node.http.NodeHandlers._render_minimal, "body")
+    assert set(minimal["properties"]) == set(minimal["required"]) == keys
+    assert keys < set(schemas["Session"]["properties"])
+    assert spec["components"]["headers"]["Preference-Applied"]["schema"]["enum"] == ["return=minimal"]
+    assert '"Preference-Applied"] = "return=minimal"' in inspect.getsource(node.http.NodeHandlers._write)
+    assert "prefer" not in router.app.STRIPPED and "preference-applied" not in router.app.HOP_BY_HOP
+    prefer = {"$ref": "#/components/parameters/Prefer"}
+    writes = [(m, p, op) for m, p, op in _operations(spec) if m in ("POST", "PUT", "PATCH", "DELETE")]
+    assert len(writes) == 7
+    for method, path, op in writes:
+        bodies = {s: r for s, r in op["responses"].items() if str(s).startswith("2") and "content" in r}
+        if not bodies:  # 204: nothing to make minimal
+            assert prefer not in op["parameters"], (method, path)
+            continue
+        assert prefer in op["parameters"], (method, path)
+        for status, resp in bodies.items():
+            assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/WriteResult"}
+            assert "Preference-Applied" in resp["headers"], (method, path, status)

@@ -49,11 +49,14 @@ async def test_tenants_with_the_same_id_never_see_each_other(http: aiohttp.Clien
     assert (await b("PATCH", f"/v1/sessions/{SID}", {"owner": "B2"}))[0] == 200
     assert (await b("POST", f"/v1/sessions/{SID}/lists/x", {"items": [1]}))[0] == 200
     assert (await b("PUT", f"/v1/sessions/{SID}/keys/k", 5))[0] == 200
+    status, minimal, _ = await b("PUT", f"/v1/sessions/{SID}/keys/k", 5, {"Prefer": "return=minimal"})
+    assert status == 200 and minimal["id"] == SID  # the minimal answer hides the namespace too
     status, history_b, _ = await b("GET", f"/v1/sessions/{SID}/history")
-    assert status == 200 and [e["op"] for e in history_b["events"]] == ["create", "patch", "append", "set_key"]
+    assert status == 200 and [e["op"] for e in history_b["events"]] == ["create", "patch", "append", "set_key",
+                                                                        "set_key"]
     assert all(e["sid"] == SID and "A" not in str(e.get("data")) for e in history_b["events"])
     status, meta_b, _ = await b("GET", f"/v1/sessions/{SID}/meta")
-    assert status == 200 and meta_b["version"] == 4 and meta_b["id"] == SID
+    assert status == 200 and meta_b["version"] == 5 and meta_b["id"] == SID
     assert (await b("DELETE", f"/v1/sessions/{SID}"))[0] == 204
 
     # A's session is untouched by all of that.
