@@ -21,6 +21,7 @@ from aiohttp.test_utils import make_mocked_request
 import node.errors
 import node.http
 import router.app
+import router.forward
 from node import validate
 from node.http import build_app as build_node_app
 from node.ops import EVENT_META, WRITE_OPS, apply, view
@@ -443,7 +444,7 @@ def test_minimal_answer_is_documented_on_every_write_with_a_body(spec: dict[str,
     assert keys < set(schemas["Session"]["properties"])
     assert spec["components"]["headers"]["Preference-Applied"]["schema"]["enum"] == ["return=minimal"]
     assert '"Preference-Applied"] = "return=minimal"' in inspect.getsource(node.http.NodeHandlers._write)
-    assert "prefer" not in router.app.STRIPPED and "preference-applied" not in router.app.HOP_BY_HOP
+    assert "prefer" not in router.forward.STRIPPED and "preference-applied" not in router.forward.HOP_BY_HOP
     prefer = {"$ref": "#/components/parameters/Prefer"}
     writes = [(m, p, op) for m, p, op in _operations(spec) if m in ("POST", "PUT", "PATCH", "DELETE")]
     assert len(writes) == 7
