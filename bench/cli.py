@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-wait-seconds", type=float, default=None,
                    help="before each step wait up to this long for other processes to go below --noisy-pct "
                         "(default 20, quick 0)")
+    p.add_argument("--quiet-budget-seconds", type=float, default=180.0,
+                   help="the most time spent waiting for the machine to calm down over the whole run")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     return p
@@ -144,6 +146,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         noisy_retries=ns.noisy_retries if ns.noisy_retries is not None else (0 if quick else 2),
         stall_pct=ns.stall_pct,
         quiet_wait_s=ns.quiet_wait_seconds if ns.quiet_wait_seconds is not None else (0.0 if quick else 20.0),
+        quiet_budget_s=ns.quiet_budget_seconds,
     )
 
 
