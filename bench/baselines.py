@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     app = (build_redis_app(args.redis_host, args.redis_port, args.mode, args.pool_size) if args.kind == "redis"
            else build_client_state_app())
     web.run_app(app, host=args.host, port=args.port, reuse_port=True, print=None, access_log=None,
-                shutdown_timeout=2)
+                shutdown_timeout=2, backlog=1024)  # the same accept queue as the nodes and the router
     return 0
 
 

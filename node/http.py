@@ -303,6 +303,9 @@ class NodeHandlers:
                               "draining": self.store.draining}, 200 if ready else 503)
 
 
+LISTEN_BACKLOG = 1024
+
+
 async def serve(settings: NodeSettings) -> None:
     """Run a node until SIGTERM/SIGINT, then drain before closing anything."""
     import signal
@@ -311,7 +314,9 @@ async def serve(settings: NodeSettings) -> None:
     app = build_app(settings, store)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # A deep accept queue: aiohttp's default (128) overflows when a burst of clients
+    # connects at once; the dropped handshakes come back as 1 s SYN retransmits.
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
     await site.start()
     log.info("node listening", extra={"url": f"http://{settings.host}:{settings.port}"})
     stop = asyncio.Event()
