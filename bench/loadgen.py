@@ -62,8 +62,9 @@ class Req:
         self.intended = intended
         self.data = data
         self.check = check
-        # what a checked answer must show: for a read, the newest message acknowledged to
-        # this session when the read was sent; for a minimal turn, the turns sent so far
+        # what a checked answer must exceed or reach: for a read, the newest message
+        # acknowledged to this session when the read was sent; for a minimal turn, the
+        # highest version answered to this session before the turn was sent
         self.expect = expect
         self.pool: Pool | None = None
         self.fut: asyncio.Future[None] | None = None
@@ -304,7 +305,7 @@ class Worker:
             check = True
         if op == TURN:
             self.turns_sent[idx] += 1
-            expect = self.turns_sent[idx]
+            expect = self.seen_version[idx]
         else:
             expect = self.acked_n[idx]
         if self.kind == "client":
@@ -380,10 +381,11 @@ class Worker:
                     # the server was handed the history, appended and trimmed it
                     ok = doc["length"] == self.window
                 else:
-                    # the version grew past every version seen before, and by no more than
-                    # the turns sent to this session (only this worker writes it)
+                    # the version is above every version answered before the turn was sent,
+                    # and at most 1 + the turns sent to this session so far (only this worker
+                    # writes it; turns sent while this one was in flight may have gone first)
                     v = doc["version"]
-                    ok = self.seen_version[req.sess] < v <= 1 + req.expect and "data" not in doc
+                    ok = req.expect < v <= 1 + self.turns_sent[req.sess] and "data" not in doc
                     self.seen_version[req.sess] = max(self.seen_version[req.sess], v)
             else:
                 window = doc["history"] if self.kind == "client" else doc["data"]["messages"]

@@ -108,7 +108,8 @@ def _is_python_frame(frame: str) -> bool:
 AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("node: store.write (apply, limits, hand-over to the replicator)", ("NodeStore.write (",)),
     ("node: Durability log wait (confirm)", ("NodeStore.confirm (",)),
-    ("router: forwarding to the node (client side)", ("Forwarder.",)),
+    ("router: relay (client connections, forwarding, answers)",
+     ("Forwarder.", "RelayFront.", "ClientConnection.", "UpstreamConnection.", "UpstreamPool.")),
     ("Kafka producer: Replicator sender task", ("Replicator._run (",)),
     ("Kafka producer: aiokafka Sender", ("Sender.",)),
     ("Kafka consumer: aiokafka Fetcher", ("Fetcher.",)),
@@ -239,6 +240,15 @@ def flamegraph_svg(stacks: Stacks, title: str, width: int = 1200, row_px: int = 
     draw("all", tree, 0.0, 0)
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def resummarize(s: dict[str, Any]) -> dict[str, Any]:
+    """A stored summary computed again from its collapsed stacks (after AREAS changed)."""
+    path = Path(s.get("files", {}).get("collapsed", ""))
+    if not path.is_file():
+        return s
+    fresh = summarize(parse_collapsed(path.read_text(errors="replace")), s["duration_s"], s["rate_hz"])
+    return {**s, **fresh}
 
 
 def finish(rec: Recording, duration_s: float, rate_hz: int, title: str,

@@ -493,6 +493,11 @@ def write_all(doc: dict[str, Any], out_dir: Path, make_plots: bool = True) -> di
 
     written = plots(doc, out_dir) if make_plots else []
     doc = dict(doc)
+    if doc.get("profiles"):
+        from bench.profile import resummarize
+
+        for pr in doc["profiles"]:
+            pr["procs"] = {n: resummarize(s) if s else s for n, s in pr["procs"].items()}
     doc["summary"] = summarize(doc)
     doc["targets"] = targets(doc)
     doc["summary_p90"] = summarize(doc, "p90")

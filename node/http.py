@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from node import validate as v
-from node.errors import BadRequest, StickyError
+from node.errors import BadRequest, StickyError, Unavailable
 from node.ops import Op, view
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -201,6 +201,13 @@ class NodeHandlers:
         shard = await self.store.serving_shard(sid)
         if not self.settings.replication:
             raise BadRequest("history needs replication (this node keeps no log)", code="bad_operation")
+        try:
+            # Read-your-writes: every change answered before this request (Durability:
+            # memory ones too, which may still be queued) is in the log before it is read.
+            await self.store.replicator.flush([shard.id], timeout_s=self.settings.replicator.kafka_deadline_s)
+        except asyncio.TimeoutError:
+            raise Unavailable("Kafka did not take this shard's queued changes in time", retry_after_s=1,
+                              code="replication_unavailable") from None
         items, more = await self.store.history.read(shard.id, sid, after, limit)
         tenant = request.headers.get(TENANT_HEADER)
         for item in items:
