@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from replicator.events import decode
 
 
-async def read_partition(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, dict[str, Any]]]:
-    """Every record of one partition up to its end offset now: (offset, key, event)."""
+async def read_records(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every record of one partition up to its end offset now: (offset, key, raw value)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest")
     await consumer.start()
@@ -23,14 +23,18 @@ async def read_partition(bootstrap: str, topic: str, partition: int) -> list[tup
         end = (await consumer.end_offsets([tp]))[tp]
         # seek_to_beginning() races with the reset that assign() starts; an explicit seek does not.
         consumer.seek(tp, 0)
-        out: list[tuple[int, bytes | None, dict[str, Any]]] = []
+        out: list[tuple[int, bytes | None, bytes | None]] = []
         while (await consumer.position(tp)) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000)
-            for rec in batch.get(tp, []):
-                out.append((rec.offset, rec.key, decode(rec.value)))
+            out.extend((rec.offset, rec.key, rec.value) for rec in batch.get(tp, []))
         return out
     finally:
         await consumer.stop()
+
+
+async def read_partition(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, dict[str, Any]]]:
+    """Every change event of one partition up to its end offset now: (offset, key, event)."""
+    return [(offset, key, decode(value)) for offset, key, value in await read_records(bootstrap, topic, partition)]
 
 
 class Api:

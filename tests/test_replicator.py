@@ -8,32 +8,15 @@ import random
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from replicator.producer import Replicator
 from replicator.settings import ReplicatorSettings
 from replicator.topics import ensure_topics
+from tests.helpers import read_records
 
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
-
-
-async def records_of(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, bytes | None]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        consumer.seek(tp, 0)
-        out = []
-        while (await consumer.position(tp)) < end:
-            for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                out.append((rec.offset, rec.key, rec.value))
-        return out
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture
@@ -70,7 +53,7 @@ async def test_every_record_gets_its_own_offset_in_enqueue_order(settings: Repli
         await rep.stop()
     for topic in (settings.changes_topic, other):
         for p in range(PARTITIONS):
-            log = await records_of(settings.kafka_bootstrap, topic, p)
+            log = await read_records(settings.kafka_bootstrap, topic, p)
             mine = [(off, key, value) for (t, pp, key, value, _), off in zip(sent, offsets) if (t, pp) == (topic, p)]
             assert log == mine, (topic, p)  # the future's offset is the record's; enqueue order kept
 
@@ -93,7 +76,7 @@ async def test_a_rebuilt_producer_sends_again_what_was_not_acknowledged(settings
     finally:
         await rep.stop()
     for p in range(PARTITIONS):
-        log = await records_of(settings.kafka_bootstrap, settings.changes_topic, p)
+        log = await read_records(settings.kafka_bootstrap, settings.changes_topic, p)
         by_offset = {off: value for off, _, value in log}
         mine = [(v, off) for (pp, v, _), off in zip(futures, offsets) if pp == p]
         assert all(by_offset[off] == v for v, off in mine)  # each future names its record

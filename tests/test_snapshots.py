@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from node.ops import apply
 from node.shard import Shard
@@ -18,7 +17,7 @@ from replicator import snapshots as snap
 from replicator.settings import ReplicatorSettings
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api
+from tests.helpers import Api, read_records
 from tests.test_failover import wait_for
 
 
@@ -153,23 +152,6 @@ def test_a_loaded_shard_skips_events_its_snapshots_hold() -> None:
 SNAP_ENV = {"STICKYSTATE_SNAPSHOT_EVERY_EVENTS": "50", "STICKYSTATE_SNAPSHOT_MAX_AGE_S": "1"}
 
 
-async def _read_topic_partition(bootstrap: str, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        consumer.seek(tp, 0)
-        out: list[tuple[bytes | None, bytes | None]] = []
-        while (await consumer.position(tp)) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            out.extend((r.key, r.value) for r in batch.get(tp, []))
-        return out
-    finally:
-        await consumer.stop()
-
-
 async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
         start_cluster: Any) -> None:
     c: LocalCluster = start_cluster(standbys=0, node_env=SNAP_ENV)
@@ -224,7 +206,7 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
     topic, part = f"{c.topic}-snapshots", shard_of(sids[0], c.partitions)
     old_key = snap.session_key(sids[0], 1)
     for _ in range(50):
-        records = await _read_topic_partition(c.kafka_bootstrap, topic, part)
+        records = [(k, v) for _, k, v in await read_records(c.kafka_bootstrap, topic, part)]
         latest = dict(records)
         if latest.get(old_key, b"") is None:
             break
