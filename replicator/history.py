@@ -1,6 +1,6 @@
 """A session's audit trail, read from its shard's partition of ``changes``.
 
-One consumer per node process, shared under a lock, created on first use. A page is
+One consumer per node process, shared under a lock, created on first use (replicator/scan.py). A page is
 read by scanning the partition from the start to the end offset taken when the
 request began (its finish line), keeping the session's events that count under the
 fencing rule (node/shard.py: only events of the latest claim's epoch and node), so
@@ -10,73 +10,53 @@ partition is bounded by the ``changes`` retention.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from replicator import events
+from replicator.scan import SharedConsumer, scan
 from replicator.settings import ReplicatorSettings
 
 
 class HistoryReader:
     def __init__(self, settings: ReplicatorSettings, client_id: str) -> None:
         self.settings = settings
-        self.client_id = client_id
-        self._consumer: AIOKafkaConsumer | None = None
-        self._lock = asyncio.Lock()
+        self._reader = SharedConsumer(settings, client_id)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._reader.stop()
 
     async def read(self, shard: int, sid: str, after_offset: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """Events of ``sid`` at offsets > after_offset, oldest first; and whether more follow."""
-        async with self._lock:
-            if self._consumer is None:
-                self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                                  client_id=self.client_id, group_id=None, enable_auto_commit=False,
-                                                  auto_offset_reset="earliest")
-                await self._consumer.start()
-            consumer = self._consumer
+        async with self._reader.use() as consumer:
             tp = TopicPartition(self.settings.changes_topic, shard)
-            consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            consumer.seek(tp, 0)
             key = sid.encode()
             epoch, owner = 0, None
             out: list[dict[str, Any]] = []
             more = False
             last_ver = 0  # of the session's current lifetime: a re-sent duplicate has ver <= last_ver
-            position = 0
-            while position < end:
-                batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
-                for rec in batch.get(tp, []):
-                    position = rec.offset + 1
-                    if rec.offset >= end:
-                        break
-                    if rec.key == events.CLAIM_KEY:
-                        claim = events.decode(rec.value)
-                        if claim["epoch"] > epoch:
-                            epoch, owner = claim["epoch"], claim["node"]
-                        continue
-                    if rec.key != key:
-                        continue
-                    event = events.decode(rec.value)
-                    if event.get("epoch") != epoch or event.get("node") != owner:
-                        continue  # written by a fenced owner: replay ignores it, so does the trail
-                    if event.get("ver", 0) <= last_ver:
-                        continue
-                    last_ver = 0 if event["op"] in ("delete", "expire") else event.get("ver", 0)
-                    if rec.offset <= after_offset:
-                        continue
-                    if len(out) == limit:
-                        more = True
-                        continue
-                    event.pop("idem", None)
-                    event["offset"] = rec.offset
-                    out.append(event)
-                if not batch:
-                    position = await consumer.position(tp)
+            async for rec in scan(consumer, tp, end):
+                if rec.key == events.CLAIM_KEY:
+                    claim = events.decode(rec.value)
+                    if claim["epoch"] > epoch:
+                        epoch, owner = claim["epoch"], claim["node"]
+                    continue
+                if rec.key != key:
+                    continue
+                event = events.decode(rec.value)
+                if event.get("epoch") != epoch or event.get("node") != owner:
+                    continue  # written by a fenced owner: replay ignores it, so does the trail
+                if event.get("ver", 0) <= last_ver:
+                    continue
+                last_ver = 0 if event["op"] in ("delete", "expire") else event.get("ver", 0)
+                if rec.offset <= after_offset:
+                    continue
+                if len(out) == limit:
+                    more = True
+                    continue
+                event.pop("idem", None)
+                event["offset"] = rec.offset
+                out.append(event)
             return out, more

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from replicator.scan import SharedConsumer, scan
 from replicator.settings import ReplicatorSettings
 
 CHECKPOINT = "#checkpoint"
@@ -115,18 +116,15 @@ def choose(latest: dict[bytes, bytes | None], records_read: int = 0) -> Loaded:
 
 class SnapshotReader:
     """Reads whole partitions of the snapshots topic (they are compacted: about one
-    record per live session). One consumer per node process, shared under a lock."""
+    record per live session and epoch). One consumer per node process, shared."""
 
     def __init__(self, settings: ReplicatorSettings, client_id: str) -> None:
         self.settings = settings
-        self.client_id = client_id
-        self._consumer: AIOKafkaConsumer | None = None
-        self._lock = asyncio.Lock()
+        self._reader = SharedConsumer(settings, client_id, fetch_max_wait_ms=10,
+                                      max_partition_fetch_bytes=8 * 1024 * 1024)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._reader.stop()
 
     async def load(self, shard: int, timeout_s: float = 60.0) -> Loaded:
         started = time.monotonic()
@@ -137,45 +135,19 @@ class SnapshotReader:
 
     async def changes_start(self, shard: int) -> int:
         """The first offset still in the shard's ``changes`` partition (retention)."""
-        async with self._lock:
-            consumer = await self._ensure()
+        async with self._reader.use() as consumer:
             tp = TopicPartition(self.settings.changes_topic, shard)
             return (await consumer.beginning_offsets([tp]))[tp]
 
-    async def _ensure(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                              client_id=self.client_id, group_id=None, enable_auto_commit=False,
-                                              auto_offset_reset="earliest", fetch_max_wait_ms=10,
-                                              max_partition_fetch_bytes=8 * 1024 * 1024)
-            await self._consumer.start()
-        return self._consumer
-
     async def _read(self, shard: int) -> tuple[dict[bytes, bytes | None], int]:
-        async with self._lock:
-            consumer = await self._ensure()
+        """The last value of every key (what compaction keeps), and the records read."""
+        latest: dict[bytes, bytes | None] = {}
+        n = 0
+        async with self._reader.use() as consumer:
             tp = TopicPartition(self.settings.snapshots_topic, shard)
-            consumer.assign([tp])
-            start = (await consumer.beginning_offsets([tp]))[tp]
             end = (await consumer.end_offsets([tp]))[tp]
-            latest: dict[bytes, bytes | None] = {}
-            n = 0
-            if end <= start:
-                return latest, n
-            consumer.seek(tp, start)  # explicit offset: seek_to_beginning races with assign
-            position = start
-            while position < end:
-                batch = await consumer.getmany(tp, timeout_ms=500, max_records=10_000)
-                recs = batch.get(tp, [])
-                for rec in recs:
-                    if rec.offset >= end:
-                        position = end
-                        break
-                    position = rec.offset + 1
-                    if rec.key is not None:
-                        latest[rec.key] = rec.value
-                        n += 1
-                if not recs:
-                    # compaction can leave gaps up to the end: trust the fetch position
-                    position = max(position, await consumer.position(tp))
-            return latest, n
+            async for rec in scan(consumer, tp, end, max_records=10_000):
+                if rec.key is not None:
+                    latest[rec.key] = rec.value
+                    n += 1
+        return latest, n

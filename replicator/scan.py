@@ -1,0 +1,60 @@
+"""Reading whole partitions up to an end offset, with one lazily started consumer per
+reader, shared under a lock (the history and snapshot readers of a node)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from replicator.settings import ReplicatorSettings
+
+
+class SharedConsumer:
+    def __init__(self, settings: ReplicatorSettings, client_id: str, **options: Any) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.options = options
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[AIOKafkaConsumer]:
+        """The consumer, for this caller alone until the block ends."""
+        async with self._lock:
+            if self._consumer is None:
+                self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                                  client_id=self.client_id, group_id=None, enable_auto_commit=False,
+                                                  auto_offset_reset="earliest", **self.options)
+                await self._consumer.start()
+            yield self._consumer
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
+async def scan(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int,
+               max_records: int = 5000) -> AsyncIterator[Any]:
+    """Every record of ``tp`` from its first retained offset up to ``end`` (exclusive),
+    in order. Assigns the consumer to ``tp`` alone."""
+    consumer.assign([tp])
+    position = (await consumer.beginning_offsets([tp]))[tp]
+    if position >= end:
+        return
+    consumer.seek(tp, position)  # explicit offset: seek_to_beginning races with assign
+    while position < end:
+        batch = await consumer.getmany(tp, timeout_ms=500, max_records=max_records)
+        recs = batch.get(tp, [])
+        for rec in recs:
+            if rec.offset >= end:
+                return
+            position = rec.offset + 1
+            yield rec
+        if not recs:
+            # compaction or retention can leave gaps up to the end: trust the fetch position
+            position = max(position, await consumer.position(tp))
