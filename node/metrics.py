@@ -56,36 +56,28 @@ class _StoreCollector(Collector):
                                 "Events queued or in flight to Kafka (not yet acknowledged)", value=rep.depth)
         yield GaugeMetricFamily("stickystate_replication_lag_seconds",
                                 "Age of the oldest event not yet acknowledged by Kafka", value=rep.oldest_unacked_age_s())
-        yield CounterMetricFamily("stickystate_replication_events_sent", "Events handed to the Kafka producer",
-                                  value=rep.sent_total)
-        yield CounterMetricFamily("stickystate_replication_snapshot_records_acked",
-                                  "Records of the snapshots topic acknowledged by Kafka", value=rep.other_acked_total)
-        yield CounterMetricFamily("stickystate_replication_events_acked", "Events acknowledged by Kafka (acks=all)",
-                                  value=rep.acked_total)
-        yield CounterMetricFamily("stickystate_replication_send_seconds",
-                                  "Sum of enqueue-to-acknowledgement time of acknowledged events",
-                                  value=rep.send_latency_sum_s)
-        yield CounterMetricFamily("stickystate_replication_producer_rebuilds", "Kafka producers rebuilt after a failure",
-                                  value=rep.rebuilds_total)
-        yield CounterMetricFamily("stickystate_expirations", "Sessions expired by TTL", value=st.expired_total)
-        yield CounterMetricFamily("stickystate_recoveries", "Shards acquired (rebuilt or promoted)",
-                                  value=st.recoveries_total)
-        yield CounterMetricFamily("stickystate_recovery_events_replayed", "Change events applied while rebuilding shards",
-                                  value=st.recovery_events_total)
-        yield CounterMetricFamily("stickystate_recovery_seconds", "Total time spent acquiring shards",
-                                  value=st.recovery_seconds_total)
-        yield CounterMetricFamily("stickystate_snapshots_written", "Session snapshots handed to the producer",
-                                  value=st.snapshots_total)
-        yield CounterMetricFamily("stickystate_snapshot_tombstones", "Snapshot tombstones (deleted/expired sessions)",
-                                  value=st.tombstones_total)
-        yield CounterMetricFamily("stickystate_snapshot_bytes", "Bytes of session snapshots handed to the producer",
-                                  value=st.snapshot_bytes_total)
-        yield CounterMetricFamily("stickystate_snapshot_checkpoints", "Snapshot checkpoints written",
-                                  value=st.checkpoints_total)
+        counters = (
+            ("replication_events_sent", "Events handed to the Kafka producer", rep.sent_total),
+            ("replication_snapshot_records_acked", "Records of the snapshots topic acknowledged by Kafka",
+             rep.other_acked_total),
+            ("replication_events_acked", "Events acknowledged by Kafka (acks=all)", rep.acked_total),
+            ("replication_send_seconds", "Sum of enqueue-to-acknowledgement time of acknowledged events",
+             rep.send_latency_sum_s),
+            ("replication_producer_rebuilds", "Kafka producers rebuilt after a failure", rep.rebuilds_total),
+            ("expirations", "Sessions expired by TTL", st.expired_total),
+            ("recoveries", "Shards acquired (rebuilt or promoted)", st.recoveries_total),
+            ("recovery_events_replayed", "Change events applied while rebuilding shards", st.recovery_events_total),
+            ("recovery_seconds", "Total time spent acquiring shards", st.recovery_seconds_total),
+            ("snapshots_written", "Session snapshots handed to the producer", st.snapshots_total),
+            ("snapshot_tombstones", "Snapshot tombstones (deleted/expired sessions)", st.tombstones_total),
+            ("snapshot_bytes", "Bytes of session snapshots handed to the producer", st.snapshot_bytes_total),
+            ("snapshot_checkpoints", "Snapshot checkpoints written", st.checkpoints_total),
+            ("follower_records", "Records read from Kafka by the follower", st.follower.records_total),
+        )
+        for name, help_text, value in counters:
+            yield CounterMetricFamily(f"stickystate_{name}", help_text, value=value)
         yield GaugeMetricFamily("stickystate_snapshot_tail_events",
                                 "Change events after the last checkpoint, summed over owned shards (what a rebuild replays)",
                                 value=st.snapshot_tail_events())
-        yield CounterMetricFamily("stickystate_follower_records", "Records read from Kafka by the follower",
-                                  value=st.follower.records_total)
         yield GaugeMetricFamily("stickystate_ready", "1 when the node is ready to serve", value=1.0 if st.ready else 0.0)
         yield GaugeMetricFamily("stickystate_scrape_timestamp_seconds", "Time of this scrape", value=time.time())
