@@ -85,6 +85,7 @@ class NodeStore:
         self._checkpointed: dict[int, tuple[int, int]] = {}  # shard -> (epoch, replay_from) of the last checkpoint
         self._cleanup_due: dict[int, asyncio.Future[int]] = {}  # shard -> first checkpoint of our epoch (its delivery)
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()  # referenced until done (the loop keeps only weak refs)
         self.snapshots_total = 0
         self.tombstones_total = 0
         self.checkpoints_total = 0
@@ -160,9 +161,10 @@ class NodeStore:
 
     async def stop(self) -> None:
         self.refusing = self.draining = True
-        for pending in list(self._acquire_tasks.values()) + list(self._bootstraps.values()):
+        background = [*self._acquire_tasks.values(), *self._bootstraps.values(), *self._cleanups]
+        for pending in background:
             pending.cancel()
-        await asyncio.gather(*self._acquire_tasks.values(), *self._bootstraps.values(), return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         for task in (self._expiry_task, self._tick_task, self._verify_task, self._snapshot_task):
             if task is not None:
                 task.cancel()
@@ -401,6 +403,8 @@ class NodeStore:
             del self.shards[s]
 
     def _forget_ownership(self, s: int) -> None:
+        if s in self.shards:
+            self.shards[s].dirty.clear()
         self._full_due.discard(s)
         self._checkpointed.pop(s, None)
         self._cleanup_due.pop(s, None)
@@ -485,7 +489,6 @@ class NodeStore:
                 self._forget_ownership(s)
                 if s in self.shards:
                     self.shards[s].my_epoch = None
-                    self.shards[s].dirty.clear()
             if lost and self.settings.replication:
                 try:
                     await self.replicator.flush(lost, timeout_s=self.settings.replicator.kafka_deadline_s * 2)
@@ -675,8 +678,10 @@ class NodeStore:
             if fut.done():
                 del self._cleanup_due[s]
                 if not fut.cancelled() and fut.exception() is None and s in self.serving:
-                    asyncio.create_task(self._cleanup(s, self.shards[s].my_epoch), name=f"snapshot-cleanup-{s}",
-                                        context=contextvars.Context())
+                    task = asyncio.create_task(self._cleanup(s, self.shards[s].my_epoch),
+                                               name=f"snapshot-cleanup-{s}", context=contextvars.Context())
+                    self._cleanups.add(task)
+                    task.add_done_callback(self._cleanups.discard)
 
     async def _cleanup(self, s: int, epoch: int | None) -> None:
         """Our epoch's first checkpoint is in the log: older epochs' records are not needed."""
