@@ -76,6 +76,12 @@ class _StoreCollector(Collector):
         )
         for name, help_text, value in counters:
             yield CounterMetricFamily(f"stickystate_{name}", help_text, value=value)
+        reads = CounterMetricFamily("stickystate_owner_log_reads",
+                                    "Times an owned partition was read: to settle a hole in the acknowledgements, "
+                                    "because its end moved past our writes (check), or after a stall", labels=["reason"])
+        for reason, value in st.owner_log_reads.items():
+            reads.add_metric([reason], value)
+        yield reads
         yield GaugeMetricFamily("stickystate_snapshot_tail_events",
                                 "Change events after the last checkpoint, summed over owned shards (what a rebuild replays)",
                                 value=st.snapshot_tail_events())

@@ -81,6 +81,13 @@ class Shard:
     packed: dict[str, bytes] = field(default_factory=dict)
     pending: dict[str, list[Op]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    # owner verification (module docstring): the epoch whose acknowledgements are being
+    # tracked, our acknowledged records at or beyond ``position`` (offset -> (sid, version
+    # or DELETED), None for records without bookkeeping), and how far the partition must
+    # be read before the node may stop following it
+    acking: int | None = None
+    acked: dict[int, tuple[str, int] | None] = field(default_factory=dict)
+    read_to: int = 0
 
     def remember(self, event: Op, state: Session | None) -> None:
         idem = event.get("idem")
@@ -121,6 +128,8 @@ class Shard:
         """
         self.position = offset + 1
         self.read_records += 1
+        if self.acked:
+            self.acked.pop(offset, None)  # ours; read here, so its bookkeeping happens below
         if event.get("op") == "claim":
             if event["epoch"] <= self.epoch:
                 return "stale_claim"
@@ -143,12 +152,7 @@ class Shard:
             return self._apply_packed(sid, event)
         if self.my_epoch is not None and self.owner == me and self.epoch == self.my_epoch:
             # applied live already; now it is in the log, a snapshot may cover it
-            mark = self.dirty.get(sid)
-            if mark is None:
-                self.dirty[sid] = [offset, time.monotonic(), 1]
-            else:
-                mark[2] += 1
-            self.read_ver[sid] = DELETED if event["op"] in ("delete", "expire") else event["ver"]
+            self._own(offset, sid, DELETED if event["op"] in ("delete", "expire") else event["ver"])
             return "own"
         current = self.sessions.get(sid)
         if current is not None and event["ver"] <= current["version"]:
@@ -162,13 +166,54 @@ class Shard:
         return "applied"
 
     def write_is_valid(self, offset: int, epoch: int, node: str) -> bool:
-        """Was our write at ``offset`` (read already) inside our ownership, not after a takeover?"""
+        """Was our write at ``offset`` (verified already) inside our ownership, not after a takeover?"""
         governing = None
         for claim_offset, claim_epoch, claim_node in self.claims:
             if claim_offset > offset:
                 break
             governing = (claim_epoch, claim_node)
         return governing == (epoch, node)
+
+    def _own(self, offset: int, sid: str, ver: int) -> None:
+        """Our change at ``offset`` is verified in the log: a snapshot may now cover it."""
+        mark = self.dirty.get(sid)
+        if mark is None:
+            self.dirty[sid] = [offset, time.monotonic(), 1]
+        else:
+            mark[2] += 1
+        self.read_ver[sid] = ver
+
+    def own_acked(self, acked: list[tuple[int, tuple[str, int] | None]]) -> None:
+        """Kafka acknowledged our records at these offsets (owner, ``acking`` set)."""
+        position = self.position
+        for offset, meta in acked:
+            if offset >= position:
+                self.acked[offset] = meta
+        self.absorb()
+
+    def absorb(self) -> None:
+        """Move ``position`` over our acknowledged records that directly follow it."""
+        acked = self.acked
+        while acked:
+            offset = self.position
+            if offset not in acked:
+                if min(acked) < offset:  # read meanwhile (follower): nothing left to do for them
+                    for stale in [o for o in acked if o < offset]:
+                        del acked[stale]
+                    continue
+                return
+            meta = acked.pop(offset)
+            self.position = offset + 1
+            if meta is not None:
+                sid, ver = meta
+                if ver != DELETED and sid in self.sessions:
+                    self.last_offset[sid] = offset
+                self._own(offset, sid, ver)
+
+    @property
+    def hole(self) -> bool:
+        """An acknowledged record of ours lies beyond records we have not verified."""
+        return bool(self.acked)
 
     # -- compact standby form ---------------------------------------------------------------
     def _apply_packed(self, sid: str, event: Op) -> str:
@@ -321,7 +366,13 @@ class Shard:
                 start = int(first)
         return start
 
+    def stop_acking(self) -> None:
+        self.acking = None
+        self.acked.clear()
+        self.read_to = 0
+
     def reset(self) -> None:
+        self.stop_acking()
         self.packed.clear()
         self.pending.clear()
         self.versions.clear()

@@ -6,8 +6,13 @@ Write path (``write``): find the shard (421 if not ours, wait while it is recove
 check idempotency and If-Match, ``apply`` (pure), check limits, hand the event to the
 replicator and install the new state, all in one synchronous step. For durability
 ``log`` the caller then awaits ``confirm``: Kafka acknowledged the event (acks=all) AND
-this node's follower read it back with no takeover claim before it, so an acknowledged
-write can never be on the losing side of a claim.
+no takeover claim precedes it in the partition, so an acknowledged write can never be
+on the losing side of a claim. The owner does not read its own partitions back for
+that: Kafka's acknowledgements of our records at the offsets directly after our claim
+prove nothing else is between (node/shard.py, "Owner verification"). It reads a
+partition only to settle a hole (an acknowledged offset past records it has not seen),
+after a stall, and when the partition's end moved past what it wrote (checked every
+``OWNER_CHECK_S``): that is how an owner that was replaced learns it is fenced.
 
 Ownership (``acquire``): load the shard's snapshots and follow the partition from
 their checkpoint, read to the end offset taken at the start (the finish line), append
@@ -26,6 +31,7 @@ import asyncio
 import contextvars
 import hashlib
 import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -36,7 +42,7 @@ from typing import Any
 from node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
 from node.ops import Op, Session, apply
 from node.settings import NodeSettings
-from node.shard import Shard
+from node.shard import DELETED, Shard
 from node.validate import check_precondition, check_state
 from replicator import events
 from replicator.errors import ReplicationError
@@ -75,7 +81,8 @@ class NodeStore:
         self.me = settings.node_id
         self.clock = clock
         self.partitions = settings.replicator.partitions
-        self.replicator = Replicator(settings.replicator, client_id=f"stickystate-{self.me}")
+        self.replicator = Replicator(settings.replicator, client_id=f"stickystate-{self.me}",
+                                     on_acked=self._on_acked)
         self.follower = Follower(settings.replicator, client_id=f"stickystate-{self.me}-follower",
                                  on_records=self._on_records)
         self.history = HistoryReader(settings.replicator, client_id=f"stickystate-{self.me}-history")
@@ -92,6 +99,13 @@ class NodeStore:
         self.snapshot_bytes_total = 0
         self.snapshot_cleanups_total = 0
         self.shards: dict[int, Shard] = {}
+        # owner verification: confirm() callers waiting for shard.position to pass their
+        # offset, per shard a heap of (offset, seq, future of "verified while owning")
+        self._waiters: dict[int, list[tuple[int, int, asyncio.Future[bool]]]] = {}
+        self._waiter_seq = itertools.count()
+        self._prev_ends: dict[int, int] = {}  # owned shard -> its end offset at the last check
+        self._owner_check_task: asyncio.Task[None] | None = None
+        self.owner_log_reads = {"hole": 0, "check": 0, "stall": 0}  # why owned partitions were read
         self.serving: set[int] = set()
         self.recovering: dict[int, asyncio.Event] = {}
         self.standby: set[int] = set()
@@ -134,13 +148,14 @@ class NodeStore:
         await self.follower.start()
         self._expiry_task = asyncio.create_task(self._expiry_loop(), name="expiry")
         self._tick_task = asyncio.create_task(self._ticker(), name="stall-ticker")
+        self._owner_check_task = asyncio.create_task(self._owner_check_loop(), name="owner-check")
         if self.settings.snapshot_every_events:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="snapshots")
 
     async def drain(self, timeout_s: float = 15.0) -> None:
         """Leave gracefully: refuse new requests, flush replication, then ask the
-        router to move the shards, and wait until their new owners claimed them
-        (our follower reads the claims). Nothing acknowledged is lost, even at
+        router to move the shards, and wait until it has (its assignment takes them
+        away from us, after their queues are flushed). Nothing acknowledged is lost, even at
         durability memory: every queued event is in Kafka before any new claim."""
         if self.refusing:
             return
@@ -165,11 +180,12 @@ class NodeStore:
         for pending in background:
             pending.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        for task in (self._expiry_task, self._tick_task, self._verify_task, self._snapshot_task):
+        for task in (self._expiry_task, self._tick_task, self._verify_task, self._snapshot_task,
+                     self._owner_check_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._expiry_task = self._tick_task = self._snapshot_task = None
+        self._expiry_task = self._tick_task = self._snapshot_task = self._owner_check_task = None
         if self.settings.replication:
             await self.replicator.stop()
             await self.follower.stop()
@@ -215,10 +231,11 @@ class NodeStore:
             shards = sorted(self.serving)
             ends = await asyncio.wait_for(self.follower.end_offsets(shards), self.settings.hold_timeout_s)
             for s, end in ends.items():
-                try:
-                    await self.follower.wait_position(s, end, self.settings.hold_timeout_s)
-                except LookupError:
-                    pass  # fenced and dropped meanwhile
+                shard = self.shards.get(s)
+                if shard is None or shard.acking is None or shard.position >= end:
+                    continue
+                self._read_log(shard, end, "stall")
+                await self._until_verified(shard, end - 1, self.settings.hold_timeout_s)  # False: fenced meanwhile
             ok = True
         except Exception as exc:  # Kafka unreachable: keep refusing; retry shortly
             log.warning("ownership verification failed", extra={"error": repr(exc)})
@@ -293,7 +310,8 @@ class NodeStore:
         event["node"] = self.me
         event["epoch"] = epoch
         try:
-            delivery = (self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+            delivery = (self.replicator.enqueue(shard.id, sid.encode(), events.encode(event),
+                                                meta=(sid, DELETED if new is None else new["version"]))
                         if self.settings.replication else None)
         except ReplicationError as exc:
             raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
@@ -312,14 +330,21 @@ class NodeStore:
         if result.delivery is None:
             return
         deadline = self.settings.replicator.kafka_deadline_s
+        s = result.shard
         try:
             offset = await asyncio.wait_for(asyncio.shield(result.delivery), deadline)
-            await self.follower.wait_position(result.shard, offset + 1, deadline)
+            shard = self.shards.get(s)
+            if shard is not None and shard.position <= offset:
+                # Not verified yet: a hole before it is being read, or we own the shard no more.
+                if not await self._until_verified(shard, offset, deadline):
+                    # Ownership ended first: what decides now is what the log holds before
+                    # our record, read as a follower (or, not followed, a refusal).
+                    await self.follower.wait_position(s, offset + 1, deadline)
         except asyncio.TimeoutError:
             raise Unavailable("Kafka did not confirm the write in time; it is applied in memory and still queued",
                               retry_after_s=1, code="replication_timeout") from None
         except LookupError:
-            pass  # shard released meanwhile (after flushing, so before the next owner's claim)
+            raise NotOwner(s, self.owners.get(s), None) from None
         except (ReplicationError, RuntimeError) as exc:
             raise Unavailable(f"replication failed: {exc}", retry_after_s=1, code="replication_unavailable") from exc
         shard = self.shards.get(result.shard)
@@ -342,7 +367,7 @@ class NodeStore:
             new, event = apply(state, {"op": "expire", "sid": sid}, self.clock())
             event["node"], event["epoch"] = self.me, shard.my_epoch
             if self.settings.replication:
-                self.replicator.enqueue(shard.id, sid.encode(), events.encode(event))
+                self.replicator.enqueue(shard.id, sid.encode(), events.encode(event), meta=(sid, DELETED))
         except (ReplicationError, StickyError):
             return False
         shard.commit(event, new)
@@ -372,6 +397,78 @@ class NodeStore:
             except asyncio.TimeoutError:
                 pass
 
+    # -- owner verification (module docstring; node/shard.py) ----------------------------
+    OWNER_CHECK_S = 1.0
+
+    def _on_acked(self, s: int, acked: list[tuple[int, Any]]) -> None:
+        shard = self.shards.get(s)
+        if shard is None or shard.acking is None:
+            return
+        shard.own_acked(acked)
+        if shard.hole:
+            self._read_log(shard, 0, "hole")
+        self._wake(shard)
+
+    def _read_log(self, shard: Shard, upto: int, reason: str) -> None:
+        """Read an owned partition from ``shard.position`` (to ``upto`` at least)."""
+        shard.read_to = max(shard.read_to, upto)
+        if shard.id not in self.follower.following():
+            self.follower.follow(shard.id, shard.position)
+            self.owner_log_reads[reason] += 1
+
+    def _caught_up(self, shard: Shard) -> None:
+        """An owned partition read far enough: stop following it."""
+        if not shard.hole and shard.position >= shard.read_to and shard.id in self.follower.following():
+            self.follower.unfollow(shard.id)
+            shard.read_to = 0
+
+    def _wake(self, shard: Shard) -> None:
+        heap = self._waiters.get(shard.id)
+        while heap and heap[0][0] < shard.position:
+            fut = heapq.heappop(heap)[2]
+            if not fut.done():
+                fut.set_result(True)
+
+    def _release_waiters(self, s: int) -> None:
+        """Ownership ended: waiters not verified by now are answered False."""
+        for _, _, fut in self._waiters.pop(s, ()):
+            if not fut.done():
+                fut.set_result(False)
+
+    async def _until_verified(self, shard: Shard, offset: int, timeout_s: float) -> bool:
+        """True once ``offset`` is verified while we own the shard; False if ownership ends first."""
+        if shard.position > offset:
+            return True
+        if shard.acking is None:
+            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters.setdefault(shard.id, []), (offset, next(self._waiter_seq), fut))
+        return await asyncio.wait_for(fut, timeout_s)
+
+    async def _owner_check_loop(self) -> None:
+        """Read an owned partition whose end moved past what we wrote (acknowledged): a
+        shard we do not write to would otherwise not notice a takeover claim."""
+        while True:
+            await asyncio.sleep(self.OWNER_CHECK_S)
+            owned = [s for s in sorted(self.serving) if s in self.shards and self.shards[s].acking is not None]
+            if not owned or self.refusing:
+                self._prev_ends.clear()
+                continue
+            try:
+                ends = await asyncio.wait_for(self.follower.end_offsets(owned), self.OWNER_CHECK_S * 5)
+            except Exception as exc:  # Kafka away: the acknowledgements stop too; next round
+                log.debug("owner check failed", extra={"error": repr(exc)})
+                continue
+            prev, self._prev_ends = self._prev_ends, {}
+            for s, end in ends.items():
+                shard = self.shards.get(s)
+                if shard is None or shard.acking is None:
+                    continue
+                before = prev.get(s)
+                if before is not None and shard.position < before:
+                    self._read_log(shard, before, "check")
+                self._prev_ends[s] = end
+
     # -- log -> memory -----------------------------------------------------------------
     def _on_records(self, s: int, records: Sequence[Any]) -> None:
         shard = self.shards.get(s)
@@ -391,10 +488,15 @@ class NodeStore:
                 self.serving.discard(s)
                 self._reset_shard(s, keep_following=s in self.standby or s in self.recovering)
                 return
+        if shard.acking is not None:
+            shard.absorb()
+            self._wake(shard)
+            self._caught_up(shard)
 
     def _reset_shard(self, s: int, keep_following: bool) -> None:
         shard = self.shards[s]
         shard.reset()
+        self._release_waiters(s)
         self.follower.unfollow(s)
         self._forget_ownership(s)
         if keep_following:
@@ -408,6 +510,7 @@ class NodeStore:
         self._full_due.discard(s)
         self._checkpointed.pop(s, None)
         self._cleanup_due.pop(s, None)
+        self._prev_ends.pop(s, None)
 
     # -- rebuilding from snapshots + tail ---------------------------------------------
     def _start_bootstrap(self, s: int) -> None:
@@ -495,10 +598,17 @@ class NodeStore:
                 except asyncio.TimeoutError:
                     log.error("release: replication not flushed in time", extra={"shards": sorted(lost)})
             for s in lost:
+                shard = self.shards.get(s)
+                owned_it = shard is not None and shard.acking is not None
+                if owned_it:
+                    shard.stop_acking()  # after the flush: every acknowledgement is in
+                    self._release_waiters(s)
                 if s not in standby:
                     self._drop(s)
-                elif s in self.shards:
-                    self.shards[s].pack_all()
+                elif shard is not None:
+                    shard.pack_all()
+                    if owned_it:
+                        self.follower.follow(s, shard.position)  # a standby now: from where we verified
             for s in set(self.shards) - owned - standby:
                 if s not in self.serving and s not in self.recovering:
                     self._drop(s)
@@ -522,6 +632,9 @@ class NodeStore:
         task = self._bootstraps.pop(s, None)
         if task is not None:
             task.cancel()
+        if s in self.shards:
+            self.shards[s].stop_acking()
+        self._release_waiters(s)
         self._forget_ownership(s)
         if self.settings.replication:
             self.follower.unfollow(s)
@@ -552,6 +665,12 @@ class NodeStore:
             heapq.heappush(self._expiry, (state["expires_at"], state["id"]))
         self._expiry_wake.set()
         shard.start_owning()
+        if self.settings.replication:
+            # Our claim has been read: from here on Kafka's acknowledgements verify our
+            # writes, and the partition is read only to settle holes (see above).
+            shard.acking = shard.my_epoch
+            shard.read_to = 0
+            self._caught_up(shard)
         if self.settings.snapshot_every_events and self.settings.replication:
             self._full_due.add(s)
             self._snapshot_full(shard)
@@ -721,6 +840,8 @@ class NodeStore:
             "serving": sorted(self.serving),
             "recovering": sorted(self.recovering),
             "standby": sorted(self.standby),
+            "following": sorted(self.follower.following()) if self.settings.replication else [],
+            "owner_log_reads": dict(self.owner_log_reads),
             "sessions": sum(len(self.shards[s].sessions) for s in self.serving),
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.recoveries),

@@ -1,7 +1,8 @@
 """Follows partitions of the ``changes`` topic with one consumer per node process.
 
-The node decides which shards to follow (owned ones, to see claims and confirm its own
-writes; standby ones, to keep their state warm; recovering ones, from the start) and
+The node decides which shards to follow (standby ones, to keep their state warm;
+recovering ones, from their checkpoint; owned ones only while a claim is read back or
+a hole in the owner's acknowledgements is settled, see node/shard.py) and
 receives records through ``on_records(shard, records)``, called synchronously from the
 follower task in log order. Assignment changes are applied by the follower task itself
 between fetches, so the consumer is only ever touched from one task.
@@ -45,6 +46,7 @@ class Follower:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            fetch_min_bytes=self.settings.fetch_min_bytes,
             request_timeout_ms=self.settings.request_timeout_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )

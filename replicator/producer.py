@@ -33,8 +33,9 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -54,16 +55,21 @@ class Outgoing:
     value: bytes | None  # None: a tombstone (compacted topics only)
     enqueued_at: float
     future: asyncio.Future[int] = field(repr=False)
+    meta: Any = None  # the caller's, handed back with the offset to ``on_acked``
 
 
 TopicPartition = tuple[str, int]
 MAX_BATCH_BYTES = 256 * 1024
+# on_acked(partition, [(offset, meta), ...]): records of the changes topic acknowledged
+# by Kafka, in offset order, called before their futures resolve
+OnAcked = Callable[[int, list[tuple[int, Any]]], None]
 
 
 class Replicator:
-    def __init__(self, settings: ReplicatorSettings, client_id: str) -> None:
+    def __init__(self, settings: ReplicatorSettings, client_id: str, on_acked: OnAcked | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
+        self.on_acked = on_acked
         self._seq = itertools.count()
         # every record from enqueue to acknowledgement, in enqueue order (seq)
         self._unacked: dict[int, Outgoing] = {}
@@ -107,15 +113,17 @@ class Replicator:
         if self.oldest_unacked_age_s() > self.settings.kafka_deadline_s:
             raise KafkaStalled(f"Kafka has not acknowledged for {self.oldest_unacked_age_s():.1f}s")
 
-    def enqueue(self, partition: int, key: bytes, value: bytes | None, topic: str | None = None) -> asyncio.Future[int]:
+    def enqueue(self, partition: int, key: bytes, value: bytes | None, topic: str | None = None,
+                meta: Any = None) -> asyncio.Future[int]:
         """Hand one record over (synchronous). Returns a future of its log offset.
 
         ``topic`` defaults to the changes topic. Records to all topics go out in the
-        order they were enqueued (also when resent after a producer rebuild)."""
+        order they were enqueued (also when resent after a producer rebuild). ``meta``
+        is handed back with the record's offset to ``on_acked`` (changes topic)."""
         self.check_admission()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         item = Outgoing(next(self._seq), topic or self.settings.changes_topic, partition, key, value,
-                        time.monotonic(), fut)
+                        time.monotonic(), fut, meta)
         self._unacked[item.seq] = item
         tp = (item.topic, partition)
         queue = self._queues.get(tp)
@@ -305,10 +313,18 @@ class Replicator:
         self._busy.discard(tp)
         base = delivery.result().offset
         now = time.monotonic()
+        changes = tp[0] == self.settings.changes_topic
+        if changes and self.on_acked is not None:
+            # Every record of the batch is in the log at base + i, also one whose
+            # future failed meanwhile (stop): the offsets are facts either way.
+            try:
+                self.on_acked(tp[1], [(base + i, item.meta) for i, item in enumerate(items)])
+            except Exception:  # never leave the futures below unresolved
+                log.exception("on_acked failed")
         for i, item in enumerate(items):
             if self._unacked.pop(item.seq, None) is None:
                 continue  # failed meanwhile (stop)
-            if tp[0] == self.settings.changes_topic:
+            if changes:
                 self.acked_total += 1
             else:
                 self.other_acked_total += 1

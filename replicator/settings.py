@@ -17,7 +17,11 @@ class ReplicatorSettings:
     kafka_deadline_s: float = 5.0  # oldest unacknowledged event older than this -> 503
     linger_ms: int = 5  # at most one produce round per 5 ms under load; Durability: log and claims skip it (producer.py)
     request_timeout_ms: int = 10_000
-    fetch_max_wait_ms: int = 50
+    # The follower reads standby partitions (and an owner's only to settle a hole or a
+    # check): a fetch waits for this many bytes, or at most fetch_max_wait_ms, so one
+    # fetch carries many produce rounds' records instead of one each.
+    fetch_max_wait_ms: int = 20
+    fetch_min_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
         if not self.snapshots_topic:

@@ -176,12 +176,15 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
 
         view = c.cluster_view()
         victim = view["shards"][str(shard_of(sids[0], c.partitions))]
+        _, _, before = await api.call("GET", f"/v1/sessions/{sids[0]}")
+        old_epoch = int(before["X-Stickystate-Epoch"])  # 1 unless placement moved at start-up
         moved = [sid for sid in sids if view["shards"][str(shard_of(sid, c.partitions))] == victim]
         victim_shards = {shard_of(sid, c.partitions) for sid in moved}
         c.kill_node(victim)
         wait_for(lambda: c.cluster_view()["settled"] and all(
             c.cluster_view()["shards"][str(s)] != victim for s in victim_shards), what="takeover")
         results = {sid: await api.call("GET", f"/v1/sessions/{sid}") for sid in sids}
+        new_epoch = int(results[sids[0]][2]["X-Stickystate-Epoch"])
 
     assert {sid: r[0] for sid, r in results.items() if r[0] != 200} == {}
     assert all(r[1]["data"]["m"] == list(range(changes)) for r in results.values())
@@ -204,7 +207,7 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
     # checkpoints; after the takeover the new owner's full set, then the old epoch's keys
     # are tombstoned (cleanup).
     topic, part = f"{c.topic}-snapshots", shard_of(sids[0], c.partitions)
-    old_key = snap.session_key(sids[0], 1)
+    old_key = snap.session_key(sids[0], old_epoch)
     for _ in range(50):
         records = [(k, v) for _, k, v in await read_records(c.kafka_bootstrap, topic, part)]
         latest = dict(records)
@@ -212,11 +215,11 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
             break
         await asyncio.sleep(0.2)
     victim_snaps = [orjson.loads(v) for k, v in records if k == old_key and v is not None]
-    assert victim_snaps and all(s["node"] == victim for s in victim_snaps)
+    assert victim_snaps and all(s["node"] == victim for s in victim_snaps), (old_epoch, new_epoch, sorted(latest))
     assert latest[old_key] is None, "old epoch's key not cleaned up"
-    new_key = snap.session_key(sids[0], 2)
+    new_key = snap.session_key(sids[0], new_epoch)
     assert orjson.loads(latest[new_key])["state"]["data"]["m"] == list(range(changes))
-    assert any(snap.parse_key(k) == (snap.CHECKPOINT, 2) for k, v in records if v is not None)
+    assert any(snap.parse_key(k) == (snap.CHECKPOINT, new_epoch) for k, v in records if v is not None)
 
 
 # -- pure: the compact standby form ------------------------------------------------------
