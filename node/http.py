@@ -105,8 +105,12 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return int(raw)
 
 
-def _headers(result_shard: int, epoch: int | None, store: NodeStore, version: int | None) -> dict[str, str]:
-    h = {"X-Stickystate-Shard": str(result_shard), "X-Stickystate-Owner": store.me}
+def _headers(result_shard: int, epoch: int | None, store: NodeStore, version: int | None,
+             minimal: bool = False) -> dict[str, str]:
+    # The shard is derivable from the id (crc32 % partitions): only full answers carry it,
+    # a minimal one is kept small (docs/BENCHMARKS.md, "Bytes per turn").
+    h = {"X-Stickystate-Owner": store.me} if minimal else {
+        "X-Stickystate-Shard": str(result_shard), "X-Stickystate-Owner": store.me}
     if epoch is not None:
         h["X-Stickystate-Epoch"] = str(epoch)
     if version is not None:
@@ -133,16 +137,18 @@ class NodeHandlers:
                 self.store.replicator.hurry()  # we wait for Kafka: no send interval for this one
             await self.store.confirm(result)
         state = result.state
-        headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None)
+        minimal = state is not None and v.prefers_minimal(request.headers.getall("Prefer", []))
+        headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None, minimal)
         if result.replayed:
             headers["Idempotent-Replayed"] = "true"
         if state is None:
             return web.Response(status=204, headers=headers)
-        if v.prefers_minimal(request.headers.getall("Prefer", [])):
+        if minimal:
             # RFC 7240: the client keeps no copy of the state (it lives here), so a write
             # answers with what identifies the result, not the whole session.
             headers["Preference-Applied"] = "return=minimal"
-            return json_response(self._render_minimal(request, state), result.status, headers)
+            return json_response(self._render_minimal(request, state, with_id=op["op"] == "create"),
+                                 result.status, headers)
         return json_response(self._render(request, state, self.store.clock()), result.status, headers)
 
     def _sid(self, request: web.Request) -> str:
@@ -159,12 +165,14 @@ class NodeHandlers:
         return body
 
     @staticmethod
-    def _render_minimal(request: web.Request, state: dict[str, Any]) -> dict[str, Any]:
-        """``Prefer: return=minimal``: the session without its data."""
-        sid = state["id"]
-        if request.headers.get(TENANT_HEADER):
-            sid = sid.split(":", 1)[1]
-        body = {"id": sid, "version": state["version"], "expires_at": state["expires_at"]}
+    def _render_minimal(request: web.Request, state: dict[str, Any], with_id: bool) -> dict[str, Any]:
+        """``Prefer: return=minimal``: the session without its data, and without its id
+        (the client named it in the path) except on a create, whose id may be generated."""
+        body = {"id": state["id"], "version": state["version"], "expires_at": state["expires_at"]}
+        if not with_id:
+            del body["id"]
+        elif request.headers.get(TENANT_HEADER):
+            body["id"] = body["id"].split(":", 1)[1]
         return body
 
     # -- public API -------------------------------------------------------------------
@@ -313,6 +321,12 @@ class NodeHandlers:
 LISTEN_BACKLOG = 1024
 
 
+async def _without_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No ``Server`` header (aiohttp adds one naming its version): no version disclosure,
+    and 36 bytes less on every answer. Runs after aiohttp set its default headers."""
+    response.headers.popall("Server", None)
+
+
 async def serve(settings: NodeSettings) -> None:
     """Run a node until SIGTERM/SIGINT, then drain before closing anything."""
     import signal
@@ -342,6 +356,7 @@ def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.App
     metrics = NodeMetrics(store)
     app = web.Application(middlewares=[make_edge_middleware(settings, metrics), errors_middleware],
                           client_max_size=settings.limits.max_body_bytes)
+    app.on_response_prepare.append(_without_server_header)
     app[STORE] = store
     app[SETTINGS] = settings
     app[METRICS] = metrics
