@@ -61,7 +61,7 @@ log = logging.getLogger("stickystate.node")
 
 MAX_LINE_BYTES = 8190  # aiohttp's max_line_size / max_field_size
 MAX_HEADERS = 128  # aiohttp's max_headers
-KEEPALIVE_TIMEOUT_S = 75.0
+KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's keepalive_timeout: idle connections live as long as before
 _SEGMENT = rb"([A-Za-z0-9._:-]+)"
 _SESSION_PATH = re.compile(rb"/v1/sessions(?:/" + _SEGMENT + rb"(?:/(meta)|/(lists|keys)/" + _SEGMENT + rb")?)?")
 _SIMPLE_QUERY = re.compile(rb"[A-Za-z0-9._~=&-]+")

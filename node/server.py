@@ -89,8 +89,10 @@ async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.
 
     local = UpstreamPool("node-app", open_local)
     front = NodeFront(settings, app[HANDLERS], app[METRICS], local)
-    server = await loop.create_server(lambda: NodeConnection(front), settings.host, settings.port,
-                                      reuse_address=True, backlog=LISTEN_BACKLOG)
+    # ClientConnection is typed for the router's RelayFront; it uses only what both fronts
+    # have (settings' limits, connections, closing, answer()).
+    server = await loop.create_server(lambda: NodeConnection(front),  # type: ignore[arg-type]
+                                      settings.host, settings.port, reuse_address=True, backlog=LISTEN_BACKLOG)
     port = server.sockets[0].getsockname()[1]
     log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})
     sweeper = asyncio.create_task(_sweep(front), name="node-keepalive-sweep")
