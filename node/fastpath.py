@@ -61,6 +61,9 @@ log = logging.getLogger("stickystate.node")
 
 MAX_LINE_BYTES = 8190  # aiohttp's max_line_size / max_field_size
 MAX_HEADERS = 128  # aiohttp's max_headers
+# The app itself has no request timeout (a /history page scans a partition); this only
+# bounds how long a connection waits for an app that stopped answering.
+LOCAL_TIMEOUT_S = 600.0
 KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's keepalive_timeout: idle connections live as long as before
 _SEGMENT = rb"([A-Za-z0-9._:-]+)"
 _SESSION_PATH = re.compile(rb"/v1/sessions(?:/" + _SEGMENT + rb"(?:/(meta)|/(lists|keys)/" + _SEGMENT + rb")?)?")
@@ -196,23 +199,29 @@ class NodeFront:
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def answer(self, req: Incoming) -> Sequence[bytes]:
+        """The bytes of the answer to ``req`` (never raises: a bug is a 500, not a hung connection)."""
         rid = _request_id(req.headers)
         if req.refusal is not None:
             return _render(req.refusal, req, rid)
         route = match(req.method, req.target)
-        if route is None:
-            return _render(await self._relay(req, rid), req, rid)
-        op, params, query = route
-        started = time.perf_counter()
         token = logs.request_id.set(rid.decode("utf-8", "surrogateescape"))
-        status = 500
         try:
-            reply = await self._handle(req, op, params, query)
-            status = reply.status
+            if route is None:
+                return _render(await self._relay(req, rid), req, rid)
+            op, params, query = route
+            started = time.perf_counter()
+            status = 500
+            try:
+                reply = await self._handle(req, op, params, query)
+                status = reply.status
+            finally:
+                if op not in UNMETERED:
+                    self._count(op, status, time.perf_counter() - started)
             return _render(reply, req, rid)
+        except Exception:
+            log.exception("unhandled error", extra={"path": _path(req)})
+            return _render(_reply(_INTERNAL), req, rid)
         finally:
-            if op not in UNMETERED:
-                self._count(op, status, time.perf_counter() - started)
             logs.request_id.reset(token)
 
     async def _handle(self, req: Incoming, op: str, params: dict[str, str], query: str) -> Reply:
@@ -223,8 +232,8 @@ class NodeFront:
         except (StickyError, web.HTTPRequestEntityTooLarge) as exc:
             answer = error_answer(exc)
         except Exception:
-            log.exception("unhandled error", extra={"path": req.target.partition(b"?")[0].decode()})
-            return _reply(json_answer({"error": "internal", "message": "internal error"}, 500))
+            log.exception("unhandled error", extra={"path": _path(req)})
+            return _reply(_INTERNAL)
         return _reply(answer)
 
     async def _relay(self, req: Incoming, rid: bytes) -> Reply:
@@ -239,8 +248,7 @@ class NodeFront:
         head.append(b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n" % (rid, len(body)))
         try:
             return await self.local.exchange((b"".join(head), body), head_request=req.method == b"HEAD",
-                                             timeout_s=self.node_settings.hold_timeout_s
-                                             + self.node_settings.replicator.kafka_deadline_s * 2)
+                                             timeout_s=LOCAL_TIMEOUT_S)
         except UpstreamError as exc:
             log.error("node app unreachable", extra={"reason": exc.detail})
             return error_reply(503, code="unavailable", message="node busy", headers=(("Retry-After", "1"),))
@@ -274,6 +282,11 @@ class NodeFront:
 
 
 _UNAUTHORIZED = json_answer({"error": "unauthorized", "message": UNAUTHORIZED_MESSAGE}, 401)
+_INTERNAL = json_answer({"error": "internal", "message": "internal error"}, 500)
+
+
+def _path(req: Incoming) -> str:
+    return req.target.partition(b"?")[0].decode("utf-8", "surrogateescape")
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 

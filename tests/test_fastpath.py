@@ -16,6 +16,7 @@ relayed path either way).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import threading
@@ -39,6 +40,7 @@ from node.server import running
 from node.settings import NodeSettings
 from node.validate import Limits
 from replicator.settings import ReplicatorSettings
+from stickystate import logs
 
 SECRET = "s" * 24
 PARTITIONS = 4
@@ -452,6 +454,26 @@ def test_errors(nodes: Nodes) -> None:
     assert a["status"] == 421 and a["x-stickystate-owner"] == "n2"
     (a,) = both(nodes, request("GET", "/v1/sessions/x-boom-503"))
     assert a["status"] == 503 and a["retry-after"] == "2"
+
+
+def test_log_lines_carry_the_request_id(nodes: Nodes) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Grab(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append((record.getMessage(), logs.request_id.get()))
+            return True
+
+    grab = Grab()
+    logger = logging.getLogger("stickystate.node")
+    logger.addFilter(grab)
+    try:
+        for name, port in nodes.ports.items():
+            (a,), _ = exchange(port, request("GET", "/v1/sessions/x-boom-500", None, {"X-Request-Id": f"rid-{name}"}))
+            assert a.status == 500 and a.headers["x-request-id"] == f"rid-{name}"
+    finally:
+        logger.removeFilter(grab)
+    assert ("unhandled error", "rid-fast") in seen and ("unhandled error", "rid-aiohttp") in seen
 
 
 def test_framing_pipelining_keepalive(nodes: Nodes) -> None:
