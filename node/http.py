@@ -1,13 +1,23 @@
-"""HTTP edge of a node: parse, call NodeStore, render. No state logic here."""
+"""HTTP edge of a node: parse, call NodeStore, render. No state logic here.
+
+The session handlers (``NodeHandlers``) take anything shaped like an aiohttp request
+(``method``, ``path_qs``, ``headers.get/getall``, ``match_info``, ``query``, ``read()``)
+and return an ``Answer``, not an aiohttp response: the aiohttp app renders it
+(``as_response``), and so does the node's fast front (node/fastpath.py), which calls the
+same handlers for the hot session requests without building aiohttp objects. Errors
+are rendered once (``error_answer``) for both.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import re
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -26,17 +36,41 @@ log = logging.getLogger("stickystate.node")
 STORE: web.AppKey[NodeStore] = web.AppKey("store", NodeStore)
 SETTINGS: web.AppKey[NodeSettings] = web.AppKey("settings", NodeSettings)
 METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
+HANDLERS: web.AppKey["NodeHandlers"] = web.AppKey("handlers")
 # Headers only the router (holding the internal secret) may set:
 SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # the id the router generated for a create
 TENANT_HEADER = "X-Stickystate-Tenant"  # the authenticated tenant: namespaces every session id
 INTERNAL_HEADER = "X-Stickystate-Internal"  # the cluster's internal secret
 REQUEST_ID_HEADER = "X-Request-Id"
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+UNAUTHORIZED_MESSAGE = "nodes accept requests only from routers and peers holding the cluster's internal secret"
 UNMETERED = frozenset({"metrics", "livez", "readyz", "status"})
 
 
+class Answer:
+    """A session handler's answer, for either front to render: a JSON body (or none, 204)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def json_answer(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(status, headers or {}, orjson.dumps(body))
+
+
+def as_response(answer: Answer) -> web.Response:
+    if answer.body is None:
+        return web.Response(status=answer.status, headers=answer.headers)
+    return web.Response(body=answer.body, status=answer.status, headers=answer.headers,
+                        content_type="application/json")
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers, content_type="application/json")
+    return as_response(json_answer(body, status, headers))
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -44,17 +78,23 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return json_response({"error": code, "message": message, **extra}, status, headers)
 
 
+def error_answer(exc: StickyError | web.HTTPRequestEntityTooLarge) -> Answer:
+    """A typed error as its JSON answer (both fronts)."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return json_answer({"error": "too_large", "message": exc.text or "body too large",
+                            "limit": "max_body_bytes"}, 413)
+    headers = exc.headers()
+    if exc.status == 421 and exc.extra.get("owner"):
+        headers["X-Stickystate-Owner"] = str(exc.extra["owner"])
+    return json_answer(exc.body(), exc.status, headers)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except StickyError as exc:
-        headers = exc.headers()
-        if exc.status == 421 and exc.extra.get("owner"):
-            headers["X-Stickystate-Owner"] = str(exc.extra["owner"])
-        return json_response(exc.body(), exc.status, headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "too_large", exc.text or "body too large", limit="max_body_bytes")
+    except (StickyError, web.HTTPRequestEntityTooLarge) as exc:
+        return as_response(error_answer(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -79,9 +119,7 @@ def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics) -> Any:
         try:
             if secret and request.path not in OPEN_PATHS and not hmac.compare_digest(
                     request.headers.get(INTERNAL_HEADER, "").encode(), secret):
-                resp: web.StreamResponse = error_response(
-                    401, "unauthorized",
-                    "nodes accept requests only from routers and peers holding the cluster's internal secret")
+                resp: web.StreamResponse = error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE)
             else:
                 resp = await handler(request)
             status = resp.status
@@ -105,8 +143,12 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return int(raw)
 
 
-def _headers(result_shard: int, epoch: int | None, store: NodeStore, version: int | None) -> dict[str, str]:
-    h = {"X-Stickystate-Shard": str(result_shard), "X-Stickystate-Owner": store.me}
+def _headers(result_shard: int, epoch: int | None, store: NodeStore, version: int | None,
+             minimal: bool = False) -> dict[str, str]:
+    # The shard is derivable from the id (crc32 % partitions): only full answers carry it,
+    # a minimal one is kept small (docs/BENCHMARKS.md, "Bytes per turn").
+    h = {"X-Stickystate-Owner": store.me} if minimal else {
+        "X-Stickystate-Shard": str(result_shard), "X-Stickystate-Owner": store.me}
     if epoch is not None:
         h["X-Stickystate-Epoch"] = str(epoch)
     if version is not None:
@@ -121,7 +163,7 @@ class NodeHandlers:
         self.limits = settings.limits
 
     # -- helpers ------------------------------------------------------------------
-    async def _write(self, request: web.Request, op: Op, body: bytes, appended_field: str | None = None) -> web.Response:
+    async def _write(self, request: web.Request, op: Op, body: bytes, appended_field: str | None = None) -> Answer:
         durability = v.durability(request.headers.get("Durability"), self.settings.default_durability)
         if_match = v.if_match(request.headers.get("If-Match"))
         idem = v.idempotency_key(request.headers.get("Idempotency-Key"))
@@ -133,17 +175,19 @@ class NodeHandlers:
                 self.store.replicator.hurry()  # we wait for Kafka: no send interval for this one
             await self.store.confirm(result)
         state = result.state
-        headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None)
+        minimal = state is not None and v.prefers_minimal(request.headers.getall("Prefer", []))
+        headers = _headers(result.shard, result.epoch, self.store, state["version"] if state else None, minimal)
         if result.replayed:
             headers["Idempotent-Replayed"] = "true"
         if state is None:
-            return web.Response(status=204, headers=headers)
-        if v.prefers_minimal(request.headers.getall("Prefer", [])):
+            return Answer(204, headers, None)
+        if minimal:
             # RFC 7240: the client keeps no copy of the state (it lives here), so a write
             # answers with what identifies the result, not the whole session.
             headers["Preference-Applied"] = "return=minimal"
-            return json_response(self._render_minimal(request, state), result.status, headers)
-        return json_response(self._render(request, state, self.store.clock()), result.status, headers)
+            return json_answer(self._render_minimal(request, state, with_id=op["op"] == "create"),
+                               result.status, headers)
+        return json_answer(self._render(request, state, self.store.clock()), result.status, headers)
 
     def _sid(self, request: web.Request) -> str:
         """The stored id: the client's id, namespaced by the tenant the router vouched for."""
@@ -159,16 +203,18 @@ class NodeHandlers:
         return body
 
     @staticmethod
-    def _render_minimal(request: web.Request, state: dict[str, Any]) -> dict[str, Any]:
-        """``Prefer: return=minimal``: the session without its data."""
-        sid = state["id"]
-        if request.headers.get(TENANT_HEADER):
-            sid = sid.split(":", 1)[1]
-        body = {"id": sid, "version": state["version"], "expires_at": state["expires_at"]}
+    def _render_minimal(request: web.Request, state: dict[str, Any], with_id: bool) -> dict[str, Any]:
+        """``Prefer: return=minimal``: the session without its data, and without its id
+        (the client named it in the path) except on a create, whose id may be generated."""
+        body = {"id": state["id"], "version": state["version"], "expires_at": state["expires_at"]}
+        if not with_id:
+            del body["id"]
+        elif request.headers.get(TENANT_HEADER):
+            body["id"] = body["id"].split(":", 1)[1]
         return body
 
     # -- public API -------------------------------------------------------------------
-    async def create(self, request: web.Request) -> web.Response:
+    async def create(self, request: web.Request) -> Answer:
         body = await request.read()
         doc = v.parse_json(body, self.limits, optional=True)
         if doc is None:
@@ -188,13 +234,13 @@ class NodeHandlers:
         ttl = v.ttl(doc.get("ttl_s"), self.limits) or self.settings.default_ttl_s
         return await self._write(request, {"op": "create", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
-    async def get(self, request: web.Request) -> web.Response:
+    async def get(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         shard, state = await self.store.read(sid)
-        return json_response(self._render(request, state, self.store.clock()), 200,
-                             _headers(shard.id, shard.my_epoch, self.store, state["version"]))
+        return json_answer(self._render(request, state, self.store.clock()), 200,
+                           _headers(shard.id, shard.my_epoch, self.store, state["version"]))
 
-    async def history(self, request: web.Request) -> web.Response:
+    async def history(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         after = _int_param(request, "after", -1, -1, 2**62)
         limit = _int_param(request, "limit", 100, 1, 1000)
@@ -215,9 +261,9 @@ class NodeHandlers:
                 item["sid"] = item["sid"].split(":", 1)[1]
         body = {"id": sid.split(":", 1)[1] if tenant else sid, "events": items,
                 "next_after": items[-1]["offset"] if more and items else None}
-        return json_response(body, 200, _headers(shard.id, shard.my_epoch, self.store, None))
+        return json_answer(body, 200, _headers(shard.id, shard.my_epoch, self.store, None))
 
-    async def meta(self, request: web.Request) -> web.Response:
+    async def meta(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         shard, state = await self.store.read(sid)
         body = {
@@ -233,22 +279,22 @@ class NodeHandlers:
             "expires_at": state["expires_at"],
             "ttl_s": state["ttl_s"],
         }
-        return json_response(body, 200, _headers(shard.id, shard.my_epoch, self.store, state["version"]))
+        return json_answer(body, 200, _headers(shard.id, shard.my_epoch, self.store, state["version"]))
 
-    async def replace(self, request: web.Request) -> web.Response:
+    async def replace(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         body = await request.read()
         data = v.json_object(v.parse_json(body, self.limits), "body")
         ttl = v.ttl(request.query.get("ttl_s"), self.limits) or self.settings.default_ttl_s
         return await self._write(request, {"op": "replace", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
-    async def patch(self, request: web.Request) -> web.Response:
+    async def patch(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         body = await request.read()
         patch = v.json_object(v.parse_json(body, self.limits), "merge patch")
         return await self._write(request, {"op": "patch", "sid": sid, "patch": patch}, body)
 
-    async def append(self, request: web.Request) -> web.Response:
+    async def append(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         field = v.key_name(request.match_info["field"], "field")
         body = await request.read()
@@ -264,7 +310,7 @@ class NodeHandlers:
         op = {"op": "append", "sid": sid, "field": field, "items": items, "max_len": max_len}
         return await self._write(request, op, body, appended_field=field)
 
-    async def set_key(self, request: web.Request) -> web.Response:
+    async def set_key(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         key = v.key_name(request.match_info["key"])
         body = await request.read()
@@ -272,12 +318,12 @@ class NodeHandlers:
         ttl = v.ttl(request.query.get("ttl_s"), self.limits)
         return await self._write(request, {"op": "set_key", "sid": sid, "key": key, "value": value, "ttl_s": ttl}, body)
 
-    async def delete_key(self, request: web.Request) -> web.Response:
+    async def delete_key(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         key = v.key_name(request.match_info["key"])
         return await self._write(request, {"op": "delete_key", "sid": sid, "key": key}, b"")
 
-    async def delete(self, request: web.Request) -> web.Response:
+    async def delete(self, request: web.Request) -> Answer:
         sid = self._sid(request)
         return await self._write(request, {"op": "delete", "sid": sid}, b"")
 
@@ -313,28 +359,20 @@ class NodeHandlers:
 LISTEN_BACKLOG = 1024
 
 
-async def serve(settings: NodeSettings) -> None:
-    """Run a node until SIGTERM/SIGINT, then drain before closing anything."""
-    import signal
+async def _without_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No ``Server`` header (aiohttp adds one naming its version): no version disclosure,
+    and 36 bytes less on every answer. Runs after aiohttp set its default headers."""
+    response.headers.popall("Server", None)
 
-    store = NodeStore(settings)
-    app = build_app(settings, store)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    # A deep accept queue: aiohttp's default (128) overflows when a burst of clients
-    # connects at once; the dropped handshakes come back as 1 s SYN retransmits.
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
-    await site.start()
-    log.info("node listening", extra={"url": f"http://{settings.host}:{settings.port}"})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    # Keep listening while draining: the router must still reach us for health checks,
-    # and requests get a 421 it retries on the shards' next owners.
-    await store.drain()
-    await runner.cleanup()
+
+def _aiohttp(handler: Callable[[web.Request], Awaitable[Answer]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A session handler as an aiohttp route (same ``__name__``: the op in the metrics)."""
+
+    @functools.wraps(handler)
+    async def route(request: web.Request) -> web.Response:
+        return as_response(await handler(request))
+
+    return route
 
 
 def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.Application:
@@ -342,23 +380,24 @@ def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.App
     metrics = NodeMetrics(store)
     app = web.Application(middlewares=[make_edge_middleware(settings, metrics), errors_middleware],
                           client_max_size=settings.limits.max_body_bytes)
+    app.on_response_prepare.append(_without_server_header)
     app[STORE] = store
     app[SETTINGS] = settings
     app[METRICS] = metrics
     if settings.auth == "open" and not settings.internal_secret:
         log.warning("AUTH IS OPEN: no internal secret, anyone who can reach this port can read and write "
                     "every session (local development only)")
-    h = NodeHandlers(store, settings)
-    app.router.add_post("/v1/sessions", h.create)
-    app.router.add_get("/v1/sessions/{sid}", h.get)
-    app.router.add_get("/v1/sessions/{sid}/meta", h.meta)
-    app.router.add_get("/v1/sessions/{sid}/history", h.history)
-    app.router.add_put("/v1/sessions/{sid}", h.replace)
-    app.router.add_patch("/v1/sessions/{sid}", h.patch)
-    app.router.add_delete("/v1/sessions/{sid}", h.delete)
-    app.router.add_post("/v1/sessions/{sid}/lists/{field}", h.append)
-    app.router.add_put("/v1/sessions/{sid}/keys/{key}", h.set_key)
-    app.router.add_delete("/v1/sessions/{sid}/keys/{key}", h.delete_key)
+    h = app[HANDLERS] = NodeHandlers(store, settings)
+    app.router.add_post("/v1/sessions", _aiohttp(h.create))
+    app.router.add_get("/v1/sessions/{sid}", _aiohttp(h.get))
+    app.router.add_get("/v1/sessions/{sid}/meta", _aiohttp(h.meta))
+    app.router.add_get("/v1/sessions/{sid}/history", _aiohttp(h.history))
+    app.router.add_put("/v1/sessions/{sid}", _aiohttp(h.replace))
+    app.router.add_patch("/v1/sessions/{sid}", _aiohttp(h.patch))
+    app.router.add_delete("/v1/sessions/{sid}", _aiohttp(h.delete))
+    app.router.add_post("/v1/sessions/{sid}/lists/{field}", _aiohttp(h.append))
+    app.router.add_put("/v1/sessions/{sid}/keys/{key}", _aiohttp(h.set_key))
+    app.router.add_delete("/v1/sessions/{sid}/keys/{key}", _aiohttp(h.delete_key))
     app.router.add_post("/internal/assign", h.assign)
     app.router.add_get("/internal/status", h.status)
     app.router.add_get("/metrics", h.metrics)

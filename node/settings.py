@@ -16,6 +16,7 @@ class NodeSettings:
     recovery_timeout_s: float = 60.0  # a request for a shard being rebuilt waits at most this
     hold_timeout_s: float = 10.0  # how long a request waits for its shard to become ready
     replication: bool = True  # False: no Kafka at all (benchmark baseline; state dies with the node)
+    fast_path: bool = True  # False: aiohttp serves the port itself (node/server.py)
     auth: str = "keys"  # "keys": only holders of internal_secret may call the node; "open": anyone
     internal_secret: str = ""
     snapshot_every_events: int = 100  # a session is snapshotted after this many changes (0: never)

@@ -44,8 +44,9 @@ log = logging.getLogger("stickystate.router")
 MAX_PIPELINE = 32  # requests read ahead of the one being answered before reading pauses
 LINGER_S = 2.0  # after a last answer, how long to keep reading (and dropping) what the client still sends
 # Dropped from every answer relayed to a client: framing and connection management are
-# this hop's own; X-Request-Id is re-added (the same value).
-_REPLY_DROPPED = frozenset(h.encode() for h in HOP_BY_HOP - {"date", "server"} | {"x-request-id"})
+# this hop's own; X-Request-Id is re-added (the same value); no Server header (no version
+# disclosure, fewer bytes).
+_REPLY_DROPPED = frozenset(h.encode() for h in HOP_BY_HOP - {"date"} | {"x-request-id"})
 # Dropped from requests relayed to the router's own app (the rest goes as the client sent it).
 _LOCAL_DROPPED = frozenset(h.encode() for h in HOP_BY_HOP - {"host", "date", "server"} | {"x-request-id"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -12,7 +12,7 @@ from stickystate.config import Option
 
 
 def _node(ns: argparse.Namespace) -> None:
-    from node.http import serve
+    from node.server import serve
     from node.settings import NodeSettings
     from node.validate import Limits
     from replicator.settings import ReplicatorSettings
@@ -27,7 +27,8 @@ def _node(ns: argparse.Namespace) -> None:
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
-                            replication=ns.replication, auth=ns.auth, internal_secret=ns.internal_secret,
+                            replication=ns.replication, fast_path=ns.fast_path, auth=ns.auth,
+                            internal_secret=ns.internal_secret,
                             snapshot_every_events=ns.snapshot_every_events,
                             snapshot_max_age_s=ns.snapshot_max_age_s)
     _install_uvloop()

@@ -80,6 +80,8 @@ NODE = [
     Option("snapshot_every_events", int, 100, "snapshot a session after this many changes (0: no snapshots)"),
     Option("snapshot_max_age_s", float, 30.0, "snapshot a changed session at the latest after this long"),
     Option("replication", _onoff, True, "on|off: off keeps no log at all (benchmark baseline only)"),
+    Option("fast_path", _onoff, True, "on|off: on answers session requests with the httptools front, "
+           "relaying the rest to the aiohttp app; off: aiohttp serves the port"),
     Option("auth", str, "keys", "keys: require the internal secret on every request; open: no check (local dev)"),
     Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),
     Option("log_level", str, "info", "log level"),

@@ -193,8 +193,8 @@ async def test_ttl_expiry_removes_the_session_and_logs_it(api: Api, cluster: Loc
 
 
 async def test_unknown_route_is_a_json_404(api: Api) -> None:
-    status, body, _ = await api.call("GET", "/v2/nothing")
-    assert status == 404 and body["error"] == "not_found"
+    status, body, headers = await api.call("GET", "/v2/nothing")
+    assert status == 404 and body["error"] == "not_found" and "Server" not in headers
 
 
 async def test_prefer_return_minimal_answers_without_the_data(api: Api) -> None:
@@ -205,11 +205,14 @@ async def test_prefer_return_minimal_answers_without_the_data(api: Api) -> None:
                                            headers=minimal)
     assert status == 201 and set(body) == {"id", "version", "expires_at"}
     assert body["id"] == s and body["version"] == 1 and headers["Preference-Applied"] == "return=minimal"
+    assert "Server" not in headers  # no version disclosure, from the router or the node
     for i in range(3):
         status, body, headers = await api.call("POST", f"/v1/sessions/{s}/lists/messages",
                                                {"items": [f"m{i}"], "max_len": 2}, headers=minimal)
-        assert status == 200 and body["version"] == i + 2 and "data" not in body
+        assert status == 200 and body == {"version": i + 2, "expires_at": body["expires_at"]}  # no id either
         assert headers["ETag"] == f'"{i + 2}"' and headers["Preference-Applied"] == "return=minimal"
+        # the shard is derivable from the id: only full answers carry it
+        assert "X-Stickystate-Shard" not in headers and headers["X-Stickystate-Owner"] and headers["X-Stickystate-Epoch"]
     # the write was applied in full; only the answer was small
     status, body, headers = await api.call("GET", f"/v1/sessions/{s}", headers=minimal)
     assert status == 200 and body["data"] == {"big": "x" * 500, "messages": ["m1", "m2"]}
@@ -217,13 +220,14 @@ async def test_prefer_return_minimal_answers_without_the_data(api: Api) -> None:
     for op in (("PATCH", f"/v1/sessions/{s}", {"a": 1}), ("PUT", f"/v1/sessions/{s}/keys/k", 2),
                ("DELETE", f"/v1/sessions/{s}/keys/k", None), ("PUT", f"/v1/sessions/{s}", {"b": 3})):
         status, body, headers = await api.call(*op, headers={"Prefer": 'respond-async, RETURN="Minimal"; x=1'})
-        assert status == 200 and set(body) == {"id", "version", "expires_at"}, op
+        assert status == 200 and set(body) == {"version", "expires_at"}, op
         assert headers["Preference-Applied"] == "return=minimal"
     # no preference, or another one: the whole session, no Preference-Applied
     for hdrs in ({}, {"Prefer": "return=representation"}, {"Prefer": "return=representation, return=minimal"},
                  {"Prefer": "handling=lenient"}):
         status, body, headers = await api.call("PATCH", f"/v1/sessions/{s}", {"c": 4}, headers=hdrs)
         assert status == 200 and body["data"]["b"] == 3 and "Preference-Applied" not in headers, hdrs
+        assert headers["X-Stickystate-Shard"].isdigit(), hdrs
     status, body, headers = await api.call("DELETE", f"/v1/sessions/{s}", headers=minimal)
     assert status == 204 and body is None and "Preference-Applied" not in headers
 

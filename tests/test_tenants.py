@@ -50,7 +50,9 @@ async def test_tenants_with_the_same_id_never_see_each_other(http: aiohttp.Clien
     assert (await b("POST", f"/v1/sessions/{SID}/lists/x", {"items": [1]}))[0] == 200
     assert (await b("PUT", f"/v1/sessions/{SID}/keys/k", 5))[0] == 200
     status, minimal, _ = await b("PUT", f"/v1/sessions/{SID}/keys/k", 5, {"Prefer": "return=minimal"})
-    assert status == 200 and minimal["id"] == SID  # the minimal answer hides the namespace too
+    assert status == 200 and set(minimal) == {"version", "expires_at"} and minimal["version"] == 5
+    status, minimal, _ = await b("POST", "/v1/sessions", {"id": f"{SID}-2"}, {"Prefer": "return=minimal"})
+    assert status == 201 and minimal["id"] == f"{SID}-2"  # a minimal create's answer hides the namespace too
     status, history_b, _ = await b("GET", f"/v1/sessions/{SID}/history")
     assert status == 200 and [e["op"] for e in history_b["events"]] == ["create", "patch", "append", "set_key",
                                                                         "set_key"]

@@ -1,0 +1,112 @@
+"""Running a node: its aiohttp app, behind the fast front (node/fastpath.py) or not.
+
+With ``fast_path`` (the default) the app listens on a Unix socket in a private
+temporary directory and the fast front on ``host:port``: it answers the hot session
+requests itself and relays everything else to the app. Without it the app listens on
+``host:port`` itself (the reference path the fast front is tested against).
+
+Shutdown (SIGTERM/SIGINT): drain the store while still listening (the router must
+still reach us for health checks, and requests get a 421 it retries on the shards'
+next owners), then stop accepting, finish the requests in progress, close the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from node.http import HANDLERS, METRICS, STORE, build_app
+from node.settings import NodeSettings
+from node.store import NodeStore
+
+log = logging.getLogger("stickystate.node")
+
+# A deep accept queue: aiohttp's default (128) overflows when a burst of clients
+# connects at once; the dropped handshakes come back as 1 s SYN retransmits.
+LISTEN_BACKLOG = 1024
+DRAIN_TIMEOUT_S = 10.0
+SWEEP_INTERVAL_S = 5.0
+
+
+@dataclass
+class RunningNode:
+    store: NodeStore
+    port: int  # the port actually bound (settings.port may be 0)
+
+
+async def serve(settings: NodeSettings) -> None:
+    """Run a node until SIGTERM/SIGINT, then drain before closing anything."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings) as node:
+        await stop.wait()
+        await node.store.drain()
+
+
+@asynccontextmanager
+async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
+    """The node, listening on ``settings.host:settings.port`` until the block ends."""
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        if not settings.fast_path:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": False})
+            yield RunningNode(app[STORE], port)
+            return
+        with tempfile.TemporaryDirectory(prefix="stickystate-node-") as private:
+            async with _fast_front(settings, app, runner, os.path.join(private, "app.sock")) as port:
+                yield RunningNode(app[STORE], port)
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.AppRunner,
+                      app_socket: str) -> AsyncIterator[int]:
+    from node.fastpath import NodeConnection, NodeFront
+    from router.upstream import UpstreamPool
+
+    loop = asyncio.get_running_loop()
+    await web.UnixSite(runner, app_socket).start()
+
+    def open_local(factory):  # type: ignore[no-untyped-def]
+        return loop.create_unix_connection(factory, app_socket)
+
+    local = UpstreamPool("node-app", open_local)
+    front = NodeFront(settings, app[HANDLERS], app[METRICS], local)
+    # ClientConnection is typed for the router's RelayFront; it uses only what both fronts
+    # have (settings' limits, connections, closing, answer()).
+    server = await loop.create_server(lambda: NodeConnection(front),  # type: ignore[arg-type]
+                                      settings.host, settings.port, reuse_address=True, backlog=LISTEN_BACKLOG)
+    port = server.sockets[0].getsockname()[1]
+    log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})
+    sweeper = asyncio.create_task(_sweep(front), name="node-keepalive-sweep")
+    try:
+        yield port
+    finally:
+        server.close()
+        await front.drain(DRAIN_TIMEOUT_S)
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        local.close()
+
+
+async def _sweep(front: object) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        front.sweep(time.monotonic())  # type: ignore[attr-defined]
