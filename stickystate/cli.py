@@ -22,7 +22,8 @@ def _node(ns: argparse.Namespace) -> None:
     rep = ReplicatorSettings(kafka_bootstrap=ns.kafka_bootstrap, changes_topic=ns.changes_topic,
                              snapshots_topic=ns.snapshots_topic, changes_retention_ms=ns.changes_retention_ms,
                              partitions=ns.partitions, replication_factor=ns.replication_factor,
-                             queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s)
+                             queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s,
+                             linger_ms=ns.linger_ms)
     limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,

@@ -73,6 +73,9 @@ NODE = [
     Option("default_durability", str, "memory", "memory|log: when writes are acknowledged by default"),
     Option("queue_max", int, 10_000, "replication queue bound; a full queue answers 503"),
     Option("kafka_deadline_s", float, 5.0, "Kafka must acknowledge within this, else 503"),
+    Option("linger_ms", int, 5, "under load, at most one produce round to Kafka per this many ms: "
+           "fewer requests (less CPU on node and broker) against a longer window in which a memory "
+           "write is answered but not yet in Kafka (log writes and claims never wait for it)"),
     Option("max_body_bytes", int, 1_048_576, "request body limit (413)"),
     Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),
