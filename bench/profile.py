@@ -108,8 +108,12 @@ def _is_python_frame(frame: str) -> bool:
 AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("node: store.write (apply, limits, hand-over to the replicator)", ("NodeStore.write (",)),
     ("node: Durability log wait (confirm)", ("NodeStore.confirm (",)),
-    ("router: relay (client connections, forwarding, answers)",
-     ("Forwarder.", "RelayFront.", "ClientConnection.", "UpstreamConnection.", "UpstreamPool.")),
+    ("router: forwarding to the nodes (upstream connections, retries)",
+     ("Forwarder.", "UpstreamConnection.", "UpstreamPool.")),
+    # the httptools front: the router's (router/relay.py) and the node's (node/fastpath.py,
+    # which reuses the router's connection class)
+    ("HTTP front: connections, parsing, handlers, answers (httptools)",
+     ("RelayFront.", "ClientConnection.", "NodeFront.", "NodeConnection.")),
     ("Kafka producer: Replicator sender task", ("Replicator._run (",)),
     ("Kafka producer: aiokafka Sender", ("Sender.",)),
     ("Kafka consumer: aiokafka Fetcher", ("Fetcher.",)),
