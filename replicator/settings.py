@@ -37,7 +37,7 @@ class ReplicatorSettings:
             raise ValueError("partitions must be in 1..4096")
         if self.queue_max < 1:
             raise ValueError("queue_max must be >= 1")
-        if not 0 <= self.linger_ms <= 1000:
-            raise ValueError("linger_ms must be in 0..1000")
+        if not 0 <= self.linger_ms <= 10_000:
+            raise ValueError("linger_ms must be in 0..10000")
         if self.kafka_deadline_s <= 0:
             raise ValueError("kafka_deadline_s must be > 0")
