@@ -44,13 +44,24 @@ DELETED = -1  # read_ver of a session whose last change read back was a delete o
 STATUS_OF_OP = {"create": 201, "delete": 204}
 
 
-@dataclass
-class IdemEntry:
-    fingerprint: str
-    status: int
-    state: Session | None  # the state right after the write (immutable: apply is copy-on-write)
-    event: Op
-    delivery: Any = None  # live writes: the replication future, so a retry waits for the same log ack
+# Keys the router adds to writes that came without one, only so that its own retry after a
+# failover applies once (router/forward.py). Nobody asks for "the first answer" of those:
+# their entries keep no state (a replay answers with the session as it is now).
+ROUTER_KEY_PREFIX = "router-"
+
+
+# An idempotency record: a plain tuple (fingerprint, status, state, epoch, delivery), so
+# that the cyclic GC stops tracking it once it holds only atomic values (no state, its
+# delivery settled to an offset). The cache holds up to IDEM_PER_SHARD of them per shard,
+# as owner and as standby; as objects holding the state after the write and the event,
+# they made the node's full collections walk millions of objects (0.1-0.5 s pauses).
+#   state: the state right after the write (immutable: apply is copy-on-write); None for
+#          a router key, and on a standby until promotion
+#   epoch: of the write's event (None: loaded from a snapshot)
+#   delivery: live writes: the replication future, so a retry waits for the same log
+#          ack; once it succeeded, the offset it got (an int)
+IdemEntry = tuple
+FP, STATUS, STATE, EPOCH, DELIVERY = range(5)
 
 
 @dataclass
@@ -95,7 +106,8 @@ class Shard:
             return
         key = (event["sid"], idem[0])
         status = 201 if event["op"] == "replace" and event.get("ver") == 1 else STATUS_OF_OP.get(event["op"], 200)
-        self.idem[key] = IdemEntry(idem[1], status, state, event)
+        light = idem[0].startswith(ROUTER_KEY_PREFIX)
+        self.idem[key] = (idem[1], status, None if light else state, event.get("epoch"), None)
         self.idem.move_to_end(key)
         while len(self.idem) > IDEM_PER_SHARD:
             self.idem.popitem(last=False)
@@ -287,9 +299,10 @@ class Shard:
         self.packed.clear()
         self.pending.clear()
         self.versions.clear()
-        for (sid, _), entry in self.idem.items():
-            if entry.state is None and entry.status != 204:
-                entry.state = self.sessions.get(sid)  # a replay after promotion answers with the state as of now
+        for key, entry in list(self.idem.items()):
+            if entry[STATE] is None and entry[STATUS] != 204 and not key[1].startswith(ROUTER_KEY_PREFIX):
+                # a replay after promotion answers with the state as of now
+                self.idem[key] = (*entry[:STATE], self.sessions.get(key[0]), *entry[STATE + 1:])
 
     def pack_all(self) -> None:
         """No longer the owner, still following: keep the sessions in the compact form."""
@@ -297,9 +310,9 @@ class Shard:
             self.data_bytes -= self.sizes.pop(sid, 0)
             self.pack(sid, state)
         self.sessions.clear()
-        for entry in self.idem.values():
-            if entry.status != 204:
-                entry.state = None
+        for key, entry in list(self.idem.items()):
+            if entry[STATE] is not None:
+                self.idem[key] = (*entry[:STATE], None, *entry[STATE + 1:])
 
     # -- snapshots --------------------------------------------------------------------
     def load(self, epoch: int, node: str | None, replay_from: int, snapshots: dict[str, dict[str, Any]],
@@ -322,7 +335,7 @@ class Shard:
                 self.data_bytes += size
             self.last_offset[sid] = self.floor[sid] = snap["offset"]
             for key, fp, status in snap.get("idem", ()):
-                self.idem[(sid, key)] = IdemEntry(fp, status, None if packed else state, {"op": "replayed"})
+                self.idem[(sid, key)] = (fp, status, None if packed else state, None, None)
                 self.recent_idem.setdefault(sid, deque(maxlen=IDEM_PER_SESSION_SNAPSHOT)).append(key)
 
     def start_owning(self) -> None:
@@ -355,7 +368,7 @@ class Shard:
         for key in self.recent_idem.get(sid, ()):
             entry = self.idem.get((sid, key))
             if entry is not None:
-                out.append([key, entry.fingerprint, entry.status])
+                out.append([key, entry[FP], entry[STATUS]])
         return out
 
     def replay_from(self) -> int:

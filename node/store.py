@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import heapq
 import itertools
@@ -42,7 +43,7 @@ from typing import Any
 from node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
 from node.ops import Op, Session, apply
 from node.settings import NodeSettings
-from node.shard import DELETED, Shard
+from node.shard import DELETED, DELIVERY, EPOCH, FP, STATE, STATUS, Shard
 from node.validate import check_precondition, check_state
 from replicator import events
 from replicator.errors import ReplicationError
@@ -292,10 +293,17 @@ class NodeStore:
         if idem is not None:
             cached = shard.idem.get((sid, idem))
             if cached is not None:
-                if cached.fingerprint != request_fingerprint:
+                if cached[FP] != request_fingerprint:
                     raise Conflict("Idempotency-Key was used with a different request", code="idempotency_key_reused")
-                return WriteResult(cached.status, cached.state, shard.id, cached.event.get("epoch", shard.epoch),
-                                   cached.delivery, replayed=True)
+                state = cached[STATE]
+                if state is None and cached[STATUS] != 204:
+                    state = shard.sessions.get(sid)  # a router key's entry: the session as it is now
+                delivery = cached[DELIVERY]
+                if isinstance(delivery, int):  # settled: the offset it got
+                    delivery = asyncio.get_running_loop().create_future()
+                    delivery.set_result(cached[DELIVERY])
+                return WriteResult(cached[STATUS], state, shard.id,
+                                   cached[EPOCH] if cached[EPOCH] is not None else shard.epoch, delivery, replayed=True)
             op["idem"] = [idem, request_fingerprint]
         current = shard.sessions.get(sid)
         now = self.clock()
@@ -321,8 +329,11 @@ class NodeStore:
         status = 201 if op["op"] == "create" or (op["op"] == "replace" and current is None) else (
             204 if new is None else 200)
         if idem is not None:
-            entry = shard.idem[(sid, idem)]
-            entry.status, entry.delivery = status, delivery
+            key = (sid, idem)
+            fp, _, cached_state, cached_epoch, _ = shard.idem[key]
+            shard.idem[key] = (fp, status, cached_state, cached_epoch, delivery)
+            if delivery is not None:
+                delivery.add_done_callback(functools.partial(_settle_idem, shard, key))
         return WriteResult(status, new, shard.id, epoch, delivery)
 
     async def confirm(self, result: WriteResult) -> None:
@@ -846,3 +857,11 @@ class NodeStore:
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.recoveries),
         }
+
+
+def _settle_idem(shard: Shard, key: tuple[str, str], delivery: asyncio.Future[int]) -> None:
+    """A cached write's event is in Kafka: keep its offset instead of the future (an
+    entry of atomic values only is not tracked by the cyclic GC)."""
+    entry = shard.idem.get(key)
+    if entry is not None and entry[DELIVERY] is delivery and not delivery.cancelled() and delivery.exception() is None:
+        shard.idem[key] = (*entry[:DELIVERY], delivery.result())

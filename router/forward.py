@@ -27,6 +27,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import orjson
 
 from node.http import INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER
+from node.shard import ROUTER_KEY_PREFIX
 from node.validate import SESSION_ID_RE
 from router.cluster import Cluster, NodeView
 from router.metrics import RouterMetrics
@@ -52,7 +53,9 @@ SESSIONS_PATH = b"/v1/sessions"
 # of the relay's CPU). Request ids tag log lines: a PRNG is enough. Idempotency-Keys
 # must only be unique: a random per-process prefix and a counter. (Ids of sessions the
 # router creates stay secrets.token_urlsafe: those must be unguessable.)
-_IDEMPOTENCY_PREFIX = b"router-" + secrets.token_urlsafe(9).encode() + b"-"
+# The nodes keep only the outcome (status, log offset) of writes under keys with
+# ROUTER_KEY_PREFIX, not the state after them: nobody but this router's retry asks for them.
+_IDEMPOTENCY_PREFIX = ROUTER_KEY_PREFIX.encode() + secrets.token_urlsafe(9).encode() + b"-"
 _idempotency_counter = itertools.count()
 
 
