@@ -610,8 +610,9 @@ class NodeStore:
                     log.error("release: replication not flushed in time", extra={"shards": sorted(lost)})
             for s in lost:
                 shard = self.shards.get(s)
-                owned_it = shard is not None and shard.acking is not None
-                if owned_it:
+                owned_it = False
+                if shard is not None and shard.acking is not None:
+                    owned_it = True
                     shard.stop_acking()  # after the flush: every acknowledgement is in
                     self._release_waiters(s)
                 if s not in standby:
