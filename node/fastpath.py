@@ -34,7 +34,6 @@ while it arrives (413, connection closed).
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import re
@@ -42,7 +41,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -53,7 +51,7 @@ from node.http import UNAUTHORIZED_MESSAGE, UNMETERED, Answer, NodeHandlers, err
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 from router.forward import HOP_BY_HOP, error_reply, new_request_id
-from router.relay import ClientConnection, Incoming, _render, _Stop
+from router.relay import ClientConnection, Front, Incoming, _render, _Stop
 from router.upstream import Reply, UpstreamError, UpstreamPool
 from stickystate import logs
 
@@ -181,22 +179,19 @@ class FastRequest:
         return self._body
 
 
-class NodeFront:
+class NodeFront(Front):
     """What every connection of the fast front shares (``ClientConnection``'s front)."""
 
     def __init__(self, settings: NodeSettings, handlers: NodeHandlers, metrics: NodeMetrics,
                  local: UpstreamPool) -> None:
+        super().__init__(local)
         self.node_settings = settings
         self.settings = FrontLimits(max_request_bytes=max(16 << 20, 2 * settings.limits.max_body_bytes))
         self.handlers = handlers
         self.metrics = metrics
-        self.local = local
         self.secret = settings.internal_secret.encode()
         self.max_body_bytes = settings.limits.max_body_bytes
         self.owner = settings.node_id.encode()
-        self.connections: set[ClientConnection] = set()
-        self.closing = False
-        self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def answer(self, req: Incoming) -> Sequence[bytes]:
         """The bytes of the answer to ``req`` (never raises: a bug is a 500, not a hung connection)."""
@@ -252,33 +247,6 @@ class NodeFront:
         except UpstreamError as exc:
             log.error("node app unreachable", extra={"reason": exc.detail})
             return error_reply(503, code="unavailable", message="node busy", headers=(("Retry-After", "1"),))
-
-    def _count(self, op: str, status: int, elapsed_s: float) -> None:
-        children = self._counted.get((op, status))
-        if children is None:
-            children = self._counted[(op, status)] = (self.metrics.requests.labels(op, str(status)),
-                                                      self.metrics.latency.labels(op))
-        counter, histogram = children
-        counter.inc()
-        histogram.observe(elapsed_s)
-
-    def sweep(self, now: float) -> None:
-        """Close keep-alive connections idle longer than the keep-alive timeout."""
-        for conn in list(self.connections):
-            if conn.idle and now - conn.last_active > self.settings.keepalive_timeout_s:
-                conn.close()
-
-    async def drain(self, timeout_s: float) -> None:
-        """Stop taking requests; let those in progress finish (up to timeout_s), then close."""
-        self.closing = True
-        for conn in list(self.connections):
-            if conn.idle:
-                conn.close()
-        deadline = time.monotonic() + timeout_s
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.close()
 
 
 _UNAUTHORIZED = json_answer({"error": "unauthorized", "message": UNAUTHORIZED_MESSAGE}, 401)

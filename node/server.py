@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ log = logging.getLogger("stickystate.node")
 # A deep accept queue: aiohttp's default (128) overflows when a burst of clients
 # connects at once; the dropped handshakes come back as 1 s SYN retransmits.
 LISTEN_BACKLOG = 1024
-DRAIN_TIMEOUT_S = 10.0
-SWEEP_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -79,34 +76,12 @@ async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
 async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.AppRunner,
                       app_socket: str) -> AsyncIterator[int]:
     from node.fastpath import NodeConnection, NodeFront
-    from router.upstream import UpstreamPool
+    from router.relay import local_app_pool, serving_front
 
-    loop = asyncio.get_running_loop()
-    await web.UnixSite(runner, app_socket).start()
-
-    def open_local(factory):  # type: ignore[no-untyped-def]
-        return loop.create_unix_connection(factory, app_socket)
-
-    local = UpstreamPool("node-app", open_local)
+    local = await local_app_pool(runner, app_socket, "node-app")
     front = NodeFront(settings, app[HANDLERS], app[METRICS], local)
-    # ClientConnection is typed for the router's RelayFront; it uses only what both fronts
-    # have (settings' limits, connections, closing, answer()).
-    server = await loop.create_server(lambda: NodeConnection(front),  # type: ignore[arg-type]
-                                      settings.host, settings.port, reuse_address=True, backlog=LISTEN_BACKLOG)
-    port = server.sockets[0].getsockname()[1]
-    log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})
-    sweeper = asyncio.create_task(_sweep(front), name="node-keepalive-sweep")
-    try:
+    # ClientConnection is typed for the shared Front; NodeConnection uses only what it has.
+    async with serving_front(front, NodeConnection, settings.host, settings.port, LISTEN_BACKLOG) as server:
+        port = server.sockets[0].getsockname()[1]
+        log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})
         yield port
-    finally:
-        server.close()
-        await front.drain(DRAIN_TIMEOUT_S)
-        sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
-        local.close()
-
-
-async def _sweep(front: object) -> None:
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        front.sweep(time.monotonic())  # type: ignore[attr-defined]

@@ -26,10 +26,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httptools
+from aiohttp import web
 
 from router.auth import Gate
 from router.forward import (HOP_BY_HOP, Forwarder, HeaderScan, error_reply, is_session_request, new_request_id,
@@ -73,20 +75,105 @@ class Incoming:
         self.refusal: Reply | None = None
 
 
-class RelayFront:
+DRAIN_TIMEOUT_S = 10.0  # on shutdown: how long requests in progress may take to finish
+SWEEP_INTERVAL_S = 5.0  # how often idle keep-alive connections are looked at
+
+
+class Front:
+    """What the connections of one httptools front share, the router's (RelayFront) or a
+    node's (node/fastpath.py): the connections themselves, the local app they relay to,
+    request metrics, the keep-alive sweep and the drain on shutdown. A subclass sets
+    ``settings`` (``keepalive_timeout_s`` and the request limits ClientConnection reads)
+    and ``metrics`` (``requests`` and ``latency`` labelled by one name and the status),
+    and answers requests (``answer``)."""
+
+    settings: Any
+    metrics: Any
+
+    def __init__(self, local: UpstreamPool) -> None:
+        self.local = local
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        # prometheus children per (label, status): labels() per request is a lookup and a lock
+        self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    async def answer(self, req: Incoming) -> Sequence[bytes]:
+        raise NotImplementedError
+
+    def _count(self, label: str, status: int, elapsed_s: float) -> None:
+        children = self._counted.get((label, status))
+        if children is None:
+            children = self._counted[(label, status)] = (self.metrics.requests.labels(label, str(status)),
+                                                         self.metrics.latency.labels(label))
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(elapsed_s)
+
+    def sweep(self, now: float) -> None:
+        """Close keep-alive connections idle longer than the keep-alive timeout."""
+        limit = self.settings.keepalive_timeout_s
+        for conn in list(self.connections):
+            if conn.idle and now - conn.last_active > limit:
+                conn.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking requests; let those in progress finish (up to timeout_s), then close."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        deadline = time.monotonic() + timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+
+
+async def local_app_pool(runner: web.AppRunner, app_socket: str, name: str) -> UpstreamPool:
+    """Start ``runner``'s aiohttp app on a Unix socket; the pool of connections to it."""
+    await web.UnixSite(runner, app_socket).start()
+    loop = asyncio.get_running_loop()
+
+    def open_local(factory):  # type: ignore[no-untyped-def]
+        return loop.create_unix_connection(factory, app_socket)
+
+    return UpstreamPool(name, open_local)
+
+
+@asynccontextmanager
+async def serving_front(front: Front, connection: Callable[[Any], ClientConnection], host: str, port: int,
+                        backlog: int) -> AsyncIterator[asyncio.Server]:
+    """Listen on host:port with ``connection(front)`` per client until the block ends; then
+    stop accepting, drain the front's connections and close its local pool."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: connection(front), host, port, reuse_address=True, backlog=backlog)
+    sweeper = asyncio.create_task(_sweep(front), name="front-keepalive-sweep")
+    try:
+        yield server
+    finally:
+        server.close()
+        await front.drain(DRAIN_TIMEOUT_S)
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        front.local.close()
+
+
+async def _sweep(front: Front) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        front.sweep(time.monotonic())
+
+
+class RelayFront(Front):
     """What every client connection shares: settings, checks, forwarder, metrics."""
 
     def __init__(self, settings: RouterSettings, gate: Gate, forwarder: Forwarder, metrics: RouterMetrics,
                  local: UpstreamPool) -> None:
+        super().__init__(local)
         self.settings = settings
         self.gate = gate
         self.forwarder = forwarder
         self.metrics = metrics
-        self.local = local
-        self.connections: set[ClientConnection] = set()
-        self.closing = False
-        # prometheus children per (method, status): labels() per request is a lookup and a lock
-        self._counted: dict[tuple[bytes, int], tuple[Any, Any]] = {}
 
     async def answer(self, req: Incoming) -> Sequence[bytes]:
         """The bytes of the answer to ``req``."""
@@ -101,7 +188,7 @@ class RelayFront:
             if not is_session_request(method, req.target):
                 return _render(await self._relay_local(req, rid), req, rid)
             reply = await self._forward(req, scan, rid)
-            self._count(method, reply.status, time.perf_counter() - started)
+            self._count(method.decode("latin-1"), reply.status, time.perf_counter() - started)
             return _render(reply, req, rid)
         except Exception:
             log.exception("unhandled error", extra={"path": _str(req.target)})
@@ -140,38 +227,9 @@ class RelayFront:
             reply = error_reply(503, code="unavailable", message="router busy", headers=(("Retry-After", "1"),))
         return reply
 
-    def _count(self, method: bytes, status: int, elapsed_s: float) -> None:
-        children = self._counted.get((method, status))
-        if children is None:
-            m = method.decode("latin-1")
-            children = self._counted[(method, status)] = (self.metrics.requests.labels(m, str(status)),
-                                                          self.metrics.latency.labels(m))
-        counter, histogram = children
-        counter.inc()
-        histogram.observe(elapsed_s)
-
-    def sweep(self, now: float) -> None:
-        """Close keep-alive connections idle longer than the keep-alive timeout."""
-        limit = self.settings.keepalive_timeout_s
-        for conn in list(self.connections):
-            if conn.idle and now - conn.last_active > limit:
-                conn.close()
-
-    async def drain(self, timeout_s: float) -> None:
-        """Stop taking requests; let those in progress finish (up to timeout_s), then close."""
-        self.closing = True
-        for conn in list(self.connections):
-            if conn.idle:
-                conn.close()
-        deadline = time.monotonic() + timeout_s
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.close()
-
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, front: RelayFront) -> None:
+    def __init__(self, front: Front) -> None:
         self.front = front
         self.settings = front.settings
         self.transport: asyncio.Transport | None = None

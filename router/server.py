@@ -15,19 +15,14 @@ import logging
 import os
 import signal
 import tempfile
-import time
 
 from aiohttp import web
 
 from router.app import RouterCore, build_app
-from router.relay import ClientConnection, RelayFront
+from router.relay import ClientConnection, RelayFront, local_app_pool, serving_front
 from router.settings import RouterSettings
-from router.upstream import UpstreamPool
 
 log = logging.getLogger("stickystate.router")
-
-DRAIN_TIMEOUT_S = 10.0
-SWEEP_INTERVAL_S = 5.0
 
 
 async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> None:
@@ -39,39 +34,20 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
     try:
         with tempfile.TemporaryDirectory(prefix="stickystate-router-") as private:
             app_socket = os.path.join(private, "app.sock")
-            await web.UnixSite(runner, app_socket).start()
-
-            def open_local(factory):  # type: ignore[no-untyped-def]
-                return loop.create_unix_connection(factory, app_socket)
-
-            local = UpstreamPool("router-app", open_local)
+            local = await local_app_pool(runner, app_socket, "router-app")
             front = RelayFront(settings, core.gate, core.forwarder, core.metrics, local)
             # What exists now (modules, both apps, the cluster view) lives as long as the
             # process: keep it out of the cyclic GC's full passes, which would otherwise walk
             # ~50k objects and hold every request in flight for tens of milliseconds.
             gc.collect()
             gc.freeze()
-            server = await loop.create_server(lambda: ClientConnection(front), settings.host, settings.port,
-                                              reuse_address=True, backlog=1024)
-            log.info("router listening", extra={"url": f"http://{settings.host}:{settings.port}"})
-            if stop is None:
-                stop = asyncio.Event()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, stop.set)
-            sweeper = asyncio.create_task(_sweep(front), name="relay-keepalive-sweep")
-            try:
+            async with serving_front(front, ClientConnection, settings.host, settings.port, 1024):
+                log.info("router listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+                if stop is None:
+                    stop = asyncio.Event()
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.add_signal_handler(sig, stop.set)
                 await stop.wait()
-            finally:
-                server.close()
-                await front.drain(DRAIN_TIMEOUT_S)
-                sweeper.cancel()
-                await asyncio.gather(sweeper, return_exceptions=True)
-                local.close()
     finally:
         await runner.cleanup()
 
-
-async def _sweep(front: RelayFront) -> None:
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        front.sweep(time.monotonic())

@@ -1,4 +1,5 @@
-"""Test helpers: an HTTP client for the router and a raw reader of a Kafka partition."""
+"""Test helpers: an HTTP client for the router, a raw reader of a Kafka partition, and
+an owned Shard for the pure tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import orjson
 from multidict import CIMultiDict
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from node.shard import Shard
 from replicator.events import decode
 
 
@@ -62,3 +64,13 @@ async def end_offset(bootstrap: str, topic: str, partition: int) -> int:
         return (await consumer.end_offsets([tp]))[tp]
     finally:
         await consumer.stop()
+
+
+def owned_shard(claim_offset: int = 0) -> Shard:
+    """Shard 0 as node n1 owns it at epoch 1, its claim read at ``claim_offset``."""
+    shard = Shard(0)
+    claim = {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}
+    assert shard.apply_record(claim_offset, claim, "n1") == "claim"
+    shard.my_epoch = 1
+    shard.start_owning()
+    return shard

@@ -16,15 +16,7 @@ from typing import Any
 
 from node.ops import apply
 from node.shard import DELIVERY, EPOCH, FP, STATE, STATUS, Shard
-from tests.helpers import Api
-
-
-def _owned_shard() -> Shard:
-    shard = Shard(0)
-    shard.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n1")
-    shard.my_epoch = 1
-    shard.start_owning()
-    return shard
+from tests.helpers import Api, owned_shard
 
 
 def _write(shard: Shard, op: dict[str, Any], key: str) -> dict[str, Any]:
@@ -36,7 +28,7 @@ def _write(shard: Shard, op: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def test_a_router_key_record_holds_only_atomic_values_and_the_gc_stops_tracking_it() -> None:
-    shard = _owned_shard()
+    shard = owned_shard()
     _write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "router-x-1")
     _write(shard, {"op": "append", "sid": "s", "field": "m", "items": [{"text": "hi"}]}, "router-x-2")
     rec = shard.idem[("s", "router-x-2")]
@@ -48,7 +40,7 @@ def test_a_router_key_record_holds_only_atomic_values_and_the_gc_stops_tracking_
 
 
 def test_a_client_key_record_keeps_the_state_after_its_write() -> None:
-    shard = _owned_shard()
+    shard = owned_shard()
     _write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "k1")
     after = shard.sessions["s"]
     _write(shard, {"op": "append", "sid": "s", "field": "m", "items": [1]}, "k2")
@@ -56,7 +48,7 @@ def test_a_client_key_record_keeps_the_state_after_its_write() -> None:
 
 
 def test_a_standby_keeps_no_state_and_promotion_fills_client_keys_only() -> None:
-    owner = _owned_shard()
+    owner = owned_shard()
     events = [_write(owner, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "k1"),
               _write(owner, {"op": "append", "sid": "s", "field": "m", "items": [1]}, "router-x-1")]
     standby = Shard(0)

@@ -23,13 +23,13 @@ from node.shard import DELETED, Shard
 from replicator import events
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api
+from tests.helpers import Api, owned_shard
 
 
-def owned_shard(claim_offset: int = 4) -> Shard:
-    shard = Shard(0)
-    assert shard.apply_record(claim_offset, events.claim(0, 1, "n1", 0.0), "n1") == "claim"
-    shard.my_epoch = shard.acking = 1
+def acking_shard(claim_offset: int) -> Shard:
+    """Owned, with our acknowledgements tracked from its claim on (as after _acquire)."""
+    shard = owned_shard(claim_offset)
+    shard.acking = 1
     return shard
 
 
@@ -45,7 +45,7 @@ def live_write(shard: Shard, sid: str, item: str) -> int:
 
 
 def test_contiguous_acknowledgements_verify_without_reading() -> None:
-    shard = owned_shard(claim_offset=4)
+    shard = acking_shard(claim_offset=4)
     assert shard.position == 5
     v1 = live_write(shard, "a", "x")
     v2 = live_write(shard, "a", "y")
@@ -60,7 +60,7 @@ def test_contiguous_acknowledgements_verify_without_reading() -> None:
 
 
 def test_an_acknowledgement_past_a_gap_is_a_hole_until_the_gap_is_read() -> None:
-    shard = owned_shard(claim_offset=4)
+    shard = acking_shard(claim_offset=4)
     v1 = live_write(shard, "a", "x")
     v2 = live_write(shard, "a", "y")
     # offset 5 was written by someone else (or is an earlier attempt of ours): unknown
@@ -75,7 +75,7 @@ def test_an_acknowledgement_past_a_gap_is_a_hole_until_the_gap_is_read() -> None
 
 
 def test_a_foreign_claim_in_the_hole_fences_and_nothing_after_it_is_verified() -> None:
-    shard = owned_shard(claim_offset=4)
+    shard = acking_shard(claim_offset=4)
     v1 = live_write(shard, "a", "x")
     shard.own_acked([(6, ("a", v1))])
     assert shard.hole and shard.position == 5
@@ -84,7 +84,7 @@ def test_a_foreign_claim_in_the_hole_fences_and_nothing_after_it_is_verified() -
 
 
 def test_a_record_read_before_its_acknowledgement_is_counted_once() -> None:
-    shard = owned_shard(claim_offset=0)
+    shard = acking_shard(claim_offset=0)
     v1 = live_write(shard, "a", "x")
     event = {"op": "append", "sid": "a", "field": "m", "items": ["x"], "ver": v1, "at": 1.0, "node": "n1",
              "epoch": 1}
@@ -94,7 +94,7 @@ def test_a_record_read_before_its_acknowledgement_is_counted_once() -> None:
 
 
 def test_deletes_are_verified_as_deleted() -> None:
-    shard = owned_shard(claim_offset=0)
+    shard = acking_shard(claim_offset=0)
     live_write(shard, "a", "x")
     new, event = apply(shard.sessions["a"], {"op": "delete", "sid": "a"}, 1.0)
     event["node"], event["epoch"] = "n1", 1

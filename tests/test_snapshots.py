@@ -17,7 +17,7 @@ from replicator import snapshots as snap
 from replicator.settings import ReplicatorSettings
 from router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api, read_records
+from tests.helpers import Api, owned_shard, read_records
 from tests.test_failover import wait_for
 
 
@@ -96,16 +96,8 @@ def _own_write(shard: Shard, op: dict[str, Any], now: float = 1.0) -> dict[str, 
     return event
 
 
-def _owned_shard() -> Shard:
-    shard = Shard(0)
-    shard.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n1")
-    shard.my_epoch = 1
-    shard.start_owning()
-    return shard
-
-
 def test_only_changes_read_back_from_the_log_make_a_session_snapshottable() -> None:
-    shard = _owned_shard()
+    shard = owned_shard()
     e1 = _own_write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60})
     e2 = _own_write(shard, {"op": "append", "sid": "s", "field": "m", "items": [1]})
     assert shard.snapshot_due(1, 999, 0.0) == []  # nothing read back yet: not even dirty
@@ -122,7 +114,7 @@ def test_only_changes_read_back_from_the_log_make_a_session_snapshottable() -> N
 
 
 def test_a_deleted_session_gets_a_tombstone_once_its_delete_is_read_back() -> None:
-    shard = _owned_shard()
+    shard = owned_shard()
     events = [_own_write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}),
               _own_write(shard, {"op": "delete", "sid": "s"})]
     for i, e in enumerate(events, start=1):
@@ -253,7 +245,7 @@ def test_a_packed_standby_unpacks_to_exactly_the_owners_state(seed: int) -> None
     from node.errors import StickyError
 
     rng = random.Random(seed)
-    owner = _owned_shard()
+    owner = owned_shard()
     standby = Shard(0)
     standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2")
     offset = 1
