@@ -208,7 +208,9 @@ class NodeStore:
 
     def _check_stall(self) -> None:
         now = time.monotonic()
-        stalled = now - self._last_tick > self.STALL_S
+        # A pause while serving nothing (start-up, before any shard is acquired) needs no
+        # re-verification: acquiring a shard reads its partition past our claim anyway.
+        stalled = now - self._last_tick > self.STALL_S and bool(self.serving)
         self._last_tick = now
         if stalled:
             self.stalls_total += 1
@@ -220,6 +222,7 @@ class NodeStore:
                                                     context=contextvars.Context())
 
     async def _ticker(self) -> None:
+        self._last_tick = time.monotonic()  # the time start() took is not a stall
         while True:
             self._check_stall()
             await asyncio.sleep(self.TICK_S)
