@@ -1,5 +1,5 @@
-"""``python -m bench``: see bench/cli.py."""
+"""``python -m stickystate.bench``: see bench/cli.py."""
 
-from bench.cli import main
+from stickystate.bench.cli import main
 
 raise SystemExit(main())

@@ -25,8 +25,8 @@ history with every request::
   (a "read" is a request the server must answer with the session's state at hand,
   so the client has to ship it; the server parses and returns it.)
 
-    python -m bench.baselines redis --port 8200 --redis-port 6390 --mode naive
-    python -m bench.baselines client --port 8201
+    python -m stickystate.bench.baselines redis --port 8200 --redis-port 6390 --mode naive
+    python -m stickystate.bench.baselines client --port 8201
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from node.validate import prefers_minimal as parse_prefer
+from stickystate.node.validate import prefers_minimal as parse_prefer
 
 KEY_PREFIX = "sess:"
 
@@ -204,7 +204,7 @@ def build_client_state_app() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stickystate.bench.baselines", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["redis", "client"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

@@ -1,4 +1,4 @@
-"""``python -m bench`` / ``stickystate bench``: the issue 4 benchmark harness.
+"""``python -m stickystate.bench`` / ``stickystate bench``: the issue 4 benchmark harness.
 
 One invocation measures the same conversation workload against stickystate (through
 the router, and straight to the owning node), an aiohttp server keeping sessions in
@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.runner import MAIN_SYSTEMS, MIXES, SYSTEMS, Config, Runner, log
+from stickystate.bench.runner import MAIN_SYSTEMS, MIXES, SYSTEMS, Config, Runner, log
 
 DEFAULT_SYSTEMS = ["redis-naive", "redis-atomic", "client-side", "router", "direct", "direct-log", "direct-repl-off"]
 # offered rates (requests/s) swept in order until the system saturates; shared by every
@@ -31,7 +31,7 @@ def _csv(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m stickystate.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="harness check in well under a minute: 100 sessions, one short step per system and mix")
@@ -105,7 +105,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         except ValueError:
             raise SystemExit(f"bad --profile rate in {spec!r}") from None
     if ns.profile:
-        from bench.profile import py_spy_path
+        from stickystate.bench.profile import py_spy_path
 
         if py_spy_path() is None:
             raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
@@ -155,14 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(ns)
     cfg.out.mkdir(parents=True, exist_ok=True)
     log(f"results in {cfg.out}/ ; systems: {', '.join(cfg.systems)} ; mixes: {', '.join(cfg.mixes)}")
-    cmd = "python -m bench " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    cmd = "python -m stickystate.bench " + " ".join(sys.argv[1:] if argv is None else list(argv))
     runner = Runner(cfg)
     try:
         doc = runner.run()
     except KeyboardInterrupt:
         log("interrupted; partial results kept in results.json")
         return 130
-    from bench import report
+    from stickystate.bench import report
 
     doc["meta"]["command"] = cmd
     doc = report.write_all(doc, cfg.out, make_plots=not ns.no_plots)

@@ -122,7 +122,7 @@ class ServerGroup:
         for i in range(self.procs):
             log = open(self.log_dir / f"{self.name}-{i}.log", "ab")
             self.popens.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.baselines", *self.args, "--port", str(self.port)],
+                [sys.executable, "-m", "stickystate.bench.baselines", *self.args, "--port", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             log.close()
         wait_http(self.url + "/livez", 30, self.popens)

@@ -1,4 +1,4 @@
-"""Sampling profiles of the servers under load, with py-spy (``python -m bench --profile``).
+"""Sampling profiles of the servers under load, with py-spy (``python -m stickystate.bench --profile``).
 
 One ``py-spy record --format raw`` per server process (router, nodes, baseline servers)
 for the length of one extra step; from its collapsed stacks this module writes a

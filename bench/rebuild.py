@@ -1,4 +1,4 @@
-"""``python -m bench.rebuild`` / ``stickystate bench-rebuild``: shard rebuild time vs history length.
+"""``python -m stickystate.bench.rebuild`` / ``stickystate bench-rebuild``: shard rebuild time vs history length.
 
 For each history length (default 20 and 2,000 changes per session) and with snapshots
 on and off, it starts a fresh 2-node stickystate cluster (no standbys, so a takeover
@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from router.placement import shard_of
+from stickystate.router.placement import shard_of
 from stickystate import kafka_local
 from stickystate.local_cluster import LocalCluster, http_json
 
@@ -142,7 +142,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.rebuild", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m stickystate.bench.rebuild", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--changes", type=lambda v: [int(x) for x in v.split(",")], default=[20, 2000],
                    help="appends per session, one case each")

@@ -494,7 +494,7 @@ def write_all(doc: dict[str, Any], out_dir: Path, make_plots: bool = True) -> di
     written = plots(doc, out_dir) if make_plots else []
     doc = dict(doc)
     if doc.get("profiles"):
-        from bench.profile import resummarize
+        from stickystate.bench.profile import resummarize
 
         for pr in doc["profiles"]:
             pr["procs"] = {n: resummarize(s) if s else s for n, s in pr["procs"].items()}
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import shutil
 
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m stickystate.bench.report", description=main.__doc__)
     p.add_argument("results_dir", type=Path)
     p.add_argument("--copy-plots", type=Path, default=None, help="also copy the PNGs into this folder")
     args = p.parse_args(argv)

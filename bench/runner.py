@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
-from bench import profile as pyspy
-from bench.procs import CpuMeter, HiccupMeter, RedisServer, ServerGroup
-from router.placement import shard_of
+from stickystate.bench import loadgen
+from stickystate.bench import profile as pyspy
+from stickystate.bench.procs import CpuMeter, HiccupMeter, RedisServer, ServerGroup
+from stickystate.router.placement import shard_of
 from stickystate.local_cluster import LocalCluster
 
 
@@ -635,7 +635,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.monotonic()
-        from bench.report import machine_info
+        from stickystate.bench.report import machine_info
 
         self.meta = machine_info()
         self.meta["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -16,7 +16,7 @@ answers (over ``--late-ms``). With ``--gc-log`` every server logs its cyclic-GC 
 CPU, objects tracked) and the share of late answers outstanding while a node was in a
 pass of 10 ms or more. Each system gets a fresh cluster only if run on its own.
 
-    python -m bench.tailprobe --systems router,direct --rate 1300 --seconds 10 --rounds 3 --gc-log
+    python -m stickystate.bench.tailprobe --systems router,direct --rate 1300 --seconds 10 --rounds 3 --gc-log
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
-from router.placement import shard_of
+from stickystate.bench import loadgen
+from stickystate.router.placement import shard_of
 from stickystate.local_cluster import LocalCluster
 
 

@@ -1,7 +1,7 @@
-"""``python -m chaos`` (same as ``stickystate chaos``)."""
+"""``python -m stickystate.chaos`` (same as ``stickystate chaos``)."""
 
 import sys
 
-from chaos.cli import main
+from stickystate.chaos.cli import main
 
 sys.exit(main())

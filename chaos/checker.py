@@ -41,8 +41,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from chaos.workload import LIST_FIELD, Observation, compress_seqs, parse_items
-from replicator.events import decode  # the one shared piece: the wire format
+from stickystate.chaos.workload import LIST_FIELD, Observation, compress_seqs, parse_items
+from stickystate.replicator.events import decode  # the one shared piece: the wire format
 
 CLAIM_KEY = b"#claim"  # "#" never occurs in a session id: no session can collide with it
 EXAMPLES = 20
@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m chaos.checker", description="re-check a finished chaos run offline")
+    p = argparse.ArgumentParser(prog="python -m stickystate.chaos.checker", description="re-check a finished chaos run offline")
     p.add_argument("out_dir")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     ns = p.parse_args(argv)

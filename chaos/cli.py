@@ -1,4 +1,4 @@
-"""``stickystate chaos`` / ``python -m chaos``: workload + faults on a local cluster, then check.
+"""``stickystate chaos`` / ``python -m stickystate.chaos``: workload + faults on a local cluster, then check.
 
 Starts its own LocalCluster (Kafka from ``--kafka-bootstrap`` / KAFKA_BOOTSTRAP if set,
 else its own broker, which then may also be restarted as a fault), runs the workload
@@ -33,9 +33,9 @@ from typing import Any
 
 import orjson
 
-from chaos import checker
-from chaos.schedule import ALL_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule, ScheduleConfig
-from chaos.workload import Workload, WorkloadConfig
+from stickystate.chaos import checker
+from stickystate.chaos.schedule import ALL_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule, ScheduleConfig
+from stickystate.chaos.workload import Workload, WorkloadConfig
 from stickystate.local_cluster import LocalCluster, http_json
 
 

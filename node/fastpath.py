@@ -46,13 +46,13 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 
-from node.errors import StickyError
-from node.http import UNAUTHORIZED_MESSAGE, UNMETERED, Answer, NodeHandlers, error_answer, json_answer
-from node.metrics import NodeMetrics
-from node.settings import NodeSettings
-from router.forward import HOP_BY_HOP, error_reply, new_request_id
-from router.relay import ClientConnection, Front, Incoming, _render, _Stop
-from router.upstream import Reply, UpstreamError, UpstreamPool
+from stickystate.node.errors import StickyError
+from stickystate.node.http import UNAUTHORIZED_MESSAGE, UNMETERED, Answer, NodeHandlers, error_answer, json_answer
+from stickystate.node.metrics import NodeMetrics
+from stickystate.node.settings import NodeSettings
+from stickystate.router.forward import HOP_BY_HOP, error_reply, new_request_id
+from stickystate.router.relay import ClientConnection, Front, Incoming, _render, _Stop
+from stickystate.router.upstream import Reply, UpstreamError, UpstreamPool
 from stickystate import logs
 
 log = logging.getLogger("stickystate.node")

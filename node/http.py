@@ -23,12 +23,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from node import validate as v
-from node.errors import BadRequest, StickyError, Unavailable
-from node.ops import Op, view
-from node.metrics import NodeMetrics
-from node.settings import NodeSettings
-from node.store import NodeStore, WriteResult, fingerprint
+from stickystate.node import validate as v
+from stickystate.node.errors import BadRequest, StickyError, Unavailable
+from stickystate.node.ops import Op, view
+from stickystate.node.metrics import NodeMetrics
+from stickystate.node.settings import NodeSettings
+from stickystate.node.store import NodeStore, WriteResult, fingerprint
 from stickystate import logs
 
 log = logging.getLogger("stickystate.node")

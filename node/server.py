@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from node.http import HANDLERS, METRICS, STORE, build_app
-from node.settings import NodeSettings
-from node.store import NodeStore
+from stickystate.node.http import HANDLERS, METRICS, STORE, build_app
+from stickystate.node.settings import NodeSettings
+from stickystate.node.store import NodeStore
 
 log = logging.getLogger("stickystate.node")
 
@@ -75,8 +75,8 @@ async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
 @asynccontextmanager
 async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.AppRunner,
                       app_socket: str) -> AsyncIterator[int]:
-    from node.fastpath import NodeConnection, NodeFront
-    from router.relay import local_app_pool, serving_front
+    from stickystate.node.fastpath import NodeConnection, NodeFront
+    from stickystate.router.relay import local_app_pool, serving_front
 
     local = await local_app_pool(runner, app_socket, "node-app")
     front = NodeFront(settings, app[HANDLERS], app[METRICS], local)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from node.validate import DURABILITIES, Limits
-from replicator.settings import ReplicatorSettings
+from stickystate.node.validate import DURABILITIES, Limits
+from stickystate.replicator.settings import ReplicatorSettings
 
 
 @dataclass(frozen=True)

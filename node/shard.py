@@ -33,8 +33,8 @@ from typing import Any
 
 import orjson
 
-from node.errors import StickyError
-from node.ops import Op, Session, apply
+from stickystate.node.errors import StickyError
+from stickystate.node.ops import Op, Session, apply
 
 IDEM_PER_SHARD = 4096
 IDEM_PER_SESSION_SNAPSHOT = 8  # idempotency keys kept in a session's snapshot (recent writes only)

@@ -40,18 +40,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
-from node.ops import Op, Session, apply
-from node.settings import NodeSettings
-from node.shard import DELETED, DELIVERY, EPOCH, FP, STATE, STATUS, Shard
-from node.validate import check_precondition, check_state
-from replicator import events
-from replicator.errors import ReplicationError
-from replicator.follower import Follower
-from replicator.history import HistoryReader
-from replicator.producer import Replicator
-from replicator.snapshots import SnapshotReader, checkpoint_key, encode_checkpoint, encode_snapshot, parse_key, session_key
-from router.placement import shard_of
+from stickystate.node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
+from stickystate.node.ops import Op, Session, apply
+from stickystate.node.settings import NodeSettings
+from stickystate.node.shard import DELETED, DELIVERY, EPOCH, FP, STATE, STATUS, Shard
+from stickystate.node.validate import check_precondition, check_state
+from stickystate.replicator import events
+from stickystate.replicator.errors import ReplicationError
+from stickystate.replicator.follower import Follower
+from stickystate.replicator.history import HistoryReader
+from stickystate.replicator.producer import Replicator
+from stickystate.replicator.snapshots import SnapshotReader, checkpoint_key, encode_checkpoint, encode_snapshot, parse_key, session_key
+from stickystate.router.placement import shard_of
 
 log = logging.getLogger("stickystate.node")
 
@@ -138,7 +138,7 @@ class NodeStore:
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
-        from replicator.topics import ensure_topics
+        from stickystate.replicator.topics import ensure_topics
 
         if not self.settings.replication:
             log.warning("replication is OFF: sessions are lost when this node stops")

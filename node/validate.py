@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from node.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+from stickystate.node.errors import BadRequest, PayloadTooLarge, PreconditionFailed
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")

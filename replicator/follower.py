@@ -18,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator.settings import ReplicatorSettings
 
 log = logging.getLogger("stickystate.replicator")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from replicator import events
-from replicator.scan import SharedConsumer, scan
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator import events
+from stickystate.replicator.scan import SharedConsumer, scan
+from stickystate.replicator.settings import ReplicatorSettings
 
 
 class HistoryReader:

@@ -40,8 +40,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from replicator.errors import KafkaStalled, QueueFull, ReplicationError
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator.errors import KafkaStalled, QueueFull, ReplicationError
+from stickystate.replicator.settings import ReplicatorSettings
 
 log = logging.getLogger("stickystate.replicator")
 

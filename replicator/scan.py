@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator.settings import ReplicatorSettings
 
 
 class SharedConsumer:

@@ -36,8 +36,8 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 
-from replicator.scan import SharedConsumer, scan
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator.scan import SharedConsumer, scan
+from stickystate.replicator.settings import ReplicatorSettings
 
 CHECKPOINT = "#checkpoint"
 

@@ -8,7 +8,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from replicator.settings import ReplicatorSettings
+from stickystate.replicator.settings import ReplicatorSettings
 
 log = logging.getLogger("stickystate.replicator")
 

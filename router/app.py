@@ -19,13 +19,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from node.http import REQUEST_ID_HEADER, error_response, errors_middleware, json_response
-from router.auth import Gate
-from router.cluster import Cluster
-from router.forward import STRIPPED, Forwarder, HeaderScan, prepare  # noqa: F401 - STRIPPED: part of the contract
-from router.metrics import RouterMetrics
-from router.settings import RouterSettings
-from router.upstream import Reply
+from stickystate.node.http import REQUEST_ID_HEADER, error_response, errors_middleware, json_response
+from stickystate.router.auth import Gate
+from stickystate.router.cluster import Cluster
+from stickystate.router.forward import STRIPPED, Forwarder, HeaderScan, prepare  # noqa: F401 - STRIPPED: part of the contract
+from stickystate.router.metrics import RouterMetrics
+from stickystate.router.settings import RouterSettings
+from stickystate.router.upstream import Reply
 from stickystate import logs
 
 log = logging.getLogger("stickystate.router")

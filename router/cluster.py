@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from router.placement import Placement
-from router.settings import RouterSettings
+from stickystate.router.placement import Placement
+from stickystate.router.settings import RouterSettings
 
 log = logging.getLogger("stickystate.router")
 

@@ -26,14 +26,14 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import orjson
 
-from node.http import INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER
-from node.shard import ROUTER_KEY_PREFIX
-from node.validate import SESSION_ID_RE
-from router.cluster import Cluster, NodeView
-from router.metrics import RouterMetrics
-from router.placement import shard_of
-from router.settings import RouterSettings
-from router.upstream import Abandoned, Header, Reply, UpstreamError, UpstreamPool
+from stickystate.node.http import INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER
+from stickystate.node.shard import ROUTER_KEY_PREFIX
+from stickystate.node.validate import SESSION_ID_RE
+from stickystate.router.cluster import Cluster, NodeView
+from stickystate.router.metrics import RouterMetrics
+from stickystate.router.placement import shard_of
+from stickystate.router.settings import RouterSettings
+from stickystate.router.upstream import Abandoned, Header, Reply, UpstreamError, UpstreamPool
 
 log = logging.getLogger("stickystate.router")
 

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from node.metrics import LATENCY_BUCKETS
-from router.cluster import Cluster
+from stickystate.node.metrics import LATENCY_BUCKETS
+from stickystate.router.cluster import Cluster
 
 
 class RouterMetrics:

@@ -33,12 +33,12 @@ from typing import Any
 import httptools
 from aiohttp import web
 
-from router.auth import Gate
-from router.forward import (HOP_BY_HOP, Forwarder, HeaderScan, error_reply, is_session_request, new_request_id,
+from stickystate.router.auth import Gate
+from stickystate.router.forward import (HOP_BY_HOP, Forwarder, HeaderScan, error_reply, is_session_request, new_request_id,
                             prepare, _str)
-from router.metrics import RouterMetrics
-from router.settings import RouterSettings
-from router.upstream import Header, Reply, UpstreamError, UpstreamPool
+from stickystate.router.metrics import RouterMetrics
+from stickystate.router.settings import RouterSettings
+from stickystate.router.upstream import Header, Reply, UpstreamError, UpstreamPool
 from stickystate import logs
 
 log = logging.getLogger("stickystate.router")

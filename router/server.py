@@ -18,9 +18,9 @@ import tempfile
 
 from aiohttp import web
 
-from router.app import RouterCore, build_app
-from router.relay import ClientConnection, RelayFront, local_app_pool, serving_front
-from router.settings import RouterSettings
+from stickystate.router.app import RouterCore, build_app
+from stickystate.router.relay import ClientConnection, RelayFront, local_app_pool, serving_front
+from stickystate.router.settings import RouterSettings
 
 log = logging.getLogger("stickystate.router")
 

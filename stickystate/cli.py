@@ -13,10 +13,10 @@ from stickystate.config import Option
 
 
 def _node(ns: argparse.Namespace) -> None:
-    from node.server import serve
-    from node.settings import NodeSettings
-    from node.validate import Limits
-    from replicator.settings import ReplicatorSettings
+    from stickystate.node.server import serve
+    from stickystate.node.settings import NodeSettings
+    from stickystate.node.validate import Limits
+    from stickystate.replicator.settings import ReplicatorSettings
     from stickystate import logs
 
     logs.setup(ns.log_level, node=ns.node_id)
@@ -43,9 +43,9 @@ def _node(ns: argparse.Namespace) -> None:
 
 
 def _router(ns: argparse.Namespace) -> None:
-    from router.auth import load_keys
-    from router.server import serve
-    from router.settings import RouterSettings, parse_nodes
+    from stickystate.router.auth import load_keys
+    from stickystate.router.server import serve
+    from stickystate.router.settings import RouterSettings, parse_nodes
     from stickystate import logs
 
     logs.setup(ns.log_level, node="router")
@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args and args[0] in ("chaos", "bench", "bench-rebuild"):
         import importlib
 
-        module = {"chaos": "chaos.cli", "bench": "bench.cli", "bench-rebuild": "bench.rebuild"}[args[0]]
+        module = {"chaos": "stickystate.chaos.cli", "bench": "stickystate.bench.cli",
+                  "bench-rebuild": "stickystate.bench.rebuild"}[args[0]]
         sys.exit(importlib.import_module(module).main(args[1:]))
     ns = build_parser().parse_args(args)
     ns.func(ns)

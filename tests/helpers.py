@@ -10,8 +10,8 @@ import orjson
 from multidict import CIMultiDict
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from node.shard import Shard
-from replicator.events import decode
+from stickystate.node.shard import Shard
+from stickystate.replicator.events import decode
 
 
 async def read_records(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, bytes | None]]:

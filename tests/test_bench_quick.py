@@ -1,4 +1,4 @@
-"""The benchmark harness (bench/) works: ``python -m bench --quick`` runs every system,
+"""The benchmark harness (bench/) works: ``python -m stickystate.bench --quick`` runs every system,
 counts right and writes its files. Not a speed test: nothing here judges performance.
 
 Uses the Kafka of the test session (KAFKA_BOOTSTRAP if set, else one LocalKafka) and
@@ -20,8 +20,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bench import loadgen
-from bench.runner import SYSTEMS, combine
+from stickystate.bench import loadgen
+from stickystate.bench.runner import SYSTEMS, combine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) ->
         pytest.skip("redis-server not installed (apt-get install redis-server)")
     out = tmp_path_factory.mktemp("bench") / "quick"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "stickystate.bench", "--quick", "--out", str(out),
                            "--kafka-bootstrap", kafka_bootstrap, "--profile", "direct"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - t0
@@ -113,7 +113,7 @@ def test_quick_profile_of_direct(quick_run: dict[str, Any]) -> None:
 
 
 def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
-    from bench import profile
+    from stickystate.bench import profile
 
     text = "\n".join([
         "main (cli.py);Runner.run (asyncio/runners.py) 50",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import rebuild
+from stickystate.bench import rebuild
 
 
 def test_rebuild_bench_counts_a_short_tail_with_snapshots_and_the_history_without(

@@ -14,8 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from chaos.checker import Record, check, replay, shard_of
-from chaos.workload import Observation
+from stickystate.chaos.checker import Record, check, replay, shard_of
+from stickystate.chaos.workload import Observation
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_TIMEOUT_S = 120
@@ -27,7 +27,7 @@ def test_quick_chaos_run_loses_no_log_acknowledged_append_and_keeps_order(
         tmp_path: Path, kafka_bootstrap: str) -> None:
     out = tmp_path / "chaos"
     env = dict(os.environ, KAFKA_BOOTSTRAP=kafka_bootstrap)  # shared broker: no broker restarts
-    proc = subprocess.Popen([sys.executable, "-m", "chaos", "--quick", "--seed", "11", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "stickystate.chaos", "--quick", "--seed", "11", "--out", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=QUICK_TIMEOUT_S)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from router.settings import parse_nodes
+from stickystate.router.settings import parse_nodes
 from stickystate import config
 from stickystate.cli import build_parser
 
@@ -330,8 +330,9 @@ def test_console_script_exists() -> None:
 def test_dockerignore_keeps_sources() -> None:
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
-    includes = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    needed = ["pyproject.toml"] + [p.rstrip("*") for p in includes if (ROOT / p.rstrip("*")).is_dir()]
+    package_dirs = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-dir"].values()
+    needed = ["pyproject.toml"] + sorted(set(package_dirs))
+    assert all((ROOT / d).is_dir() for d in needed[1:])
     for path in needed:
         hit = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(path, p)]
         assert not hit, f".dockerignore drops {path} (via {hit})"

@@ -14,14 +14,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from node.http import build_app as build_node_app
-from node.metrics import NodeMetrics
-from node.settings import NodeSettings
-from node.store import NodeStore
-from router.app import build_app as build_router_app
-from router.cluster import Cluster
-from router.metrics import RouterMetrics
-from router.settings import RouterSettings
+from stickystate.node.http import build_app as build_node_app
+from stickystate.node.metrics import NodeMetrics
+from stickystate.node.settings import NodeSettings
+from stickystate.node.store import NodeStore
+from stickystate.router.app import build_app as build_router_app
+from stickystate.router.cluster import Cluster
+from stickystate.router.metrics import RouterMetrics
+from stickystate.router.settings import RouterSettings
 from stickystate import config
 from stickystate.cli import UP
 from stickystate.config import Option

@@ -34,12 +34,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.errors import Unavailable
-from node.fastpath import match
-from node.server import running
-from node.settings import NodeSettings
-from node.validate import Limits
-from replicator.settings import ReplicatorSettings
+from stickystate.node.errors import Unavailable
+from stickystate.node.fastpath import match
+from stickystate.node.server import running
+from stickystate.node.settings import NodeSettings
+from stickystate.node.validate import Limits
+from stickystate.replicator.settings import ReplicatorSettings
 from stickystate import logs
 
 SECRET = "s" * 24
@@ -259,7 +259,7 @@ def _head_answer(port: int, data: bytes) -> dict[str, Any]:
 
 
 def sid_in_shard(shard: int, prefix: str) -> str:
-    from router.placement import shard_of
+    from stickystate.router.placement import shard_of
 
     return next(f"{prefix}-{i}" for i in range(10_000) if shard_of(f"{prefix}-{i}", PARTITIONS) == shard)
 
@@ -299,7 +299,7 @@ def test_what_the_fast_front_takes_means_the_same_to_aiohttp(seg: str, tail: str
     fingerprint): the two fronts read one request the same way."""
     from aiohttp.test_utils import make_mocked_request
 
-    from node.http import build_app
+    from stickystate.node.http import build_app
 
     target = f"/v1/sessions/{seg}{tail}{query}" if seg or tail else f"/v1/sessions{query}"
     app = _APP.get("app") or _APP.setdefault("app", build_app(NodeSettings(auth="open")))
@@ -312,8 +312,8 @@ def test_what_the_fast_front_takes_means_the_same_to_aiohttp(seg: str, tail: str
         info = asyncio.run(app.router.resolve(req))
         assert info.http_exception is None and info.handler.__name__ == handler, target
         assert dict(info) == params and req.path_qs == target
-        from node.fastpath import FastRequest
-        from router.relay import Incoming
+        from stickystate.node.fastpath import FastRequest
+        from stickystate.router.relay import Incoming
 
         inc = Incoming()
         inc.method, inc.target = method.encode(), target.encode()

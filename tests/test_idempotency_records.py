@@ -14,8 +14,8 @@ import gc
 import uuid
 from typing import Any
 
-from node.ops import apply
-from node.shard import DELIVERY, EPOCH, FP, STATE, STATUS, Shard
+from stickystate.node.ops import apply
+from stickystate.node.shard import DELIVERY, EPOCH, FP, STATE, STATUS, Shard
 from tests.helpers import Api, owned_shard
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import make_mocked_request
 
-from node.http import NodeHandlers
-from node.settings import NodeSettings
+from stickystate.node.http import NodeHandlers
+from stickystate.node.settings import NodeSettings
 
 
 async def test_history_waits_for_the_shards_queued_changes_before_reading_the_log() -> None:

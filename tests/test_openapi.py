@@ -18,21 +18,21 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-import node.errors
-import node.http
-import router.app
-import router.forward
-from node import validate
-from node.http import build_app as build_node_app
-from node.ops import EVENT_META, WRITE_OPS, apply, view
-from node.settings import NodeSettings
-from replicator.history import HistoryReader
-from router.app import build_app as build_router_app
-from router.app import make_edge_middleware as router_edge
-from router.app import TENANT
-from router.cluster import Cluster
-from router.metrics import RouterMetrics
-from router.settings import RouterSettings
+from stickystate.node import errors as node_errors
+from stickystate.node import http as node_http
+from stickystate.router import app as router_app_mod
+from stickystate.router import forward as router_forward
+from stickystate.node import validate
+from stickystate.node.http import build_app as build_node_app
+from stickystate.node.ops import EVENT_META, WRITE_OPS, apply, view
+from stickystate.node.settings import NodeSettings
+from stickystate.replicator.history import HistoryReader
+from stickystate.router.app import build_app as build_router_app
+from stickystate.router.app import make_edge_middleware as router_edge
+from stickystate.router.app import TENANT
+from stickystate.router.cluster import Cluster
+from stickystate.router.metrics import RouterMetrics
+from stickystate.router.settings import RouterSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "docs" / "openapi.yaml"
@@ -189,8 +189,8 @@ def _server_py() -> list[Path]:
 
 
 def _codes_in_code() -> set[str]:
-    codes = {cls.code for cls in vars(node.errors).values()
-             if isinstance(cls, type) and issubclass(cls, node.errors.StickyError)}
+    codes = {cls.code for cls in vars(node_errors).values()
+             if isinstance(cls, type) and issubclass(cls, node_errors.StickyError)}
     # SomeError(..., code="x") in node/ and router/.
     for f in _server_py():
         codes |= set(re.findall(r"""\bcode=["']([^"']+)["']""", f.read_text()))
@@ -254,10 +254,10 @@ def test_security_schemes_and_open_paths_are_the_code_s(spec: dict[str, Any]) ->
     # Either scheme is enough: two alternatives, not one requirement with both.
     assert spec["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
     # The router never forwards the credentials to a node.
-    assert {"authorization", "x-api-key"} <= router.app.STRIPPED
+    assert {"authorization", "x-api-key"} <= router_app_mod.STRIPPED
     open_ops = {(m, p) for m, p, op in _operations(spec) if op.get("security") == []}
-    assert open_ops == {("GET", p) for p in router.app.OPEN_PATHS}
-    assert router.app.OPEN_PATHS == node.http.OPEN_PATHS
+    assert open_ops == {("GET", p) for p in router_app_mod.OPEN_PATHS}
+    assert router_app_mod.OPEN_PATHS == node_http.OPEN_PATHS
     for method, path, op in _operations(spec):
         assert "security" not in op or op["security"] == [], (method, path)
         if (method, path) not in open_ops:
@@ -287,7 +287,7 @@ async def test_the_router_edge_answers_as_documented(spec: dict[str, Any]) -> No
     assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
     assert re.fullmatch(r"[0-9a-f]{16}", resp.headers["X-Request-Id"])
     assert (await call("/v1/cluster", {"Authorization": "Bearer " + "x" * 20})).status == 401
-    for path in router.app.OPEN_PATHS:
+    for path in router_app_mod.OPEN_PATHS:
         assert (await call(path, {"X-Request-Id": "r-1"})).headers["X-Request-Id"] == "r-1"
     assert (await call("/v1/sessions/x", {"Authorization": f"Bearer {key}"})).status == 200
     assert (await call("/v1/sessions/x", {"X-Api-Key": key})).status == 200  # the burst of 2 is used up
@@ -303,17 +303,17 @@ async def test_the_router_edge_answers_as_documented(spec: dict[str, Any]) -> No
 
 def test_request_id_header_on_every_path_and_response(spec: dict[str, Any]) -> None:
     comp = spec["components"]
-    assert comp["parameters"]["RequestId"]["name"] == node.http.REQUEST_ID_HEADER
+    assert comp["parameters"]["RequestId"]["name"] == node_http.REQUEST_ID_HEADER
     assert comp["parameters"]["RequestId"]["in"] == "header"
     ref = {"$ref": "#/components/headers/X-Request-Id"}
     for name, resp in comp["responses"].items():
-        assert resp["headers"][node.http.REQUEST_ID_HEADER] == ref, name
+        assert resp["headers"][node_http.REQUEST_ID_HEADER] == ref, name
     for path, item in spec["paths"].items():
         assert {"$ref": "#/components/parameters/RequestId"} in item.get("parameters", []), path
         for method in (m for m in item if m in HTTP_METHODS):
             for status, resp in item[method]["responses"].items():
                 if "$ref" not in resp:
-                    assert resp["headers"][node.http.REQUEST_ID_HEADER] == ref, (method, path, status)
+                    assert resp["headers"][node_http.REQUEST_ID_HEADER] == ref, (method, path, status)
 
 
 # -- meta, history, metrics --------------------------------------------------------------
@@ -346,7 +346,7 @@ def _int_params_of(func: Any) -> dict[str, tuple[int, int, int]]:
 
 def test_meta_and_history_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
-    handlers = node.http.NodeHandlers
+    handlers = node_http.NodeHandlers
     meta = schemas["SessionMeta"]
     assert set(meta["properties"]) == set(meta["required"]) == _dict_keys_of(handlers.meta, "body")
     page = schemas["HistoryPage"]
@@ -439,13 +439,13 @@ def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
 def test_minimal_answer_is_documented_on_every_write_with_a_body(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     minimal = schemas["SessionMinimal"]
-    keys = _dict_keys_of(node.http.NodeHandlers._render_minimal, "body")
+    keys = _dict_keys_of(node_http.NodeHandlers._render_minimal, "body")
     # "id" only on a create's answer (its id may have been generated), so it is optional
     assert set(minimal["properties"]) == keys and set(minimal["required"]) == keys - {"id"}
     assert keys < set(schemas["Session"]["properties"])
     assert spec["components"]["headers"]["Preference-Applied"]["schema"]["enum"] == ["return=minimal"]
-    assert '"Preference-Applied"] = "return=minimal"' in inspect.getsource(node.http.NodeHandlers._write)
-    assert "prefer" not in router.forward.STRIPPED and "preference-applied" not in router.forward.HOP_BY_HOP
+    assert '"Preference-Applied"] = "return=minimal"' in inspect.getsource(node_http.NodeHandlers._write)
+    assert "prefer" not in router_forward.STRIPPED and "preference-applied" not in router_forward.HOP_BY_HOP
     prefer = {"$ref": "#/components/parameters/Prefer"}
     writes = [(m, p, op) for m, p, op in _operations(spec) if m in ("POST", "PUT", "PATCH", "DELETE")]
     assert len(writes) == 7

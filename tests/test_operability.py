@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.placement import shard_of
+from stickystate.router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api
 
@@ -106,7 +106,7 @@ async def test_readyz_is_false_while_a_shard_is_rebuilt_then_true(cluster: Local
     """Fill one shard with many events, restart its owner empty, and watch /readyz."""
     from aiokafka import AIOKafkaProducer
 
-    from replicator import events
+    from stickystate.replicator import events
 
     victim = "n3"
     shard = next(int(s) for s, o in cluster.cluster_view()["shards"].items() if o == victim)

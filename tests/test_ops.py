@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.errors import BadRequest, Conflict, NotFound
-from node.ops import apply, merge_patch, view
-from node.shard import Shard
+from stickystate.node.errors import BadRequest, Conflict, NotFound
+from stickystate.node.ops import apply, merge_patch, view
+from stickystate.node.shard import Shard
 
 # RFC 7386, Appendix A: (target, patch, result)
 RFC7386_EXAMPLES = [

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from node.ops import apply
-from node.shard import DELETED, Shard
-from replicator import events
-from router.placement import shard_of
+from stickystate.node.ops import apply
+from stickystate.node.shard import DELETED, Shard
+from stickystate.replicator import events
+from stickystate.router.placement import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api, owned_shard
 

@@ -4,7 +4,7 @@ owners forever (a change here moves every user's sessions)."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.placement import Placement, moved_shards, shard_of
+from stickystate.router.placement import Placement, moved_shards, shard_of
 
 GOLDEN_SHARDS = {
     "alice": 7,

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from replicator.producer import Replicator
-from replicator.settings import ReplicatorSettings
-from replicator.topics import ensure_topics
+from stickystate.replicator.producer import Replicator
+from stickystate.replicator.settings import ReplicatorSettings
+from stickystate.replicator.topics import ensure_topics
 from tests.helpers import read_records
 
 pytestmark = pytest.mark.kafka

@@ -23,12 +23,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from router.forward import HeaderScan, Outgoing, is_session_request, prepare
-from router.placement import shard_of
-from router.relay import Incoming, _render
-from router.server import serve
-from router.settings import RouterSettings
-from router.upstream import Reply
+from stickystate.router.forward import HeaderScan, Outgoing, is_session_request, prepare
+from stickystate.router.placement import shard_of
+from stickystate.router.relay import Incoming, _render
+from stickystate.router.server import serve
+from stickystate.router.settings import RouterSettings
+from stickystate.router.upstream import Reply
 from stickystate.local_cluster import LocalCluster, free_port
 from tests.helpers import end_offset
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from node.validate import prefers_minimal
+from stickystate.node.validate import prefers_minimal
 
 
 @pytest.mark.parametrize("headers,minimal", [

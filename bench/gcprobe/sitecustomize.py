@@ -1,4 +1,4 @@
-"""Diagnostic, for ``python -m bench.tailprobe --gc-log``: put this folder on PYTHONPATH and
+"""Diagnostic, for ``python -m stickystate.bench.tailprobe --gc-log``: put this folder on PYTHONPATH and
 set STICKYSTATE_GC_LOG=<prefix>, and every Python process started so logs its cyclic-GC
 passes to ``<prefix>.<pid>``, one JSON row per pass that took over 2 ms or was a full
 (generation 2) one: [monotonic start, wall ms, generation, collected, objects tracked in
