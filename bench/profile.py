@@ -110,10 +110,9 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("node: Durability log wait (confirm)", ("NodeStore.confirm (",)),
     ("router: forwarding to the nodes (upstream connections, retries)",
      ("Forwarder.", "UpstreamConnection.", "UpstreamPool.")),
-    # the httptools front: the router's (router/relay.py) and the node's (node/fastpath.py,
-    # which reuses the router's connection class)
+    # the httptools front (stickystate/http/): the router's RelayFront and the node's NodeFront
     ("HTTP front: connections, parsing, handlers, answers (httptools)",
-     ("RelayFront.", "ClientConnection.", "NodeFront.", "NodeConnection.")),
+     ("RelayFront.", "ClientConnection.", "NodeFront.", "Front.relay_local (")),
     ("Kafka producer: Replicator sender task", ("Replicator._run (",)),
     ("Kafka producer: aiokafka Sender", ("Sender.",)),
     ("Kafka consumer: aiokafka Fetcher", ("Fetcher.",)),

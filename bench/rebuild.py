@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate import kafka_local
 from stickystate.local_cluster import LocalCluster, http_json
 

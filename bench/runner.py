@@ -28,7 +28,7 @@ from typing import Any
 from stickystate.bench import loadgen
 from stickystate.bench import profile as pyspy
 from stickystate.bench.procs import CpuMeter, HiccupMeter, RedisServer, ServerGroup
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
 
 

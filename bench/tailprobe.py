@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from stickystate.bench import loadgen
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
 
 

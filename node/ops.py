@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stickystate.node.errors import BadRequest, Conflict, NotFound
+from stickystate.errors import BadRequest, Conflict, NotFound
 
 Session = dict[str, Any]
 Op = dict[str, Any]

@@ -75,13 +75,12 @@ async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
 @asynccontextmanager
 async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.AppRunner,
                       app_socket: str) -> AsyncIterator[int]:
-    from stickystate.node.fastpath import NodeConnection, NodeFront
-    from stickystate.router.relay import local_app_pool, serving_front
+    from stickystate.http.front import local_app_pool, serving_front
+    from stickystate.node.fastpath import NodeFront
 
     local = await local_app_pool(runner, app_socket, "node-app")
     front = NodeFront(settings, app[HANDLERS], app[METRICS], local)
-    # ClientConnection is typed for the shared Front; NodeConnection uses only what it has.
-    async with serving_front(front, NodeConnection, settings.host, settings.port, LISTEN_BACKLOG) as server:
+    async with serving_front(front, settings.host, settings.port, LISTEN_BACKLOG) as server:
         port = server.sockets[0].getsockname()[1]
         log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})
         yield port

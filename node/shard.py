@@ -33,8 +33,9 @@ from typing import Any
 
 import orjson
 
-from stickystate.node.errors import StickyError
+from stickystate.errors import StickyError
 from stickystate.node.ops import Op, Session, apply
+from stickystate.protocol import ROUTER_KEY_PREFIX  # keys the router adds: their entries keep no state
 
 IDEM_PER_SHARD = 4096
 IDEM_PER_SESSION_SNAPSHOT = 8  # idempotency keys kept in a session's snapshot (recent writes only)
@@ -42,12 +43,6 @@ FOLD_EVERY = 8  # pending events per packed session before they are folded into 
 DELETED = -1  # read_ver of a session whose last change read back was a delete or expiry
 
 STATUS_OF_OP = {"create": 201, "delete": 204}
-
-
-# Keys the router adds to writes that came without one, only so that its own retry after a
-# failover applies once (router/forward.py). Nobody asks for "the first answer" of those:
-# their entries keep no state (a replay answers with the session as it is now).
-ROUTER_KEY_PREFIX = "router-"
 
 
 # An idempotency record: a plain tuple (fingerprint, status, state, epoch, delivery), so

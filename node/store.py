@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stickystate.node.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
+from stickystate.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
 from stickystate.node.ops import Op, Session, apply
 from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import DELETED, DELIVERY, EPOCH, FP, STATE, STATUS, Shard
@@ -51,7 +51,7 @@ from stickystate.replicator.follower import Follower
 from stickystate.replicator.history import HistoryReader
 from stickystate.replicator.producer import Replicator
 from stickystate.replicator.snapshots import SnapshotReader, checkpoint_key, encode_checkpoint, encode_snapshot, parse_key, session_key
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 
 log = logging.getLogger("stickystate.node")
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import orjson
 
-from stickystate.node.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+from stickystate.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+from stickystate.protocol import KEY_RE, SESSION_ID_MESSAGE, SESSION_ID_RE, key_message
 
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 DURABILITIES = ("memory", "log")
 
 
@@ -32,13 +31,13 @@ class Limits:
 
 def session_id(sid: str) -> str:
     if not SESSION_ID_RE.fullmatch(sid):
-        raise BadRequest("session id must be 1-128 characters of [A-Za-z0-9._:-]", code="bad_id")
+        raise BadRequest(SESSION_ID_MESSAGE, code="bad_id")
     return sid
 
 
 def key_name(key: str, what: str = "key") -> str:
     if not KEY_RE.fullmatch(key):
-        raise BadRequest(f"{what} must be 1-256 characters of [A-Za-z0-9._:-]", code="bad_key")
+        raise BadRequest(key_message(what), code="bad_key")
     return key
 
 

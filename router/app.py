@@ -19,14 +19,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from stickystate.node.http import REQUEST_ID_HEADER, error_response, errors_middleware, json_response
+from stickystate import logs
+from stickystate.http.aio import add_route, error_response, errors_middleware, json_response, without_server_header
+from stickystate.http.wire import Reply
+from stickystate.protocol import OPEN_PATHS, REQUEST_ID_HEADER, ROUTER, routes_of
 from stickystate.router.auth import Gate
 from stickystate.router.cluster import Cluster
 from stickystate.router.forward import STRIPPED, Forwarder, HeaderScan, prepare  # noqa: F401 - STRIPPED: part of the contract
 from stickystate.router.metrics import RouterMetrics
 from stickystate.router.settings import RouterSettings
-from stickystate.router.upstream import Reply
-from stickystate import logs
 
 log = logging.getLogger("stickystate.router")
 
@@ -34,7 +35,6 @@ CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster", Cluster)
 TENANT: web.RequestKey[str] = web.RequestKey("tenant", str)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 _NOT_RELAYED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date",
                           b"server", b"x-request-id"})
 
@@ -96,8 +96,9 @@ def web_response(reply: Reply) -> web.Response:
 def build_app(settings: RouterSettings, core: RouterCore | None = None) -> web.Application:
     core = core or RouterCore(settings)
     cluster, metrics = core.cluster, core.metrics
-    app = web.Application(middlewares=[make_edge_middleware(settings, metrics, core.gate), errors_middleware],
+    app = web.Application(middlewares=[make_edge_middleware(settings, metrics, core.gate), errors_middleware(log)],
                           client_max_size=settings.max_request_bytes)
+    app.on_response_prepare.append(without_server_header)
     app[CLUSTER] = cluster
     if settings.auth == "open":
         log.warning("AUTH IS OPEN: no API keys required, every client shares one namespace "
@@ -143,11 +144,7 @@ def build_app(settings: RouterSettings, core: RouterCore | None = None) -> web.A
         ready = view["settled"] and any(n["healthy"] for n in view["nodes"])
         return json_response({"ready": ready}, 200 if ready else 503)
 
-    app.router.add_route("POST", "/v1/sessions", forward)
-    for path in ("/v1/sessions/{sid}", "/v1/sessions/{sid}/{rest:.*}"):
-        app.router.add_route("*", path, forward)
-    app.router.add_get("/v1/cluster", cluster_view)
-    app.router.add_get("/livez", livez)
-    app.router.add_get("/metrics", metrics_view)
-    app.router.add_get("/readyz", readyz)
+    own = {"cluster": cluster_view, "livez": livez, "metrics": metrics_view, "readyz": readyz}
+    for route in routes_of(ROUTER):
+        add_route(app, route, forward if route.forwarded else own[route.op])
     return app

@@ -8,7 +8,7 @@ idempotency record (rebuilt from the log), one that did not is applied once.
 
 Transport-neutral: requests come in as bytes (method, target, header pairs, body) from
 either front (router/relay.py, or the aiohttp app in router/app.py) and answers go back
-as ``Reply`` objects; the wire to the nodes is router/upstream.py.
+as ``Reply`` objects; the wire to the nodes is stickystate/http/upstream.py.
 """
 
 from __future__ import annotations
@@ -16,60 +16,56 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import secrets
 import ssl
 from collections.abc import Iterable
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import orjson
 
-from stickystate.node.http import INTERNAL_HEADER, REQUEST_ID_HEADER, SESSION_ID_HEADER, TENANT_HEADER
-from stickystate.node.shard import ROUTER_KEY_PREFIX
-from stickystate.node.validate import SESSION_ID_RE
+from stickystate.http.upstream import Abandoned, UpstreamError, UpstreamPool
+from stickystate.http.wire import Header, Reply, error_reply
+from stickystate.protocol import (FORWARDED_ROUTES, HOP_BY_HOP, INTERNAL_HEADER, REQUEST_ID_HEADER,
+                                  ROUTER_KEY_PREFIX, SESSION_ID_HEADER, SESSION_ID_MESSAGE, SESSION_ID_RE,
+                                  TENANT_HEADER, API_KEY_HEADER, AUTHORIZATION_HEADER, shard_of)
 from stickystate.router.cluster import Cluster, NodeView
 from stickystate.router.metrics import RouterMetrics
-from stickystate.router.placement import shard_of
 from stickystate.router.settings import RouterSettings
-from stickystate.router.upstream import Abandoned, Header, Reply, UpstreamError, UpstreamPool
 
 log = logging.getLogger("stickystate.router")
 
-HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailers", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Date", "Server", "Expect"))
 # Client headers never forwarded: credentials, and what only the router may assert.
-STRIPPED = HOP_BY_HOP | {h.lower() for h in (SESSION_ID_HEADER, TENANT_HEADER, INTERNAL_HEADER, "Authorization",
-                                              "X-Api-Key")}
+STRIPPED = HOP_BY_HOP | {h.lower() for h in (SESSION_ID_HEADER, TENANT_HEADER, INTERNAL_HEADER, AUTHORIZATION_HEADER,
+                                              API_KEY_HEADER)}
 _STRIPPED_B = frozenset(h.encode() for h in STRIPPED | {REQUEST_ID_HEADER.lower()})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WRITE_METHODS_B = frozenset(m.encode() for m in WRITE_METHODS)
-SESSIONS_PATH = b"/v1/sessions"
 
 
-# Ids the router makes for every request, without a system call each (os.urandom was ~5%
-# of the relay's CPU). Request ids tag log lines: a PRNG is enough. Idempotency-Keys
-# must only be unique: a random per-process prefix and a counter. (Ids of sessions the
-# router creates stay secrets.token_urlsafe: those must be unguessable.)
-# The nodes keep only the outcome (status, log offset) of writes under keys with
-# ROUTER_KEY_PREFIX, not the state after them: nobody but this router's retry asks for them.
+# Idempotency-Keys the router adds must only be unique: a random per-process prefix and a
+# counter, without a system call each. (Ids of sessions the router creates stay
+# secrets.token_urlsafe: those must be unguessable.) The nodes keep only the outcome
+# (status, log offset) of writes under keys with ROUTER_KEY_PREFIX, not the state after
+# them: nobody but this router's retry asks for them.
 _IDEMPOTENCY_PREFIX = ROUTER_KEY_PREFIX.encode() + secrets.token_urlsafe(9).encode() + b"-"
 _idempotency_counter = itertools.count()
 
 
-def new_request_id() -> bytes:
-    return b"%016x" % random.getrandbits(64)
-
-
 def is_session_request(method: bytes, target: bytes) -> bool:
-    """What the router forwards: ``POST /v1/sessions`` and anything under
-    ``/v1/sessions/{id}``. The rest (its own endpoints, 404s, 405s) it answers itself."""
+    """What the router forwards: the session routes of the route table
+    (``protocol.ROUTES``, ``forwarded``). The rest, wrong methods on those paths included
+    (405), it answers itself, from the same table (router/app.py); except a session path
+    with ``.`` or ``..`` segments, which ``prepare`` refuses (400) before anything else."""
     path = target.split(b"?", 1)[0]
-    if path == SESSIONS_PATH:
-        return method == b"POST"
-    return path.startswith(b"/v1/sessions/") and len(path) > 13 and path[13:14] != b"/"
+    if FORWARDED_ROUTES.match(method, path) is not None:
+        return True
+    return path.startswith(b"/v1/sessions/") and _has_dot_segment(path.split(b"/")[3:])
+
+
+def _has_dot_segment(segments: list[bytes]) -> bool:
+    return any(seg in (b".", b"..") or (b"%" in seg and unquote_to_bytes(seg) in (b".", b".."))
+               for seg in segments)
 
 
 class HeaderScan:
@@ -99,7 +95,7 @@ class HeaderScan:
         self.lines = lines
 
 
-def _str(value: bytes | None) -> str | None:
+def as_str(value: bytes | None) -> str | None:
     return value.decode("utf-8", "surrogateescape") if value is not None else None
 
 
@@ -116,25 +112,15 @@ class Outgoing:
         self.head_request = head_request
 
 
-def error_reply(status: int, *, code: str, message: str, headers: Iterable[tuple[str, str]] = (),
-                **extra: Any) -> Reply:
-    """The router's own JSON error answer (same shape as node.http.error_response)."""
-    hdrs = [(b"Content-Type", b"application/json; charset=utf-8")]
-    hdrs += [(k.encode(), v.encode()) for k, v in headers]
-    body = orjson.dumps({"error": code, "message": message, **extra})
-    return Reply(status, HTTPStatus(status).phrase.encode(), hdrs, body)
-
-
 def prepare(method: bytes, target: bytes, scan: HeaderScan, body: bytes, *, tenant: str | None, request_id: bytes,
             internal_lines: bytes, partitions: int) -> Outgoing | Reply:
     """The request as the owner will get it, or the router's refusal (bad path or id)."""
     path = target.split(b"?", 1)[0]
     segments = path.split(b"/")  # b"", b"v1", b"sessions", id, ...
-    for seg in segments[3:]:
-        if seg in (b".", b"..") or (b"%" in seg and unquote_to_bytes(seg) in (b".", b"..")):
-            # A node-side URL normaliser would turn /v1/sessions/../../internal/... into an
-            # internal endpoint reached with the router's secret: never forward one.
-            return error_reply(400, code="bad_request", message="path segments '.' and '..' are not allowed")
+    if _has_dot_segment(segments[3:]):
+        # A node-side URL normaliser would turn /v1/sessions/../../internal/... into an
+        # internal endpoint reached with the router's secret: never forward one.
+        return error_reply(400, code="bad_request", message="path segments '.' and '..' are not allowed")
     extra = b""
     if len(segments) == 3:  # POST /v1/sessions
         sid = _id_from_create_body(body)
@@ -145,7 +131,7 @@ def prepare(method: bytes, target: bytes, scan: HeaderScan, body: bytes, *, tena
         raw = segments[3]
         sid = (unquote_to_bytes(raw) if b"%" in raw else raw).decode("utf-8", "replace")
     if not SESSION_ID_RE.fullmatch(sid):
-        return error_reply(400, code="bad_id", message="session id must be 1-128 characters of [A-Za-z0-9._:-]")
+        return error_reply(400, code="bad_id", message=SESSION_ID_MESSAGE)
     if tenant:
         extra += f"{TENANT_HEADER}: {tenant}\r\n".encode()
     if method in _WRITE_METHODS_B and not scan.idempotency_key:

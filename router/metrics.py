@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stickystate.node.metrics import LATENCY_BUCKETS
+from stickystate.protocol import LATENCY_BUCKETS
 from stickystate.router.cluster import Cluster
 
 

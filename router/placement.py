@@ -1,26 +1,19 @@
-"""Shard placement: session id -> shard -> owner and standbys.
+"""Shard placement: shard -> owner and standbys.
 
 Pure: no I/O, no asyncio, no aiohttp. Every router computes the same placement from
 the same membership, so this module is pinned by golden vectors in the tests.
 
-- ``shard_of(session_id, partitions)``: CRC-32 (IEEE, zlib) of the UTF-8 id, mod P.
-  The shard IS the Kafka partition number of the ``changes`` topic. Never Python's
-  ``hash()``: it is salted per process.
+- session id -> shard is ``stickystate.protocol.shard_of`` (clients compute it too).
 - ``Placement``: a uhashring ring over node ids; the owner of a shard is the first node
   for the key ``"shard-<n>"``, its standbys the next distinct nodes.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from uhashring import HashRing
-
-
-def shard_of(session_id: str, partitions: int) -> int:
-    return zlib.crc32(session_id.encode()) % partitions
 
 
 @dataclass(frozen=True)

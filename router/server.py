@@ -19,7 +19,8 @@ import tempfile
 from aiohttp import web
 
 from stickystate.router.app import RouterCore, build_app
-from stickystate.router.relay import ClientConnection, RelayFront, local_app_pool, serving_front
+from stickystate.http.front import local_app_pool, serving_front
+from stickystate.router.relay import RelayFront
 from stickystate.router.settings import RouterSettings
 
 log = logging.getLogger("stickystate.router")
@@ -41,7 +42,7 @@ async def serve(settings: RouterSettings, stop: asyncio.Event | None = None) -> 
             # ~50k objects and hold every request in flight for tens of milliseconds.
             gc.collect()
             gc.freeze()
-            async with serving_front(front, ClientConnection, settings.host, settings.port, 1024):
+            async with serving_front(front, settings.host, settings.port, 1024):
                 log.info("router listening", extra={"url": f"http://{settings.host}:{settings.port}"})
                 if stop is None:
                     stop = asyncio.Event()

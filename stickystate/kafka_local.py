@@ -33,7 +33,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_HOME = REPO_ROOT / ".kafka"
@@ -176,7 +178,7 @@ def ensure_jars(quiet: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path) -> Iterator[None]:
     import fcntl
 
     with open(path, "a+") as fh:
@@ -315,7 +317,7 @@ class LocalKafka:
         self.cluster_id: str | None = None
         self.start_seconds: float | None = None  # duration of the last start()
         self._proc: subprocess.Popen | None = None
-        self._console = None
+        self._console: IO[bytes] | None = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ props
@@ -580,7 +582,7 @@ class LocalKafka:
     def __enter__(self) -> "LocalKafka":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -650,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stopping = threading.Event()
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

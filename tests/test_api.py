@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
 from tests.helpers import Api, end_offset, read_partition
 

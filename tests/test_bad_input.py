@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
 from tests.helpers import Api, end_offset
 from tests.test_api import LIMITS

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api
 

@@ -34,7 +34,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stickystate.node.errors import Unavailable
+from stickystate.errors import Unavailable
 from stickystate.node.fastpath import match
 from stickystate.node.server import running
 from stickystate.node.settings import NodeSettings
@@ -259,7 +259,7 @@ def _head_answer(port: int, data: bytes) -> dict[str, Any]:
 
 
 def sid_in_shard(shard: int, prefix: str) -> str:
-    from stickystate.router.placement import shard_of
+    from stickystate.protocol import shard_of
 
     return next(f"{prefix}-{i}" for i in range(10_000) if shard_of(f"{prefix}-{i}", PARTITIONS) == shard)
 
@@ -312,8 +312,8 @@ def test_what_the_fast_front_takes_means_the_same_to_aiohttp(seg: str, tail: str
         info = asyncio.run(app.router.resolve(req))
         assert info.http_exception is None and info.handler.__name__ == handler, target
         assert dict(info) == params and req.path_qs == target
-        from stickystate.node.fastpath import FastRequest
-        from stickystate.router.relay import Incoming
+        from stickystate.http.request import FastRequest
+        from stickystate.http.connection import Incoming
 
         inc = Incoming()
         inc.method, inc.target = method.encode(), target.encode()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import make_mocked_request
 
-from stickystate.node.http import NodeHandlers
+from stickystate.node.handlers import NodeHandlers
 from stickystate.node.settings import NodeSettings
 
 

@@ -18,8 +18,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from stickystate.node import errors as node_errors
-from stickystate.node import http as node_http
+from stickystate import errors as node_errors
+from stickystate import protocol
+from stickystate.node.handlers import NodeHandlers
 from stickystate.router import app as router_app_mod
 from stickystate.router import forward as router_forward
 from stickystate.node import validate
@@ -184,8 +185,8 @@ def _node_py() -> list[Path]:
 
 
 def _server_py() -> list[Path]:
-    """Every module that answers HTTP requests: the node's and the router's."""
-    return _node_py() + sorted((ROOT / "router").glob("*.py"))
+    """Every module that answers HTTP requests: the node's, the router's, and the HTTP layer both use."""
+    return _node_py() + sorted((ROOT / "router").glob("*.py")) + sorted((ROOT / "stickystate" / "http").glob("*.py"))
 
 
 def _codes_in_code() -> set[str]:
@@ -257,7 +258,7 @@ def test_security_schemes_and_open_paths_are_the_code_s(spec: dict[str, Any]) ->
     assert {"authorization", "x-api-key"} <= router_app_mod.STRIPPED
     open_ops = {(m, p) for m, p, op in _operations(spec) if op.get("security") == []}
     assert open_ops == {("GET", p) for p in router_app_mod.OPEN_PATHS}
-    assert router_app_mod.OPEN_PATHS == node_http.OPEN_PATHS
+    assert router_app_mod.OPEN_PATHS == protocol.OPEN_PATHS == {r.path for r in protocol.ROUTES if r.open}
     for method, path, op in _operations(spec):
         assert "security" not in op or op["security"] == [], (method, path)
         if (method, path) not in open_ops:
@@ -303,17 +304,17 @@ async def test_the_router_edge_answers_as_documented(spec: dict[str, Any]) -> No
 
 def test_request_id_header_on_every_path_and_response(spec: dict[str, Any]) -> None:
     comp = spec["components"]
-    assert comp["parameters"]["RequestId"]["name"] == node_http.REQUEST_ID_HEADER
+    assert comp["parameters"]["RequestId"]["name"] == protocol.REQUEST_ID_HEADER
     assert comp["parameters"]["RequestId"]["in"] == "header"
     ref = {"$ref": "#/components/headers/X-Request-Id"}
     for name, resp in comp["responses"].items():
-        assert resp["headers"][node_http.REQUEST_ID_HEADER] == ref, name
+        assert resp["headers"][protocol.REQUEST_ID_HEADER] == ref, name
     for path, item in spec["paths"].items():
         assert {"$ref": "#/components/parameters/RequestId"} in item.get("parameters", []), path
         for method in (m for m in item if m in HTTP_METHODS):
             for status, resp in item[method]["responses"].items():
                 if "$ref" not in resp:
-                    assert resp["headers"][node_http.REQUEST_ID_HEADER] == ref, (method, path, status)
+                    assert resp["headers"][protocol.REQUEST_ID_HEADER] == ref, (method, path, status)
 
 
 # -- meta, history, metrics --------------------------------------------------------------
@@ -346,7 +347,7 @@ def _int_params_of(func: Any) -> dict[str, tuple[int, int, int]]:
 
 def test_meta_and_history_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
-    handlers = node_http.NodeHandlers
+    handlers = NodeHandlers
     meta = schemas["SessionMeta"]
     assert set(meta["properties"]) == set(meta["required"]) == _dict_keys_of(handlers.meta, "body")
     page = schemas["HistoryPage"]
@@ -439,12 +440,13 @@ def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
 def test_minimal_answer_is_documented_on_every_write_with_a_body(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
     minimal = schemas["SessionMinimal"]
-    keys = _dict_keys_of(node_http.NodeHandlers._render_minimal, "body")
+    keys = _dict_keys_of(NodeHandlers._render_minimal, "body")
     # "id" only on a create's answer (its id may have been generated), so it is optional
     assert set(minimal["properties"]) == keys and set(minimal["required"]) == keys - {"id"}
     assert keys < set(schemas["Session"]["properties"])
     assert spec["components"]["headers"]["Preference-Applied"]["schema"]["enum"] == ["return=minimal"]
-    assert '"Preference-Applied"] = "return=minimal"' in inspect.getsource(node_http.NodeHandlers._write)
+    assert protocol.PREFERENCE_APPLIED_HEADER == "Preference-Applied"
+    assert '[PREFERENCE_APPLIED_HEADER] = "return=minimal"' in inspect.getsource(NodeHandlers._write)
     assert "prefer" not in router_forward.STRIPPED and "preference-applied" not in router_forward.HOP_BY_HOP
     prefer = {"$ref": "#/components/parameters/Prefer"}
     writes = [(m, p, op) for m, p, op in _operations(spec) if m in ("POST", "PUT", "PATCH", "DELETE")]

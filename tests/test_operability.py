@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stickystate.node.errors import BadRequest, Conflict, NotFound
+from stickystate.errors import BadRequest, Conflict, NotFound
 from stickystate.node.ops import apply, merge_patch, view
 from stickystate.node.shard import Shard
 

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from stickystate.node.ops import apply
 from stickystate.node.shard import DELETED, Shard
 from stickystate.replicator import events
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api, owned_shard
 

@@ -4,7 +4,8 @@ owners forever (a change here moves every user's sessions)."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stickystate.router.placement import Placement, moved_shards, shard_of
+from stickystate.protocol import shard_of
+from stickystate.router.placement import Placement, moved_shards
 
 GOLDEN_SHARDS = {
     "alice": 7,

@@ -24,11 +24,12 @@ import pytest
 from aiohttp import web
 
 from stickystate.router.forward import HeaderScan, Outgoing, is_session_request, prepare
-from stickystate.router.placement import shard_of
-from stickystate.router.relay import Incoming, _render
+from stickystate.protocol import shard_of
+from stickystate.http.connection import Incoming
+from stickystate.http.wire import render
 from stickystate.router.server import serve
 from stickystate.router.settings import RouterSettings
-from stickystate.router.upstream import Reply
+from stickystate.http.upstream import Reply
 from stickystate.local_cluster import LocalCluster, free_port
 from tests.helpers import end_offset
 
@@ -389,12 +390,12 @@ async def one(fake: FakeSetup, data: bytes, n: int = 1) -> list[Answer]:
 
 
 async def test_what_the_node_receives(fake: FakeSetup) -> None:
-    (a,) = await one(fake, request("PATCH", "/v1/sessions/s1/x%2Fy?ttl_s=5", b'{"a":1}', {
+    (a,) = await one(fake, request("PATCH", "/v1/sessions/s1%3Ax?ttl_s=5", b'{"a":1}', {
         **AUTH, "X-Api-Key": "other", "X-Stickystate-Tenant": "evil", "X-Stickystate-Internal": "forged",
         "X-Stickystate-Session-Id": "forged", "X-Request-Id": "rid-1", "Keep-Alive": "timeout=5", "X-Custom": "kept"}))
     seen = a.json()
     headers = {k.lower(): v for k, v in seen["headers"]}
-    assert seen["method"] == "PATCH" and seen["target"] == "/v1/sessions/s1/x%2Fy?ttl_s=5"  # as the client sent it
+    assert seen["method"] == "PATCH" and seen["target"] == "/v1/sessions/s1%3Ax?ttl_s=5"  # as the client sent it
     assert seen["body"] == '{"a":1}' and headers["content-length"] == "7"
     assert headers["x-stickystate-internal"] == SECRET and headers["x-stickystate-tenant"] == "acme"
     assert "authorization" not in headers and "x-api-key" not in headers and "keep-alive" not in headers
@@ -600,7 +601,7 @@ def test_prepare_refuses_bad_ids_and_dot_segments() -> None:
 def _framed(reply: Reply, method: bytes = b"GET", keep_alive: bool = True, http10: bool = False) -> bytes:
     req = Incoming()
     req.method, req.keep_alive, req.http10 = method, keep_alive, http10
-    return b"".join(_render(reply, req, b"rid"))
+    return b"".join(render(reply, req, b"rid"))
 
 
 def test_render_frames_answers_for_this_hop() -> None:

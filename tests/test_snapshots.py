@@ -15,7 +15,7 @@ from stickystate.node.ops import apply
 from stickystate.node.shard import Shard
 from stickystate.replicator import snapshots as snap
 from stickystate.replicator.settings import ReplicatorSettings
-from stickystate.router.placement import shard_of
+from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
 from tests.helpers import Api, owned_shard, read_records
 from tests.test_failover import wait_for
@@ -242,7 +242,7 @@ def _random_ops(rng: Any, sids: list[str], n: int) -> list[dict[str, Any]]:
 def test_a_packed_standby_unpacks_to_exactly_the_owners_state(seed: int) -> None:
     import random
 
-    from stickystate.node.errors import StickyError
+    from stickystate.errors import StickyError
 
     rng = random.Random(seed)
     owner = owned_shard()

@@ -1,4 +1,5 @@
-"""The server packages type-check: mypy over stickystate.node, .replicator and .router
+"""The shipped code type-checks: mypy (configured in pyproject: no untyped defs) over
+stickystate.node, .router, .replicator, .http and the shared modules of stickystate/
 finds nothing.
 
 mypy resolves imports from folders, not through the editable install's import hook, so
@@ -31,13 +32,18 @@ def installed_view(into: Path) -> Path:
     return top
 
 
-def test_mypy_finds_no_type_errors_in_the_server_packages(tmp_path: Path) -> None:
+PACKAGES = ("stickystate.node", "stickystate.router", "stickystate.replicator", "stickystate.http")
+
+
+def test_mypy_finds_no_type_errors_in_the_shipped_packages(tmp_path: Path) -> None:
     installed_view(tmp_path)
-    packages = ["stickystate.node", "stickystate.replicator", "stickystate.router"]
     args = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
             "--cache-dir", str(tmp_path / ".mypy_cache")]
-    for package in packages:
+    for package in PACKAGES:
         args += ["-p", package]
+    modules = {f"stickystate.{p.stem}" for p in (ROOT / "stickystate").glob("*.py") if p.stem != "__init__"}
+    for module in sorted(modules):
+        args += ["-m", module]
     run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Success" in run.stdout

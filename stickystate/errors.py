@@ -12,7 +12,8 @@
     └── Unavailable           503  replication queue full, Kafka slow, shard recovering
                                    (retriable, Retry-After)
 
-Pure: no aiohttp import. One middleware in node/http.py renders them.
+Pure: no aiohttp import. Shared by the nodes (which raise them), the fronts (which render
+them: stickystate/http/aio.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Keep-alive HTTP/1.1 connections from the router to one upstream, one exchange at a time.
+"""Keep-alive HTTP/1.1 connections to one upstream, one exchange at a time (the router
+to each node; each httptools front to its own aiohttp app on a Unix socket).
 
-The router sends a request it has read completely (head and a Content-Length-framed
+The caller sends a request it has read completely (head and a Content-Length-framed
 body) and waits for the whole answer: ``httptools`` parses the response head to learn
 where the body ends (Content-Length or chunked, or no body: 1xx/204/304 and answers to
 HEAD), and the body is buffered. A connection that breaks mid-answer has therefore sent
-nothing to the client, and the forwarder may retry the request elsewhere.
+nothing to the client, and the router may retry the request elsewhere.
 
 Errors, each a ``UpstreamError`` with a ``reason`` for the log::
 
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import httptools
 
-Header = tuple[bytes, bytes]
+from stickystate.http.wire import Header, Reply
 
 
 class UpstreamError(Exception):
@@ -58,18 +59,6 @@ class Abandoned(UpstreamError):
 
 class BadResponse(UpstreamError):
     reason = "bad response"
-
-
-class Reply:
-    """A complete answer: status, reason phrase, headers as received, and the body."""
-
-    __slots__ = ("status", "reason", "headers", "body")
-
-    def __init__(self, status: int, reason: bytes, headers: list[Header], body: bytes) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.body = body
 
 
 class UpstreamConnection(asyncio.Protocol):
