@@ -24,7 +24,7 @@ from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore, WriteResult, fingerprint
 from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER,
                                   OWNER_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER,
-                                  SESSION_ID_HEADER, SHARD_HEADER, TENANT_HEADER)
+                                  SESSION_ID_HEADER, SESSION_ID_MESSAGE, SHARD_HEADER, TENANT_HEADER)
 
 UNAUTHORIZED_MESSAGE = "nodes accept requests only from routers and peers holding the cluster's internal secret"
 
@@ -109,23 +109,30 @@ class NodeHandlers:
 
     # -- public API -------------------------------------------------------------------
     async def create(self, request: HandlerRequest) -> Answer:
+        if request.headers.get(IF_MATCH_HEADER) is not None:
+            # It could never hold: the session does not exist yet (412), or the id is taken (409).
+            raise BadRequest("If-Match does not apply to a create", code="bad_if_match")
         body = await request.read()
-        doc = v.parse_json(body, self.limits, optional=True)
-        if doc is None:
-            doc = {}
-        doc = v.json_object(doc, "body")
+        # No body is an empty create; a body must be a JSON object (``null`` included: it is
+        # not taken for "no body").
+        doc = v.json_object(v.parse_json(body, self.limits), "body") if body.strip() else {}
         unknown = set(doc) - {"id", "data", "ttl_s"}
         if unknown:
             raise BadRequest(f"unknown fields {sorted(unknown)}", code="bad_operation")
-        sid = doc.get("id") or request.headers.get(SESSION_ID_HEADER) or secrets.token_urlsafe(16)
-        if not isinstance(sid, str):
-            raise BadRequest("id must be a string", code="bad_id")
+        if "id" in doc:
+            # Present, it must be an id: not null, a number, an array or an object (never
+            # taken for "no id": a malformed id must not create a session under another).
+            sid = doc["id"]
+            if not isinstance(sid, str):
+                raise BadRequest(SESSION_ID_MESSAGE, code="bad_id")
+        else:
+            sid = request.headers.get(SESSION_ID_HEADER) or secrets.token_urlsafe(16)
         v.session_id(sid)
         tenant = request.headers.get(TENANT_HEADER)
         if tenant:
             sid = f"{tenant}:{sid}"
         data = v.json_object(doc.get("data", {}), "data")
-        ttl = v.ttl(doc.get("ttl_s"), self.limits) or self.settings.default_ttl_s
+        ttl = v.ttl(doc["ttl_s"], self.limits) if "ttl_s" in doc else self.settings.default_ttl_s
         return await self._write(request, {"op": "create", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
     async def get(self, request: HandlerRequest) -> Answer:
@@ -179,7 +186,7 @@ class NodeHandlers:
         sid = self._sid(request)
         body = await request.read()
         data = v.json_object(v.parse_json(body, self.limits), "body")
-        ttl = v.ttl(request.query.get("ttl_s"), self.limits) or self.settings.default_ttl_s
+        ttl = v.ttl_query(request.query.get("ttl_s"), self.limits) or self.settings.default_ttl_s
         return await self._write(request, {"op": "replace", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
     async def patch(self, request: HandlerRequest) -> Answer:
@@ -198,7 +205,7 @@ class NodeHandlers:
             raise BadRequest("items must be a JSON array", code="bad_operation")
         if set(doc) - {"items", "max_len"}:
             raise BadRequest(f"unknown fields {sorted(set(doc) - {'items', 'max_len'})}", code="bad_operation")
-        max_len = v.max_len(doc.get("max_len"), self.limits)
+        max_len = v.max_len(doc["max_len"], self.limits) if "max_len" in doc else None
         if max_len is None and len(items) > self.limits.max_list_len:
             raise v.PayloadTooLarge(f"more than {self.limits.max_list_len} items", limit="max_list_len")
         op = {"op": "append", "sid": sid, "field": field, "items": items, "max_len": max_len}
@@ -209,7 +216,7 @@ class NodeHandlers:
         key = v.key_name(request.match_info["key"])
         body = await request.read()
         value = v.parse_json(body, self.limits)
-        ttl = v.ttl(request.query.get("ttl_s"), self.limits)
+        ttl = v.ttl_query(request.query.get("ttl_s"), self.limits)
         return await self._write(request, {"op": "set_key", "sid": sid, "key": key, "value": value, "ttl_s": ttl}, body)
 
     async def delete_key(self, request: HandlerRequest) -> Answer:

@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 
 from stickystate.errors import BadRequest, PayloadTooLarge, PreconditionFailed
-from stickystate.protocol import KEY_RE, SESSION_ID_MESSAGE, SESSION_ID_RE, key_message
+from stickystate.protocol import (IDEMPOTENCY_KEY_MESSAGE, IDEMPOTENCY_KEY_RE, KEY_RE, SESSION_ID_MESSAGE,
+                                  SESSION_ID_RE, key_message)
 
 DURABILITIES = ("memory", "log")
 
@@ -41,12 +42,10 @@ def key_name(key: str, what: str = "key") -> str:
     return key
 
 
-def parse_json(body: bytes, limits: Limits, *, optional: bool = False) -> Any:
+def parse_json(body: bytes, limits: Limits) -> Any:
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(f"body exceeds {limits.max_body_bytes} bytes", limit="max_body_bytes")
     if not body.strip():
-        if optional:
-            return None
         raise BadRequest("a JSON body is required", code="bad_json")
     try:
         value = orjson.loads(body)
@@ -79,22 +78,32 @@ def json_object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def ttl(value: Any, limits: Limits, what: str = "ttl_s") -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise BadRequest(f"{what} must be a number", code="bad_ttl") from None
+# A JSON number (RFC 8259), as a query parameter's text: no Python-only spellings
+# (``1_000``, ``inf``, ``nan``, surrounding spaces) that the spec's "number" excludes.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def ttl(value: Any, limits: Limits, what: str = "ttl_s") -> float:
+    """A TTL given as a JSON number: in (0, max_ttl_s]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= limits.max_ttl_s):
         raise BadRequest(f"{what} must be a number in (0, {limits.max_ttl_s}]", code="bad_ttl")
     return float(value)
 
 
-def max_len(value: Any, limits: Limits) -> int | None:
-    if value is None:
+def ttl_query(raw: str | None, limits: Limits, what: str = "ttl_s") -> float | None:
+    """A TTL given as a query parameter (absent: None)."""
+    if raw is None:
         return None
+    if not _JSON_NUMBER.fullmatch(raw):
+        raise BadRequest(f"{what} must be a number in (0, {limits.max_ttl_s}]", code="bad_ttl")
+    return ttl(float(raw), limits, what)
+
+
+def max_len(value: Any, limits: Limits) -> int:
+    """A positive integer; a JSON number with no fractional part (``5.0``) is one too, as
+    JSON Schema's ``integer`` says."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest("max_len must be a positive integer", code="bad_operation")
     if value > limits.max_list_len:
@@ -117,7 +126,7 @@ def check_state(data: dict[str, Any], limits: Limits, appended_field: str | None
 def durability(header: str | None, default: str) -> str:
     if header is None:
         return default
-    value = header.strip().lower()
+    value = header.strip()
     if value not in DURABILITIES:
         raise BadRequest("Durability must be 'memory' or 'log'", code="bad_durability")
     return value
@@ -168,6 +177,6 @@ def check_precondition(expected: int | str | None, current_version: int | None) 
 def idempotency_key(header: str | None) -> str | None:
     if header is None:
         return None
-    if not (1 <= len(header) <= 128) or not header.isprintable():
-        raise BadRequest("Idempotency-Key must be 1-128 printable characters", code="bad_idempotency_key")
+    if not IDEMPOTENCY_KEY_RE.fullmatch(header):
+        raise BadRequest(IDEMPOTENCY_KEY_MESSAGE, code="bad_idempotency_key")
     return header

@@ -61,6 +61,13 @@ KEY_PATTERN = "[A-Za-z0-9._:-]{1,256}"  # keys of a session's data, and list fie
 KEY_RE = re.compile(KEY_PATTERN)
 
 
+# Idempotency-Key: visible ASCII (no spaces, no control or non-ASCII characters), so that
+# it means the same to every HTTP stack between the client and the node.
+IDEMPOTENCY_KEY_PATTERN = "[!-~]{1,128}"
+IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
+IDEMPOTENCY_KEY_MESSAGE = "Idempotency-Key must be 1-128 visible ASCII characters (no spaces)"
+
+
 def key_message(what: str = "key") -> str:
     return f"{what} must be 1-256 characters of [A-Za-z0-9._:-]"
 

@@ -81,3 +81,33 @@ async def test_bad_input_is_rejected_and_changes_nothing(api: Api, cluster: Loca
     _, after, _ = await api.call("GET", f"/v1/sessions/{SID}")
     assert after == before
     assert await end_offset(cluster.kafka_bootstrap, cluster.topic, partition) == offset_before
+
+
+async def total_end_offset(cluster: LocalCluster) -> int:
+    return sum([await end_offset(cluster.kafka_bootstrap, cluster.topic, p) for p in range(cluster.partitions)])
+
+
+def sessions_held(cluster: LocalCluster) -> int:
+    """Sessions the nodes own, summed (their /internal/status)."""
+    from stickystate.local_cluster import http_json
+
+    return sum(http_json(cluster.node_url(n) + "/internal/status")[1]["sessions"] for n in cluster.node_ids())
+
+
+NOT_AN_ID = [[], {}, ["a"], {"id": "a"}, 0, 7, 1.5, True, False, None, "", "has space", "x" * 129]
+
+
+@pytest.mark.parametrize("bad", NOT_AN_ID, ids=[repr(b)[:20] for b in NOT_AN_ID])
+async def test_a_create_whose_id_is_not_an_id_string_is_400_and_creates_nothing(
+        api: Api, cluster: LocalCluster, bad: object) -> None:
+    """Present, ``id`` must be a string matching the id pattern: an array, an object, a
+    number, a boolean or null is never taken for "no id" (which would create a session
+    under a generated id)."""
+    offsets, held = await total_end_offset(cluster), sessions_held(cluster)
+    # Durability log: had the node (wrongly) applied it, its event would be in Kafka before the answer.
+    status, body, headers = await api.call("POST", "/v1/sessions", raw=orjson.dumps({"id": bad, "data": {"a": 1}}),
+                                           headers={"Durability": "log"})
+    assert (status, body["error"]) == (400, "bad_id"), body
+    assert headers["Content-Type"].startswith("application/json")
+    assert await total_end_offset(cluster) == offsets
+    assert sessions_held(cluster) == held

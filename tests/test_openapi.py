@@ -164,7 +164,7 @@ def test_headers_limits_and_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
     comp = spec["components"]
     limits = validate.Limits()
     assert comp["parameters"]["Durability"]["schema"]["enum"] == list(validate.DURABILITIES)
-    assert comp["parameters"]["IdempotencyKey"]["schema"]["maxLength"] == 128
+    assert comp["parameters"]["IdempotencyKey"]["schema"]["pattern"] == "^" + protocol.IDEMPOTENCY_KEY_PATTERN + "$"
     assert comp["schemas"]["TtlSeconds"]["maximum"] == limits.max_ttl_s
     assert comp["schemas"]["AppendRequest"]["properties"]["max_len"]["maximum"] == limits.max_list_len
     # The public session shape is what ops.view() renders.
@@ -172,7 +172,7 @@ def test_headers_limits_and_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
     session = comp["schemas"]["Session"]
     assert set(session["properties"]) == set(session["required"]) == set(view(state, 0.0))
     # POST /v1/sessions accepts exactly these fields.
-    src = inspect.getsource(build_node_app.__globals__["NodeHandlers"].create)
+    src = inspect.getsource(NodeHandlers.create)
     accepted = set(re.findall(r'"(\w+)"', re.search(r"set\(doc\) - \{([^}]*)\}", src).group(1)))
     assert set(comp["schemas"]["CreateSession"]["properties"]) == accepted
 
