@@ -11,11 +11,13 @@ Errors are typed (stickystate/errors.py) and rendered once, by ``error_answer``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+from collections.abc import Awaitable, Callable
 import secrets
 from typing import Any
 
-from stickystate.errors import BadRequest, Unavailable
+from stickystate.errors import BadRequest, StickyError, Unavailable
 from stickystate.http.request import HandlerRequest
 from stickystate.http.wire import Answer, json_answer
 from stickystate.node import validate as v
@@ -27,6 +29,25 @@ from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_K
                                   SESSION_ID_HEADER, SESSION_ID_MESSAGE, SHARD_HEADER, TENANT_HEADER)
 
 UNAUTHORIZED_MESSAGE = "nodes accept requests only from routers and peers holding the cluster's internal secret"
+
+Handler = Callable[["NodeHandlers", HandlerRequest], Awaitable[Answer]]
+
+
+def client_facing(handler: Handler) -> Handler:
+    """Errors name the session as the client knows it: the stored id is namespaced by the
+    tenant (``tenant:id``), and neither the tenant's name nor another id may show."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: NodeHandlers, request: HandlerRequest) -> Answer:
+        try:
+            return await handler(self, request)
+        except StickyError as exc:
+            tenant = request.headers.get(TENANT_HEADER)
+            if tenant:
+                exc.message = exc.message.replace(f"'{tenant}:", "'")
+            raise
+
+    return wrapped
 
 
 def _int_param(request: HandlerRequest, name: str, default: int, lo: int, hi: int) -> int:
@@ -108,6 +129,7 @@ class NodeHandlers:
         return body
 
     # -- public API -------------------------------------------------------------------
+    @client_facing
     async def create(self, request: HandlerRequest) -> Answer:
         if request.headers.get(IF_MATCH_HEADER) is not None:
             # It could never hold: the session does not exist yet (412), or the id is taken (409).
@@ -135,12 +157,14 @@ class NodeHandlers:
         ttl = v.ttl(doc["ttl_s"], self.limits) if "ttl_s" in doc else self.settings.default_ttl_s
         return await self._write(request, {"op": "create", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
+    @client_facing
     async def get(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         shard, state = await self.store.read(sid)
         return json_answer(self._render(request, state, self.store.clock()), 200,
                            _headers(shard.id, shard.my_epoch, self.store, state["version"]))
 
+    @client_facing
     async def history(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         after = _int_param(request, "after", -1, -1, 2**62)
@@ -164,6 +188,7 @@ class NodeHandlers:
                 "next_after": items[-1]["offset"] if more and items else None}
         return json_answer(body, 200, _headers(shard.id, shard.my_epoch, self.store, None))
 
+    @client_facing
     async def meta(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         shard, state = await self.store.read(sid)
@@ -182,6 +207,7 @@ class NodeHandlers:
         }
         return json_answer(body, 200, _headers(shard.id, shard.my_epoch, self.store, state["version"]))
 
+    @client_facing
     async def replace(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         body = await request.read()
@@ -189,12 +215,14 @@ class NodeHandlers:
         ttl = v.ttl_query(request.query.get("ttl_s"), self.limits) or self.settings.default_ttl_s
         return await self._write(request, {"op": "replace", "sid": sid, "data": data, "ttl_s": ttl}, body)
 
+    @client_facing
     async def patch(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         body = await request.read()
         patch = v.json_object(v.parse_json(body, self.limits), "merge patch")
         return await self._write(request, {"op": "patch", "sid": sid, "patch": patch}, body)
 
+    @client_facing
     async def append(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         field = v.key_name(request.match_info["field"], "field")
@@ -211,6 +239,7 @@ class NodeHandlers:
         op = {"op": "append", "sid": sid, "field": field, "items": items, "max_len": max_len}
         return await self._write(request, op, body, appended_field=field)
 
+    @client_facing
     async def set_key(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         key = v.key_name(request.match_info["key"])
@@ -219,11 +248,13 @@ class NodeHandlers:
         ttl = v.ttl_query(request.query.get("ttl_s"), self.limits)
         return await self._write(request, {"op": "set_key", "sid": sid, "key": key, "value": value, "ttl_s": ttl}, body)
 
+    @client_facing
     async def delete_key(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         key = v.key_name(request.match_info["key"])
         return await self._write(request, {"op": "delete_key", "sid": sid, "key": key}, b"")
 
+    @client_facing
     async def delete(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
         return await self._write(request, {"op": "delete", "sid": sid}, b"")
