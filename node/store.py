@@ -43,7 +43,8 @@ from typing import Any
 from stickystate.errors import Conflict, NotFound, NotOwner, StickyError, Unavailable
 from stickystate.node.ops import Op, Session, apply
 from stickystate.node.settings import NodeSettings
-from stickystate.node.shard import DELETED, DELIVERY, EPOCH, FP, STATE, STATUS, Shard
+from stickystate.node.idempotency import DELIVERY, EPOCH, FP, STATE, STATUS, IdempotencyCache
+from stickystate.node.shard import DELETED, Shard
 from stickystate.node.validate import check_precondition, check_state
 from stickystate.replicator import events
 from stickystate.replicator.errors import ReplicationError
@@ -236,7 +237,7 @@ class NodeStore:
             ends = await asyncio.wait_for(self.follower.end_offsets(shards), self.settings.hold_timeout_s)
             for s, end in ends.items():
                 shard = self.shards.get(s)
-                if shard is None or shard.acking is None or shard.position >= end:
+                if shard is None or shard.acks.acking is None or shard.position >= end:
                     continue
                 self._read_log(shard, end, "stall")
                 await self._until_verified(shard, end - 1, self.settings.hold_timeout_s)  # False: fenced meanwhile
@@ -294,7 +295,7 @@ class NodeStore:
         # From here to the end: no await. Check, apply, hand over, install.
         sid = op["sid"]
         if idem is not None:
-            cached = shard.idem.get((sid, idem))
+            cached = shard.idem.records.get((sid, idem))
             if cached is not None:
                 if cached[FP] != request_fingerprint:
                     raise Conflict("Idempotency-Key was used with a different request", code="idempotency_key_reused")
@@ -333,10 +334,9 @@ class NodeStore:
             204 if new is None else 200)
         if idem is not None:
             key = (sid, idem)
-            fp, _, cached_state, cached_epoch, _ = shard.idem[key]
-            shard.idem[key] = (fp, status, cached_state, cached_epoch, delivery)
+            shard.idem.answered(key, status, delivery)
             if delivery is not None:
-                delivery.add_done_callback(functools.partial(_settle_idem, shard, key))
+                delivery.add_done_callback(functools.partial(IdempotencyCache.settle, shard.idem, key))
         return WriteResult(status, new, shard.id, epoch, delivery)
 
     async def confirm(self, result: WriteResult) -> None:
@@ -416,25 +416,25 @@ class NodeStore:
 
     def _on_acked(self, s: int, acked: list[tuple[int, Any]]) -> None:
         shard = self.shards.get(s)
-        if shard is None or shard.acking is None:
+        if shard is None or shard.acks.acking is None:
             return
-        shard.own_acked(acked)
-        if shard.hole:
+        shard.own_acked(acked, time.monotonic())
+        if shard.acks.hole:
             self._read_log(shard, 0, "hole")
         self._wake(shard)
 
     def _read_log(self, shard: Shard, upto: int, reason: str) -> None:
         """Read an owned partition from ``shard.position`` (to ``upto`` at least)."""
-        shard.read_to = max(shard.read_to, upto)
+        shard.acks.read_to = max(shard.acks.read_to, upto)
         if shard.id not in self.follower.following():
             self.follower.follow(shard.id, shard.position)
             self.owner_log_reads[reason] += 1
 
     def _caught_up(self, shard: Shard) -> None:
         """An owned partition read far enough: stop following it."""
-        if not shard.hole and shard.position >= shard.read_to and shard.id in self.follower.following():
+        if not shard.acks.hole and shard.position >= shard.acks.read_to and shard.id in self.follower.following():
             self.follower.unfollow(shard.id)
-            shard.read_to = 0
+            shard.acks.read_to = 0
 
     def _wake(self, shard: Shard) -> None:
         heap = self._waiters.get(shard.id)
@@ -453,7 +453,7 @@ class NodeStore:
         """True once ``offset`` is verified while we own the shard; False if ownership ends first."""
         if shard.position > offset:
             return True
-        if shard.acking is None:
+        if shard.acks.acking is None:
             return False
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters.setdefault(shard.id, []), (offset, next(self._waiter_seq), fut))
@@ -464,7 +464,7 @@ class NodeStore:
         shard we do not write to would otherwise not notice a takeover claim."""
         while True:
             await asyncio.sleep(self.OWNER_CHECK_S)
-            owned = [s for s in sorted(self.serving) if s in self.shards and self.shards[s].acking is not None]
+            owned = [s for s in sorted(self.serving) if s in self.shards and self.shards[s].acks.acking is not None]
             if not owned or self.refusing:
                 self._prev_ends.clear()
                 continue
@@ -476,7 +476,7 @@ class NodeStore:
             prev, self._prev_ends = self._prev_ends, {}
             for s, end in ends.items():
                 shard = self.shards.get(s)
-                if shard is None or shard.acking is None:
+                if shard is None or shard.acks.acking is None:
                     continue
                 before = prev.get(s)
                 if before is not None and shard.position < before:
@@ -488,6 +488,7 @@ class NodeStore:
         shard = self.shards.get(s)
         if shard is None:
             return
+        now = time.monotonic()
         for rec in records:
             try:
                 event = events.decode(rec.value)
@@ -495,15 +496,15 @@ class NodeStore:
                 log.error("undecodable event", extra={"shard": s, "offset": rec.offset, "error": str(exc)})
                 shard.position = rec.offset + 1
                 continue
-            outcome = shard.apply_record(rec.offset, event, self.me)
+            outcome = shard.apply_record(rec.offset, event, self.me, now)
             if outcome == "fenced":
                 log.warning("fenced: shard claimed by another node",
                             extra={"shard": s, "owner": shard.owner, "epoch": shard.epoch})
                 self.serving.discard(s)
                 self._reset_shard(s, keep_following=s in self.standby or s in self.recovering)
                 return
-        if shard.acking is not None:
-            shard.absorb()
+        if shard.acks.acking is not None:
+            shard.absorb(now)
             self._wake(shard)
             self._caught_up(shard)
 
@@ -520,7 +521,7 @@ class NodeStore:
 
     def _forget_ownership(self, s: int) -> None:
         if s in self.shards:
-            self.shards[s].dirty.clear()
+            self.shards[s].marks.dirty.clear()
         self._full_due.discard(s)
         self._checkpointed.pop(s, None)
         self._cleanup_due.pop(s, None)
@@ -614,9 +615,9 @@ class NodeStore:
             for s in lost:
                 shard = self.shards.get(s)
                 owned_it = False
-                if shard is not None and shard.acking is not None:
+                if shard is not None and shard.acks.acking is not None:
                     owned_it = True
-                    shard.stop_acking()  # after the flush: every acknowledgement is in
+                    shard.acks.reset()  # after the flush: every acknowledgement is in
                     self._release_waiters(s)
                 if s not in standby:
                     self._drop(s)
@@ -648,7 +649,7 @@ class NodeStore:
         if task is not None:
             task.cancel()
         if s in self.shards:
-            self.shards[s].stop_acking()
+            self.shards[s].acks.reset()
         self._release_waiters(s)
         self._forget_ownership(s)
         if self.settings.replication:
@@ -683,8 +684,8 @@ class NodeStore:
         if self.settings.replication:
             # Our claim has been read: from here on Kafka's acknowledgements verify our
             # writes, and the partition is read only to settle holes (see above).
-            shard.acking = shard.my_epoch
-            shard.read_to = 0
+            assert shard.my_epoch is not None
+            shard.acks.start(shard.my_epoch)
             self._caught_up(shard)
         if self.settings.snapshot_every_events and self.settings.replication:
             self._full_due.add(s)
@@ -754,7 +755,7 @@ class NodeStore:
             self.tombstones_total += 1
             return
         offset = shard.last_offset.get(sid, shard.position - 1)
-        value = encode_snapshot(sid, state, offset, epoch, self.me, self.clock(), shard.idem_of(sid))
+        value = encode_snapshot(sid, state, offset, epoch, self.me, self.clock(), shard.idem.of_session(sid))
         self.replicator.enqueue(shard.id, session_key(sid, epoch), value, topic=topic)
         self.snapshots_total += 1
         self.snapshot_bytes_total += len(value)
@@ -862,10 +863,3 @@ class NodeStore:
             "recoveries": list(self.recoveries),
         }
 
-
-def _settle_idem(shard: Shard, key: tuple[str, str], delivery: asyncio.Future[int]) -> None:
-    """A cached write's event is in Kafka: keep its offset instead of the future (an
-    entry of atomic values only is not tracked by the cyclic GC)."""
-    entry = shard.idem.get(key)
-    if entry is not None and entry[DELIVERY] is delivery and not delivery.cancelled() and delivery.exception() is None:
-        shard.idem[key] = (*entry[:DELIVERY], delivery.result())

@@ -1,0 +1,61 @@
+"""Kafka's acknowledgements of an owner's records, pure (no I/O, no asyncio).
+
+Owner verification (node/store.py's docstring says why): while this node owns a shard
+at epoch ``acking``, Kafka's acknowledgements of our records verify them without
+reading the partition back, as long as they directly follow what is verified already
+(offsets are dense: nothing, no takeover claim, lies between). An acknowledged record
+past an offset not verified yet is a ``hole``: it waits in ``acked`` until the partition
+is read up to it. ``read_to``: how far the partition must be read before the node may
+stop following it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+AckMeta = tuple[str, int] | None  # (sid, version or DELETED) of a record; None: no bookkeeping
+
+_MISSING: AckMeta = ("", 0)  # a sentinel: no acknowledgement at that offset
+
+
+@dataclass(slots=True)
+class AckTracker:
+    acking: int | None = None  # the epoch whose acknowledgements are tracked (None: not owning)
+    acked: dict[int, AckMeta] = field(default_factory=dict)  # offset -> meta, at or beyond the shard's position
+    read_to: int = 0
+
+    def start(self, epoch: int) -> None:
+        """Our claim at ``epoch`` has been read: from here on acknowledgements verify."""
+        self.acking = epoch
+        self.read_to = 0
+
+    def track(self, acked: Iterable[tuple[int, AckMeta]], position: int) -> None:
+        """Kafka acknowledged our records at these offsets; those below ``position`` were read already."""
+        for offset, meta in acked:
+            if offset >= position:
+                self.acked[offset] = meta
+
+    def verified(self, position: int) -> Iterator[tuple[int, AckMeta]]:
+        """Take the acknowledged records that directly follow ``position``, in order."""
+        acked = self.acked
+        while acked:
+            meta = acked.pop(position, _MISSING)
+            if meta is _MISSING:
+                if min(acked) < position:  # read meanwhile (follower): nothing left to do for them
+                    for stale in [o for o in acked if o < position]:
+                        del acked[stale]
+                return
+            yield position, meta
+            position += 1
+
+    @property
+    def hole(self) -> bool:
+        """An acknowledged record of ours lies beyond records we have not verified."""
+        return bool(self.acked)
+
+    def reset(self) -> None:
+        """Not owning (any more): nothing is tracked."""
+        self.acking = None
+        self.acked.clear()
+        self.read_to = 0
