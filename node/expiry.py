@@ -93,7 +93,10 @@ class Expiry:
                     heapq.heappush(heap, (now + 1.0, sid))  # replication full: try again
             delay = 1.0 if not heap else max(0.0, min(1.0, heap[0][0] - now))
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives once the event is set, and stop() would wait for this task forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass

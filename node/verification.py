@@ -126,7 +126,9 @@ class OwnerVerification:
                 self._prev_ends.clear()
                 continue
             try:
-                ends = await asyncio.wait_for(self.follower.end_offsets(owned), self.OWNER_CHECK_S * 5)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow stop()'s cancellation
+                async with asyncio.timeout(self.OWNER_CHECK_S * 5):
+                    ends = await self.follower.end_offsets(owned)
             except Exception as exc:  # Kafka away: the acknowledgements stop too; next round
                 log.debug("owner check failed", extra={"error": repr(exc)})
                 continue
