@@ -11,12 +11,10 @@ stop following it again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 AckMeta = tuple[str, int] | None  # (sid, version or DELETED) of a record; None: no bookkeeping
-
-_MISSING: AckMeta = ("", 0)  # a sentinel: no acknowledgement at that offset
 
 
 @dataclass(slots=True)
@@ -36,18 +34,13 @@ class AckTracker:
             if offset >= position:
                 self.acked[offset] = meta
 
-    def verified(self, position: int) -> Iterator[tuple[int, AckMeta]]:
-        """Take the acknowledged records that directly follow ``position``, in order."""
+    def drop_read(self, position: int) -> None:
+        """Forget acknowledgements below ``position``: those records were read meanwhile
+        (follower), nothing is left to do for them."""
         acked = self.acked
-        while acked:
-            meta = acked.pop(position, _MISSING)
-            if meta is _MISSING:
-                if min(acked) < position:  # read meanwhile (follower): nothing left to do for them
-                    for stale in [o for o in acked if o < position]:
-                        del acked[stale]
-                return
-            yield position, meta
-            position += 1
+        if acked and min(acked) < position:
+            for stale in [o for o in acked if o < position]:
+                del acked[stale]
 
     @property
     def hole(self) -> bool:

@@ -122,14 +122,15 @@ def test_the_owners_marks_carry_the_time_passed_in() -> None:
 
 
 # -- the parts' own rules ------------------------------------------------------------
-def test_acknowledgements_are_taken_in_order_and_stale_ones_dropped() -> None:
+def test_acknowledgements_past_the_position_wait_and_read_ones_are_dropped() -> None:
     acks = AckTracker()
     acks.start(1)
     acks.track([(3, ("a", 1)), (4, None), (6, ("b", 1)), (1, ("z", 1))], position=2)
-    assert list(acks.verified(3)) == [(3, ("a", 1)), (4, None)]
-    assert acks.acked == {6: ("b", 1)}  # past a gap: a hole
-    acks.track([(2, ("c", 1))], position=2)
-    assert list(acks.verified(7)) == [] and acks.acked == {}  # read past them meanwhile
+    assert acks.acked == {3: ("a", 1), 4: None, 6: ("b", 1)} and acks.hole  # 1: read already
+    acks.drop_read(5)
+    assert acks.acked == {6: ("b", 1)}
+    acks.drop_read(7)
+    assert acks.acked == {} and not acks.hole
 
 
 def test_pending_events_fold_every_few_and_unpack_to_the_state() -> None:
