@@ -15,6 +15,7 @@ import logging
 
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
+from stickystate.node.tasks import cancel_and_wait
 from stickystate.replicator.follower import Follower
 from stickystate.replicator.snapshots import SnapshotReader
 
@@ -44,10 +45,7 @@ class Bootstraps:
             task.cancel()
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks.values()))
 
     @staticmethod
     def _done(task: asyncio.Task[None]) -> None:

@@ -18,6 +18,7 @@ from stickystate.errors import StickyError
 from stickystate.node.ops import Session, apply
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import DELETED, Shard
+from stickystate.node.tasks import cancel_and_wait
 from stickystate.node.verification import StallGuard
 from stickystate.replicator import events
 from stickystate.replicator.errors import ReplicationError
@@ -41,10 +42,8 @@ class Expiry:
         self._task = asyncio.create_task(self._loop(), name="expiry")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     def schedule(self, session: Session) -> None:
         """A new session: reap it at its expiry."""

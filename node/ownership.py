@@ -34,6 +34,7 @@ from stickystate.node.expiry import Expiry
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
 from stickystate.node.snapshotting import Snapshotting
+from stickystate.node.tasks import cancel_and_wait
 from stickystate.node.verification import OwnerVerification
 from stickystate.replicator import events
 from stickystate.replicator.follower import Follower
@@ -67,10 +68,7 @@ class Ownership:
         self.recovery_seconds_total = 0.0
 
     async def stop(self) -> None:
-        tasks = list(self._acquire_tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._acquire_tasks.values()))
 
     # -- assignment (told by the router) -------------------------------------------
     async def assign(self, generation: int, owners: dict[int, str], standbys: dict[int, list[str]]) -> dict[str, Any]:

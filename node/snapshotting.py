@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
+from stickystate.node.tasks import cancel_and_wait
 from stickystate.node.verification import StallGuard
 from stickystate.replicator.errors import ReplicationError
 from stickystate.replicator.producer import Replicator
@@ -60,10 +61,7 @@ class Snapshotting:
         self._task = asyncio.create_task(self._loop(), name="snapshots")
 
     async def stop(self) -> None:
-        background = [*self._cleanups, *([self._task] if self._task is not None else [])]
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await cancel_and_wait([*self._cleanups, self._task])
         self._task = None
 
     def begin_epoch(self, shard: Shard) -> None:

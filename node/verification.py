@@ -30,6 +30,7 @@ from typing import Any
 from stickystate.errors import Unavailable
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
+from stickystate.node.tasks import cancel_and_wait
 from stickystate.replicator.follower import Follower
 
 log = logging.getLogger("stickystate.node")
@@ -53,10 +54,8 @@ class OwnerVerification:
         self._task = asyncio.create_task(self._owner_check_loop(), name="owner-check")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     def on_acked(self, s: int, acked: list[tuple[int, Any]]) -> None:
         """The replicator's callback: Kafka acknowledged our records of partition ``s``."""
@@ -165,10 +164,7 @@ class StallGuard:
         self._tick_task = asyncio.create_task(self._ticker(), name="stall-ticker")
 
     async def stop(self) -> None:
-        for task in (self._tick_task, self._verify_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([self._tick_task, self._verify_task])
         self._tick_task = self._verify_task = None
 
     def check(self) -> None:
