@@ -1,6 +1,6 @@
 """Kafka's acknowledgements of an owner's records, pure (no I/O, no asyncio).
 
-Owner verification (node/store.py's docstring says why): while this node owns a shard
+Owner verification (node/verification.py says why and what waits on it): while this node owns a shard
 at epoch ``acking``, Kafka's acknowledgements of our records verify them without
 reading the partition back, as long as they directly follow what is verified already
 (offsets are dense: nothing, no takeover claim, lies between). An acknowledged record

@@ -1,5 +1,5 @@
 """An owner verifies its writes from Kafka's acknowledgements instead of reading its
-own partitions back (node/shard.py, "Owner verification"); it reads a partition only to
+own partitions back (node/verification.py, node/acks.py); it reads a partition only to
 settle a hole, after a stall, or when the partition's end moved past its writes.
 
 Unit tests on the pure Shard, then a real cluster on a real broker where a foreign
