@@ -106,8 +106,9 @@ def _is_python_frame(frame: str) -> bool:
 # Areas of a stickystate or baseline server, by a frame anywhere on the stack; the first
 # pattern that matches wins (nested areas first).
 AREAS: list[tuple[str, tuple[str, ...]]] = [
-    ("node: store.write (apply, limits, hand-over to the replicator)", ("NodeStore.write (",)),
-    ("node: Durability log wait (confirm)", ("NodeStore.confirm (",)),
+    # node/writes.py since the store's split (NodeStore.*: profiles recorded before it)
+    ("node: store.write (apply, limits, hand-over to the replicator)", ("Writes.write (", "NodeStore.write (")),
+    ("node: Durability log wait (confirm)", ("Writes.confirm (", "NodeStore.confirm (")),
     ("router: forwarding to the nodes (upstream connections, retries)",
      ("Forwarder.", "UpstreamConnection.", "UpstreamPool.")),
     # the httptools front (stickystate/http/): the router's RelayFront and the node's NodeFront

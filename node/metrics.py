@@ -52,7 +52,7 @@ class _StoreCollector(Collector):
         shards.add_metric(["recovering"], len(st.recovering))
         shards.add_metric(["standby"], len(st.standby - st.serving))
         yield shards
-        rep = st.replicator
+        rep, own, snaps = st.replicator, st.ownership, st.snapshotting
         yield GaugeMetricFamily("stickystate_replication_queue_depth",
                                 "Events queued or in flight to Kafka (not yet acknowledged)", value=rep.depth)
         yield GaugeMetricFamily("stickystate_replication_lag_seconds",
@@ -65,14 +65,14 @@ class _StoreCollector(Collector):
             ("replication_send_seconds", "Sum of enqueue-to-acknowledgement time of acknowledged events",
              rep.send_latency_sum_s),
             ("replication_producer_rebuilds", "Kafka producers rebuilt after a failure", rep.rebuilds_total),
-            ("expirations", "Sessions expired by TTL", st.expired_total),
-            ("recoveries", "Shards acquired (rebuilt or promoted)", st.recoveries_total),
-            ("recovery_events_replayed", "Change events applied while rebuilding shards", st.recovery_events_total),
-            ("recovery_seconds", "Total time spent acquiring shards", st.recovery_seconds_total),
-            ("snapshots_written", "Session snapshots handed to the producer", st.snapshots_total),
-            ("snapshot_tombstones", "Snapshot tombstones (deleted/expired sessions)", st.tombstones_total),
-            ("snapshot_bytes", "Bytes of session snapshots handed to the producer", st.snapshot_bytes_total),
-            ("snapshot_checkpoints", "Snapshot checkpoints written", st.checkpoints_total),
+            ("expirations", "Sessions expired by TTL", st.expiry.expired_total),
+            ("recoveries", "Shards acquired (rebuilt or promoted)", own.recoveries_total),
+            ("recovery_events_replayed", "Change events applied while rebuilding shards", own.recovery_events_total),
+            ("recovery_seconds", "Total time spent acquiring shards", own.recovery_seconds_total),
+            ("snapshots_written", "Session snapshots handed to the producer", snaps.snapshots_total),
+            ("snapshot_tombstones", "Snapshot tombstones (deleted/expired sessions)", snaps.tombstones_total),
+            ("snapshot_bytes", "Bytes of session snapshots handed to the producer", snaps.snapshot_bytes_total),
+            ("snapshot_checkpoints", "Snapshot checkpoints written", snaps.checkpoints_total),
             ("follower_records", "Records read from Kafka by the follower", st.follower.records_total),
         )
         for name, help_text, value in counters:
@@ -80,11 +80,11 @@ class _StoreCollector(Collector):
         reads = CounterMetricFamily("stickystate_owner_log_reads",
                                     "Times an owned partition was read: to settle a hole in the acknowledgements, "
                                     "because its end moved past our writes (check), or after a stall", labels=["reason"])
-        for reason, value in st.owner_log_reads.items():
+        for reason, value in st.verification.owner_log_reads.items():
             reads.add_metric([reason], value)
         yield reads
         yield GaugeMetricFamily("stickystate_snapshot_tail_events",
                                 "Change events after the last checkpoint, summed over owned shards (what a rebuild replays)",
-                                value=st.snapshot_tail_events())
+                                value=snaps.tail_events())
         yield GaugeMetricFamily("stickystate_ready", "1 when the node is ready to serve", value=1.0 if st.ready else 0.0)
         yield GaugeMetricFamily("stickystate_scrape_timestamp_seconds", "Time of this scrape", value=time.time())

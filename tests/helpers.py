@@ -70,7 +70,7 @@ def owned_shard(claim_offset: int = 0) -> Shard:
     """Shard 0 as node n1 owns it at epoch 1, its claim read at ``claim_offset``."""
     shard = Shard(0)
     claim = {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}
-    assert shard.apply_record(claim_offset, claim, "n1") == "claim"
+    assert shard.apply_record(claim_offset, claim, "n1", now=0.0) == "claim"
     shard.my_epoch = 1
     shard.start_owning()
     return shard

@@ -118,7 +118,7 @@ def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
     text = "\n".join([
         "main (cli.py);Runner.run (asyncio/runners.py) 50",
         "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
-        "NodeStore.write (node/store.py);apply (node/ops.py) 20",
+        "Writes.write (node/writes.py);apply (node/ops.py) 20",
         "main (cli.py);Runner.run (asyncio/runners.py);RequestHandler._handle_request (aiohttp/web_protocol.py);"
         "json_response (node/http.py) 10",
         "main (cli.py);Runner.run (asyncio/runners.py);Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py)"

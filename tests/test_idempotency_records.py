@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 from stickystate.node.ops import apply
-from stickystate.node.shard import DELIVERY, EPOCH, FP, STATE, STATUS, Shard
+from stickystate.node.idempotency import DELIVERY, EPOCH, FP, STATE, STATUS
+from stickystate.node.shard import Shard
 from tests.helpers import Api, owned_shard
 
 
@@ -31,12 +32,12 @@ def test_a_router_key_record_holds_only_atomic_values_and_the_gc_stops_tracking_
     shard = owned_shard()
     _write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "router-x-1")
     _write(shard, {"op": "append", "sid": "s", "field": "m", "items": [{"text": "hi"}]}, "router-x-2")
-    rec = shard.idem[("s", "router-x-2")]
+    rec = shard.idem.records[("s", "router-x-2")]
     assert type(rec) is tuple and rec[FP] == "fp-router-x-2" and rec[STATUS] == 200
     assert rec[STATE] is None and rec[EPOCH] == 1 and rec[DELIVERY] is None
     gc.collect()
     assert not gc.is_tracked(rec)
-    assert shard.idem_of("s") == [["router-x-1", "fp-router-x-1", 201], ["router-x-2", "fp-router-x-2", 200]]
+    assert shard.idem.of_session("s") == [["router-x-1", "fp-router-x-1", 201], ["router-x-2", "fp-router-x-2", 200]]
 
 
 def test_a_client_key_record_keeps_the_state_after_its_write() -> None:
@@ -44,7 +45,7 @@ def test_a_client_key_record_keeps_the_state_after_its_write() -> None:
     _write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "k1")
     after = shard.sessions["s"]
     _write(shard, {"op": "append", "sid": "s", "field": "m", "items": [1]}, "k2")
-    assert shard.idem[("s", "k1")][STATE] is after and shard.idem[("s", "k2")][STATE] is shard.sessions["s"]
+    assert shard.idem.records[("s", "k1")][STATE] is after and shard.idem.records[("s", "k2")][STATE] is shard.sessions["s"]
 
 
 def test_a_standby_keeps_no_state_and_promotion_fills_client_keys_only() -> None:
@@ -52,15 +53,15 @@ def test_a_standby_keeps_no_state_and_promotion_fills_client_keys_only() -> None
     events = [_write(owner, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}, "k1"),
               _write(owner, {"op": "append", "sid": "s", "field": "m", "items": [1]}, "router-x-1")]
     standby = Shard(0)
-    standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2")
+    standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2", now=0.0)
     for i, e in enumerate(events, start=1):
-        standby.apply_record(i, e, "n2")
-    assert all(rec[STATE] is None for rec in standby.idem.values())
+        standby.apply_record(i, e, "n2", now=0.0)
+    assert all(rec[STATE] is None for rec in standby.idem.records.values())
     standby.unpack_all()
-    assert standby.idem[("s", "k1")][STATE] is standby.sessions["s"]
-    assert standby.idem[("s", "router-x-1")][STATE] is None
+    assert standby.idem.records[("s", "k1")][STATE] is standby.sessions["s"]
+    assert standby.idem.records[("s", "router-x-1")][STATE] is None
     standby.pack_all()
-    assert all(rec[STATE] is None for rec in standby.idem.values())
+    assert all(rec[STATE] is None for rec in standby.idem.records.values())
 
 
 async def test_a_router_key_replay_applies_once_and_answers_with_the_session_as_it_is(api: Api) -> None:

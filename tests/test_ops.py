@@ -150,9 +150,9 @@ def test_replaying_the_log_twice_gives_identical_bytes(ops):
 
     def replay():
         shard = Shard(0)
-        shard.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 999.0}, me="n2")
+        shard.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 999.0}, me="n2", now=0.0)
         for offset, raw in enumerate(log, start=1):
-            shard.apply_record(offset, orjson.loads(raw), me="n2")
+            shard.apply_record(offset, orjson.loads(raw), me="n2", now=0.0)
         shard.unpack_all()  # a follower keeps the compact standby form; promotion unpacks it
         return orjson.dumps(shard.sessions, option=orjson.OPT_SORT_KEYS)
 

@@ -1,5 +1,5 @@
 """An owner verifies its writes from Kafka's acknowledgements instead of reading its
-own partitions back (node/shard.py, "Owner verification"); it reads a partition only to
+own partitions back (node/verification.py, node/acks.py); it reads a partition only to
 settle a hole, after a stall, or when the partition's end moved past its writes.
 
 Unit tests on the pure Shard, then a real cluster on a real broker where a foreign
@@ -29,7 +29,7 @@ from tests.helpers import Api, owned_shard
 def acking_shard(claim_offset: int) -> Shard:
     """Owned, with our acknowledgements tracked from its claim on (as after _acquire)."""
     shard = owned_shard(claim_offset)
-    shard.acking = 1
+    shard.acks.start(1)
     return shard
 
 
@@ -50,12 +50,12 @@ def test_contiguous_acknowledgements_verify_without_reading() -> None:
     v1 = live_write(shard, "a", "x")
     v2 = live_write(shard, "a", "y")
     v3 = live_write(shard, "b", "z")
-    shard.own_acked([(5, ("a", v1)), (6, ("a", v2))])
-    assert shard.position == 7 and not shard.hole
-    assert shard.read_ver == {"a": v2} and shard.last_offset["a"] == 6 and shard.dirty["a"][0] == 5
-    assert shard.dirty["a"][2] == 2
-    shard.own_acked([(7, ("b", v3))])
-    assert shard.position == 8 and shard.read_ver["b"] == v3
+    shard.own_acked([(5, ("a", v1)), (6, ("a", v2))], now=0.0)
+    assert shard.position == 7 and not shard.acks.hole
+    assert shard.marks.read_ver == {"a": v2} and shard.last_offset["a"] == 6 and shard.marks.dirty["a"][0] == 5
+    assert shard.marks.dirty["a"][2] == 2
+    shard.own_acked([(7, ("b", v3))], now=0.0)
+    assert shard.position == 8 and shard.marks.read_ver["b"] == v3
     assert shard.snapshot_due(1, 60, time.monotonic()) == ["a", "b"]  # verified: a snapshot may hold them
 
 
@@ -64,22 +64,22 @@ def test_an_acknowledgement_past_a_gap_is_a_hole_until_the_gap_is_read() -> None
     v1 = live_write(shard, "a", "x")
     v2 = live_write(shard, "a", "y")
     # offset 5 was written by someone else (or is an earlier attempt of ours): unknown
-    shard.own_acked([(6, ("a", v1)), (7, ("a", v2))])
-    assert shard.position == 5 and shard.hole and "a" not in shard.read_ver
+    shard.own_acked([(6, ("a", v1)), (7, ("a", v2))], now=0.0)
+    assert shard.position == 5 and shard.acks.hole and "a" not in shard.marks.read_ver
     # The follower reads offset 5: a stale event of an old owner, harmless.
     stale = {"op": "append", "sid": "a", "field": "m", "items": ["old"], "ver": 9, "at": 0, "node": "n0",
              "epoch": 0}
-    assert shard.apply_record(5, stale, "n1") == "stale"
-    shard.absorb()
-    assert shard.position == 8 and not shard.hole and shard.read_ver["a"] == v2
+    assert shard.apply_record(5, stale, "n1", now=0.0) == "stale"
+    shard.absorb(now=0.0)
+    assert shard.position == 8 and not shard.acks.hole and shard.marks.read_ver["a"] == v2
 
 
 def test_a_foreign_claim_in_the_hole_fences_and_nothing_after_it_is_verified() -> None:
     shard = acking_shard(claim_offset=4)
     v1 = live_write(shard, "a", "x")
-    shard.own_acked([(6, ("a", v1))])
-    assert shard.hole and shard.position == 5
-    assert shard.apply_record(5, events.claim(0, 2, "n2", 0.0), "n1") == "fenced"
+    shard.own_acked([(6, ("a", v1))], now=0.0)
+    assert shard.acks.hole and shard.position == 5
+    assert shard.apply_record(5, events.claim(0, 2, "n2", 0.0), "n1", now=0.0) == "fenced"
     assert not shard.write_is_valid(6, 1, "n1")  # our record at 6 comes after the takeover
 
 
@@ -88,9 +88,9 @@ def test_a_record_read_before_its_acknowledgement_is_counted_once() -> None:
     v1 = live_write(shard, "a", "x")
     event = {"op": "append", "sid": "a", "field": "m", "items": ["x"], "ver": v1, "at": 1.0, "node": "n1",
              "epoch": 1}
-    assert shard.apply_record(1, event, "n1") == "own"
-    shard.own_acked([(1, ("a", v1))])  # late: below position, ignored
-    assert shard.position == 2 and not shard.hole and shard.dirty["a"][2] == 1
+    assert shard.apply_record(1, event, "n1", now=0.0) == "own"
+    shard.own_acked([(1, ("a", v1))], now=0.0)  # late: below position, ignored
+    assert shard.position == 2 and not shard.acks.hole and shard.marks.dirty["a"][2] == 1
 
 
 def test_deletes_are_verified_as_deleted() -> None:
@@ -99,8 +99,8 @@ def test_deletes_are_verified_as_deleted() -> None:
     new, event = apply(shard.sessions["a"], {"op": "delete", "sid": "a"}, 1.0)
     event["node"], event["epoch"] = "n1", 1
     shard.commit(event, new)
-    shard.own_acked([(1, ("a", 1)), (2, ("a", DELETED))])
-    assert shard.read_ver["a"] == DELETED and "a" not in shard.last_offset
+    shard.own_acked([(1, ("a", 1)), (2, ("a", DELETED))], now=0.0)
+    assert shard.marks.read_ver["a"] == DELETED and "a" not in shard.last_offset
     assert shard.snapshot_due(1, 60, time.monotonic()) == ["a"]  # a tombstone is due
 
 

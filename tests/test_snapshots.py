@@ -101,16 +101,16 @@ def test_only_changes_read_back_from_the_log_make_a_session_snapshottable() -> N
     e1 = _own_write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60})
     e2 = _own_write(shard, {"op": "append", "sid": "s", "field": "m", "items": [1]})
     assert shard.snapshot_due(1, 999, 0.0) == []  # nothing read back yet: not even dirty
-    assert shard.apply_record(1, e1, "n1") == "own"
+    assert shard.apply_record(1, e1, "n1", now=0.0) == "own"
     assert shard.snapshot_due(1, 999, 0.0) == []  # version 2 live, only version 1 in the log: wait
     assert shard.replay_from() == 1
-    shard.apply_record(2, e2, "n1")
+    shard.apply_record(2, e2, "n1", now=0.0)
     assert shard.snapshot_due(1, 999, 0.0) == ["s"]
     assert shard.snapshot_due(3, 999, 0.0) == []  # 2 changes < 3, and not old enough
     assert shard.snapshot_due(3, 5.0, 1e12) == ["s"]  # old enough
     assert shard.last_offset["s"] == 2
     shard.snapshot_taken("s")
-    assert shard.replay_from() == 3 and shard.dirty == {}
+    assert shard.replay_from() == 3 and shard.marks.dirty == {}
 
 
 def test_a_deleted_session_gets_a_tombstone_once_its_delete_is_read_back() -> None:
@@ -118,7 +118,7 @@ def test_a_deleted_session_gets_a_tombstone_once_its_delete_is_read_back() -> No
     events = [_own_write(shard, {"op": "create", "sid": "s", "data": {}, "ttl_s": 60}),
               _own_write(shard, {"op": "delete", "sid": "s"})]
     for i, e in enumerate(events, start=1):
-        shard.apply_record(i, e, "n1")
+        shard.apply_record(i, e, "n1", now=0.0)
     assert "s" not in shard.sessions and shard.snapshot_due(1, 999, 0.0) == ["s"]
 
 
@@ -129,14 +129,14 @@ def test_a_loaded_shard_skips_events_its_snapshots_hold() -> None:
     assert shard.position == 10 and (shard.epoch, shard.owner) == (2, "n2")
     # offset 11 is an event of s already in its snapshot (offset 12): skipped
     assert shard.apply_record(11, {"op": "append", "sid": "s", "field": "m", "items": ["b"], "ver": 2, "at": 1,
-                                   "node": "n2", "epoch": 2}, "me") == "covered"
+                                   "node": "n2", "epoch": 2}, "me", now=0.0) == "covered"
     assert shard.apply_record(13, {"op": "append", "sid": "s", "field": "m", "items": ["c"], "ver": 3, "at": 1,
-                                   "node": "n2", "epoch": 2}, "me") == "applied"
+                                   "node": "n2", "epoch": 2}, "me", now=0.0) == "applied"
     assert shard.apply_record(14, {"op": "append", "sid": "t", "field": "m", "items": ["y"], "ver": 2, "at": 1,
-                                   "node": "n2", "epoch": 2}, "me") == "applied"
+                                   "node": "n2", "epoch": 2}, "me", now=0.0) == "applied"
     # a zombie's event from an older epoch is fenced as before
     assert shard.apply_record(15, {"op": "append", "sid": "t", "field": "m", "items": ["z"], "ver": 3, "at": 1,
-                                   "node": "n1", "epoch": 1}, "me") == "stale"
+                                   "node": "n1", "epoch": 1}, "me", now=0.0) == "stale"
     assert shard.sessions["s"]["data"]["m"] == ["a", "b", "c"] and shard.sessions["t"]["data"]["m"] == ["x", "y"]
 
 
@@ -247,17 +247,17 @@ def test_a_packed_standby_unpacks_to_exactly_the_owners_state(seed: int) -> None
     rng = random.Random(seed)
     owner = owned_shard()
     standby = Shard(0)
-    standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2")
+    standby.apply_record(0, {"op": "claim", "shard": 0, "epoch": 1, "node": "n1", "at": 0}, "n2", now=0.0)
     offset = 1
     for i, op in enumerate(_random_ops(rng, [f"s{j}" for j in range(6)], 600)):
         try:
             event = _own_write(owner, op, now=1000.0 + i)
         except StickyError:
             continue  # refused on the owner: never logged
-        owner.apply_record(offset, event, "n1")
-        standby.apply_record(offset, event, "n2")
+        owner.apply_record(offset, event, "n1", now=0.0)
+        standby.apply_record(offset, event, "n2", now=0.0)
         if rng.random() < 0.05:  # a re-sent duplicate after a producer rebuild
-            standby.apply_record(offset + 1, event, "n2")
+            standby.apply_record(offset + 1, event, "n2", now=0.0)
             offset += 1
         offset += 1
     assert standby.sessions == {} and standby.session_count() == len(owner.sessions)
