@@ -161,8 +161,9 @@ def test_every_error_code_raises_its_exception(cluster: LocalCluster) -> None:
         with pytest.raises(BadRequest) as bad:
             client.replace(sid, {"v": 2}, ttl_s=-1)
         assert bad.value.code == "bad_ttl"
-        with pytest.raises(BadRequest):
-            client.get("not an id")  # refused before it is sent
+        for bad in ("not an id", "..", "x" * 129):
+            with pytest.raises(BadRequest):
+                client.get(bad)  # refused before it is sent
         with pytest.raises(TooLarge) as large:
             client.append(sid, "l", [0] * 501)
         assert large.value.limit == "max_list_len"

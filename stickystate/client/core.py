@@ -325,6 +325,8 @@ class ClientCore:
 def check_id(sid: str) -> None:
     if not isinstance(sid, str) or not SESSION_ID_RE.fullmatch(sid):
         raise BadRequest(400, "bad_id", SESSION_ID_MESSAGE)
+    if sid in (".", ".."):  # a path step to every URL normaliser on the way: the router refuses them too
+        raise BadRequest(400, "bad_id", "a session id may not be '.' or '..'")
 
 
 def check_key(name: str, what: str = "key") -> None:

@@ -100,9 +100,18 @@ async def _async_op(client: AsyncClient, op: Op, opt: Options) -> Any:
     raise ValueError(op.kind)
 
 
+def _advance(plan: Plan, result: Any = None, error: Exception | None = None) -> tuple[bool, Any]:
+    """Hand the plan its step's result (or throw the step's error into it): (False, its
+    next step), or (True, what it returned)."""
+    try:
+        return False, plan.throw(error) if error is not None else plan.send(result)
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def run_sync(client: Client, plan: Plan, opt: Options) -> Any:
-    step = next(plan)
-    while True:
+    done, step = _advance(plan)
+    while not done:
         try:
             if isinstance(step, Batch):
                 result: Any = []
@@ -114,15 +123,10 @@ def run_sync(client: Client, plan: Plan, opt: Options) -> Any:
             else:
                 result = _sync_op(client, step, opt)
         except Exception as exc:  # noqa: BLE001 - thrown into the plan, which decides
-            try:
-                step = plan.throw(exc)
-            except StopIteration as stop:
-                return stop.value
+            done, step = _advance(plan, error=exc)
             continue
-        try:
-            step = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        done, step = _advance(plan, result)
+    return step
 
 
 async def run_async(client: AsyncClient, plan: Plan, opt: Options, concurrency: int = 16) -> Any:
@@ -132,8 +136,8 @@ async def run_async(client: AsyncClient, plan: Plan, opt: Options, concurrency: 
         async with gate:
             return await _async_op(client, op, opt)
 
-    step = next(plan)
-    while True:
+    done, step = _advance(plan)
+    while not done:
         try:
             if isinstance(step, Batch):
                 result: Any = list(await asyncio.gather(*(one(op) for op in step.ops), return_exceptions=True))
@@ -143,15 +147,10 @@ async def run_async(client: AsyncClient, plan: Plan, opt: Options, concurrency: 
             else:
                 result = await _async_op(client, step, opt)
         except Exception as exc:  # noqa: BLE001 - thrown into the plan, which decides
-            try:
-                step = plan.throw(exc)
-            except StopIteration as stop:
-                return stop.value
+            done, step = _advance(plan, error=exc)
             continue
-        try:
-            step = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        done, step = _advance(plan, result)
+    return step
 
 
 def _check(results: Iterable[Any]) -> list[Any]:
