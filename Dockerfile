@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[server]" \
     && rm -rf /src/build /src/*.egg-info \
     && useradd --system --create-home --uid 10001 stickystate
 

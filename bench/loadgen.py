@@ -14,6 +14,12 @@ of the drain period), so ``sent == ok + errors`` holds by construction and is
 checked. Bytes are counted at the socket: the request as written (request line,
 headers, body) and the response as read (status line, headers, body).
 
+With ``client: true`` in its config (the ``direct`` system) a worker sends its requests
+through the product's ``stickystate.client.AsyncClient`` instead (placement, keep-alive
+pools, retries, idempotency keys: what a user's code runs), on the same schedule and with
+the same checks; only the bytes are not counted there (the client owns its sockets). Its
+CPU per request next to the raw path's (``direct-raw``) is the client's own cost.
+
 The parent talks to a worker over a multiprocessing pipe: ``seed``, ``step``,
 ``stop``. Each step returns counts, bytes, encoded HdrHistograms (microseconds) and
 the worker's own CPU time, so the report can show the generator was not the
@@ -41,6 +47,15 @@ LOREM = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm
          b"esse cillum dolore eu fugiat nulla pariatur. Excepteur sint occaecat cupidatat non proident. ") * 8
 
 HIST_MAX_US = 120_000_000  # 2 minutes
+
+
+LOREM_TEXT = LOREM.decode()
+
+
+def message_doc(n: int, size: int) -> dict[str, Any]:
+    """``message`` as the object a client program would hand to ``AsyncClient.append``."""
+    head = len(b'{"role":"user","n":%d,"text":"' % n) + 2
+    return {"role": "user", "n": n, "text": LOREM_TEXT[:max(8, size - head)]}
 
 
 def message(n: int, size: int) -> bytes:
@@ -225,6 +240,64 @@ class Pool:
         return out
 
 
+class ClientLane:
+    """The worker's requests through ``AsyncClient`` (the ``direct`` system): one task per
+    request; a request still in flight at the end of the drain is a timeout."""
+
+    def __init__(self, worker: Worker, cfg: dict[str, Any]) -> None:
+        from stickystate.client import AsyncClient, RetryPolicy
+
+        self.worker = worker
+        self.client = AsyncClient(cfg["router_url"], durability=cfg.get("durability"),
+                                  minimal=cfg.get("turn_response", "minimal") == "minimal",
+                                  max_connections_per_host=cfg["max_conns"],
+                                  retry=RetryPolicy(request_timeout_s=30.0, total_timeout_s=60.0))
+        self.inflight: dict[asyncio.Task[None], Req] = {}
+        self.conns = 0
+
+    async def setup(self) -> None:
+        await self.client.cluster()
+
+    def submit(self, req: Req) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(req))
+        self.inflight[task] = req
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.pop(task, None)
+
+    async def _run(self, req: Req) -> None:
+        from stickystate.client import ApiError, StickyStateError
+
+        w = self.worker
+        sid = w.sessions[req.sess][0]
+        client = self.client
+        try:
+            if req.op == SEED:
+                msgs = [message_doc(i, w.msg_bytes) for i in range(w.window)]
+                doc = await client.create(sid, {"messages": msgs}, ttl_s=w.cfg.get("ttl_s", 3600), minimal=False)
+            elif req.op == TURN:
+                doc = await client.append(sid, "messages", [message_doc(req.n, w.msg_bytes)], max_len=w.window)
+            else:
+                doc = await client.get(sid)
+        except ApiError as exc:
+            w.complete(req, exc.status, 0, b"")
+        except StickyStateError:
+            w.fail(req, "client_error")
+        else:
+            w.complete(req, 200, 0, b"", doc)
+
+    def abort_all(self) -> list[Req]:
+        out = list(self.inflight.values())
+        for task in list(self.inflight):
+            task.cancel()
+        self.inflight.clear()
+        return out
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 class StepStats:
     def __init__(self, start: float, duration: float) -> None:
         self.start = start
@@ -273,6 +346,7 @@ class Worker:
         self.cursor = 0
         self.counter = (cfg["wid"] + 1) * 1_000_000_000
         self.pools: list[Pool] = []
+        self.lane: ClientLane | None = None  # the direct system: requests through AsyncClient
         self.stats: StepStats | None = None
         self.done_event: asyncio.Event | None = None
         self.sending = False
@@ -287,6 +361,8 @@ class Worker:
                 % (method, path, self.hosts[target], len(body), extra)) + body
 
     def build(self, op: int, idx: int, intended: float) -> Req:
+        if self.lane is not None:
+            return self._build_for_client(op, idx, intended)
         sid = self.sid_bytes[idx]
         target = self.sessions[idx][1]
         n = self.counter
@@ -326,8 +402,37 @@ class Worker:
             data = self._request(b"GET", b"/v1/sessions/%s" % sid, target, None)
         return Req(op, idx, n, intended, data, check, expect)
 
+    def _build_for_client(self, op: int, idx: int, intended: float) -> Req:
+        """The same schedule and checks; the client makes the request itself."""
+        n = self.counter
+        self.counter += 1
+        if op == SEED:
+            return Req(op, idx, n, intended, b"", True)
+        self.n_checked += 1
+        check = self.n_checked >= self.check_every
+        if check:
+            self.n_checked = 0
+        if op == TURN:
+            self.turns_sent[idx] += 1
+            expect = self.seen_version[idx]
+        else:
+            expect = self.acked_n[idx]
+        return Req(op, idx, n, intended, b"", check, expect)
+
+    def submit(self, req: Req) -> None:
+        if self.lane is not None:
+            self.lane.submit(req)
+        else:
+            self.pools[self.sessions[req.sess][1]].submit(req)
+
+    def abort_all(self) -> list[Req]:
+        out = self.lane.abort_all() if self.lane is not None else []
+        for pool in self.pools:
+            out += pool.abort_all()
+        return out
+
     # -- completion -----------------------------------------------------------------
-    def complete(self, req: Req, status: int, nbytes: int, body: bytes) -> None:
+    def complete(self, req: Req, status: int, nbytes: int, body: bytes, doc: Any = None) -> None:
         if req.fut is not None and not req.fut.done():
             req.fut.set_result(None)
         st = self.stats
@@ -346,7 +451,7 @@ class Worker:
             if now <= st.end:
                 st.in_window += 1
             if req.check:
-                self._check(req, body)
+                self._check(req, body, doc)
         else:
             key = f"http_{status}"
             st.errors[key] = st.errors.get(key, 0) + 1
@@ -369,11 +474,11 @@ class Worker:
         if st is not None and st.outstanding == 0 and not self.sending and self.done_event is not None:
             self.done_event.set()
 
-    def _check(self, req: Req, body: bytes) -> None:
+    def _check(self, req: Req, body: bytes, parsed: Any = None) -> None:
         st = self.stats
         assert st is not None
         try:
-            doc = orjson.loads(body)
+            doc = orjson.loads(body) if parsed is None else parsed
             if req.op == SEED:
                 ok = len(doc["data"]["messages"]) == self.window
             elif req.op == TURN and self.minimal:
@@ -410,7 +515,11 @@ class Worker:
 
     # -- commands ---------------------------------------------------------------------
     async def setup(self) -> dict[str, Any]:
-        self.pools = [Pool(self, h, p, self.cfg["max_conns"]) for h, p in self.targets]
+        if self.cfg.get("client"):
+            self.lane = ClientLane(self, self.cfg)
+            await self.lane.setup()
+        else:
+            self.pools = [Pool(self, h, p, self.cfg["max_conns"]) for h, p in self.targets]
         if self.kind == "client":
             self.history = [deque((message(i, self.msg_bytes) for i in range(self.window)), maxlen=self.window)
                             for _ in self.sessions]
@@ -433,15 +542,14 @@ class Worker:
                 req.fut = loop.create_future()
                 st.sent[SEED] += 1
                 st.outstanding += 1
-                self.pools[self.sessions[idx][1]].submit(req)
+                self.submit(req)
                 await req.fut
 
         try:
             await asyncio.wait_for(asyncio.gather(*(lane() for _ in range(concurrency))), 300)
         except asyncio.TimeoutError:
-            for pool in self.pools:
-                for req in pool.abort_all():
-                    self.fail(req, "timeout")
+            for req in self.abort_all():
+                self.fail(req, "timeout")
         self.stats = None
         return {"sent": st.sent[SEED], "ok": st.ok[SEED], "errors": st.errors, "checks_fail": st.checks_fail,
                 "examples": st.check_examples}
@@ -470,6 +578,7 @@ class Worker:
         self.sending = True
         n_sessions = len(self.sessions)
         pools = self.pools
+        lane = self.lane
         sessions = self.sessions
         gc.collect()
         gc.disable()
@@ -492,7 +601,10 @@ class Worker:
                     if st.outstanding > st.max_outstanding:
                         st.max_outstanding = st.outstanding
                     st.lag.append(int((time.monotonic() - times[i]) * 1e6))
-                    pools[sessions[idx][1]].submit(req)
+                    if lane is not None:
+                        lane.submit(req)
+                    else:
+                        pools[sessions[idx][1]].submit(req)
                     i += 1
                 if i < n_total:
                     # uvloop timers have 1 ms resolution and fire at once below ~0.5 ms, which
@@ -507,11 +619,8 @@ class Worker:
                     await asyncio.wait_for(self.done_event.wait(), max(0.01, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     pass
-            timed_out = 0
-            for pool in pools:
-                for req in pool.abort_all():
-                    timed_out += 1
-                    self.fail(req, "timeout")
+            for req in self.abort_all():
+                self.fail(req, "timeout")
         finally:
             gc.enable()
             self.sending = False
@@ -562,6 +671,8 @@ def worker_main(conn: Any, cfg: dict[str, Any]) -> None:
                 elif cmd == "step":
                     out = await w.step(arg)
                 elif cmd == "stop":
+                    if w.lane is not None:
+                        await w.lane.close()
                     for pool in w.pools:
                         for c in list(pool.conns):
                             if c.tr is not None:

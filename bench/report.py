@@ -67,6 +67,11 @@ def machine_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------- summaries
 
 
+def _median(values: list[Any]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
+
+
 def _steps(doc: dict[str, Any], system: str, mix: str) -> list[dict[str, Any]]:
     return sorted((s for s in doc["steps"] if s["system"] == system and s["mix"] == mix),
                   key=lambda s: s["target_rate"])
@@ -110,6 +115,7 @@ def summarize(doc: dict[str, Any], pct: str = "p99") -> dict[str, dict[str, Any]
                 "sent": sum(s["sent"] for s in steps),
                 "checks_fail": sum(s["checks"]["fail"] for s in steps),
                 "gen_cpu_pct_max": max(s["generator"]["cpu_pct_max_proc"] for s in steps),
+                "gen_cpu_us_per_ok": _median([s["generator"].get("cpu_us_per_ok") for s in steps]),
                 "gen_cpu_pct_at_slo": best["generator"]["cpu_pct"] if best else None,
                 "machine_busy_at_slo": best["cpu_pct"].get("machine_busy_pct") if best else None,
                 "steps": len(steps),
@@ -143,7 +149,7 @@ def common_rate(doc: dict[str, Any], mix: str, systems: list[str]) -> float | No
     return max(good) if good else None
 
 
-MAIN = ["router", "direct", "redis-naive", "redis-atomic", "client-side"]
+MAIN = ["router", "direct", "direct-raw", "redis-naive", "redis-atomic", "client-side"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -187,12 +193,16 @@ def targets(doc: dict[str, Any], mix: str = HEADLINE_MIX, pct: str = "p99") -> l
     r = _ratio(thr("router"), thr("direct"))
     add("router throughput vs straight-to-node", f"{_f(thr('router'))}/s vs {_f(thr('direct'))}/s", r,
         ">= 0.5x", None if r is None else r >= 0.5)
-    off, mem = thr("direct-repl-off"), thr("direct")
+    off, mem = thr("direct-repl-off"), thr("direct-raw")
     cost = None if not off or mem is None else 1.0 - mem / off
     add("cost of replication (Durability: memory) vs replication off, throughput at the SLO",
         f"{_f(mem)}/s vs {_f(off)}/s", cost, "<= 0.20 (20%)", None if cost is None else cost <= 0.20)
+    client_cpu = summ.get("direct", {}).get("gen_cpu_us_per_ok")
+    raw_cpu = summ.get("direct-raw", {}).get("gen_cpu_us_per_ok")
+    add("(information) the Python client's own cost: load generator CPU per request, direct (AsyncClient) vs "
+        "direct-raw", f"{_f(client_cpu)} us vs {_f(raw_cpu)} us", _ratio(client_cpu, raw_cpu), "-", None, info=True)
     cs = summ.get("client-side", {}).get("bytes_per_turn")
-    for system in ("router", "direct"):
+    for system in ("router", "direct-raw"):
         bs = summ.get(system, {}).get("bytes_per_turn")
         r = _ratio(cs, bs)
         add(f"bytes on the wire per turn, client-side state vs stickystate ({system})",
@@ -256,8 +266,8 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
         lines.append("")
         x = common_rate(doc, mix, [m for m in MAIN if m in systems])
         lines.append("| system | max rate at SLO | p50 | p90 | p99 | p99.9 | max | max rate at p90 SLO | peak achieved "
-                     "| bytes/turn | bytes/read | errors / sent | gen CPU (max) |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| bytes/turn | bytes/read | errors / sent | gen CPU (max) | gen CPU/request |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for system, s in systems.items():
             lat = s["slo_latency_ms"] or {}
             best = f"{_f(s['slo_rate'])}/s" if s["slo_rate"] else f"none (< {_f(min(cfg['rates']))}/s)"
@@ -267,7 +277,7 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
                 f"| {system} | {best} | {_ms(lat.get('p50'))} | {_ms(lat.get('p90'))} | "
                 f"{_ms(lat.get('p99'))} | {_ms(lat.get('p99_9'))} | {_ms(lat.get('max'))} | "
                 f"{_f(summ90[mix][system]['slo_rate'])}/s | {_f(s['peak_achieved_rate'])}/s | {_f(s['bytes_per_turn'])} | {_f(s['bytes_per_read'])} | "
-                f"{s['errors']} / {s['sent']} | {s['gen_cpu_pct_max']:.0f}% |")
+                f"{s['errors']} / {s['sent']} | {s['gen_cpu_pct_max']:.0f}% | {_f(s.get('gen_cpu_us_per_ok'))} us |")
         lines.append("")
         lines.append("Latencies in ms, at each system's highest rate meeting the SLO (p99 <= "
                      f"{cfg['slo_p99_ms']:g} ms). 'max rate at p90 SLO': the same with p90 <= {cfg['slo_p99_ms']:g} ms, "
@@ -391,7 +401,7 @@ def _stalls(h: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-COLORS = {"router": "tab:blue", "direct": "tab:green", "redis-naive": "tab:red", "redis-atomic": "tab:orange",
+COLORS = {"router": "tab:blue", "direct": "tab:green", "direct-raw": "tab:olive", "redis-naive": "tab:red", "redis-atomic": "tab:orange",
           "client-side": "tab:purple", "direct-log": "tab:brown", "direct-repl-off": "tab:gray"}
 
 
@@ -477,11 +487,11 @@ def plots(doc: dict[str, Any], out_dir: Path) -> list[str]:
         written.append(str(path))
 
     # replication cost
-    rep = [s for s in ("direct-repl-off", "direct", "direct-log") if s in doc["systems"]]
+    rep = [s for s in ("direct-repl-off", "direct-raw", "direct-log") if s in doc["systems"]]
     if len(rep) >= 2:
         mix = HEADLINE_MIX if HEADLINE_MIX in summ else next(iter(summ), None)
         if mix is not None:
-            names = {"direct-repl-off": "replication off", "direct": "Durability: memory",
+            names = {"direct-repl-off": "replication off", "direct-raw": "Durability: memory",
                      "direct-log": "Durability: log"}
             fig, ax = plt.subplots(figsize=(8, 5))
             latency_vs_rate(ax, mix, {system: names[system] for system in rep}, f"Replication cost, {mix} mix",

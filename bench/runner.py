@@ -5,9 +5,10 @@ load generator) uses the machine's cores:
 
 - ``redis``   redis-server (no persistence) + the baseline server (naive, then atomic)
 - ``client``  the client-side-state server
-- ``cluster`` Kafka + stickystate nodes + router (replication on): router, direct,
-              direct with ``Durability: log``
-- ``cluster-off`` nodes with ``STICKYSTATE_REPLICATION=off`` + router: direct
+- ``cluster`` Kafka + stickystate nodes + router (replication on): router, direct (the
+              Python client, ``AsyncClient``), direct-raw (the load generator's own
+              placement-aware raw HTTP), direct-raw with ``Durability: log``
+- ``cluster-off`` nodes with ``STICKYSTATE_REPLICATION=off`` + router: direct-raw
 
 Kafka (when needed) is started once, after the baselines ran, and shared by both
 clusters (each cluster gets its own topic).
@@ -38,21 +39,24 @@ class SystemDef:
     label: str
     kind: str  # sticky | redis | client  (request shapes the generator builds)
     env: str  # redis-naive | redis-atomic | client | cluster | cluster-off
-    via: str  # router | direct | server
+    via: str  # router | client (AsyncClient, straight to the owner) | direct (raw, straight to the owner) | server
     durability: str | None = None
 
 
 SYSTEMS: dict[str, SystemDef] = {s.name: s for s in (
     SystemDef("router", "stickystate via router", "sticky", "cluster", "router"),
-    SystemDef("direct", "stickystate straight to node", "sticky", "cluster", "direct"),
+    SystemDef("direct", "stickystate straight to node, through stickystate.client.AsyncClient", "sticky", "cluster",
+              "client"),
+    SystemDef("direct-raw", "straight to node, the load generator's raw HTTP", "sticky", "cluster", "direct"),
     SystemDef("redis-naive", "aiohttp + Redis, GET/SET read-modify-write", "redis", "redis-naive", "server"),
     SystemDef("redis-atomic", "aiohttp + Redis, Lua script (atomic)", "redis", "redis-atomic", "server"),
     SystemDef("client-side", "client-side state (whole history each turn)", "client", "client", "server"),
     SystemDef("direct-log", "straight to node, Durability: log", "sticky", "cluster", "direct", "log"),
     SystemDef("direct-repl-off", "straight to node, replication off", "sticky", "cluster-off", "direct"),
 )}
-MAIN_SYSTEMS = ("router", "direct", "redis-naive", "redis-atomic", "client-side")
-REPLICATION_SYSTEMS = ("direct-repl-off", "direct", "direct-log")
+MAIN_SYSTEMS = ("router", "direct", "direct-raw", "redis-naive", "redis-atomic", "client-side")
+# the replication cost: the same raw requests at three durabilities
+REPLICATION_SYSTEMS = ("direct-repl-off", "direct-raw", "direct-log")
 ENV_ORDER = ("redis-naive", "redis-atomic", "client", "cluster", "cluster-off")
 
 # read fraction of each named mix; a "turn" reads the state and appends one message
@@ -162,7 +166,7 @@ class ClusterEnv(Env):
         self.view = cluster.cluster_view()
 
     def targets(self, sysdef: SystemDef, sids: list[str]) -> tuple[list[tuple[str, int]], list[int]]:
-        if sysdef.via == "router":
+        if sysdef.via in ("router", "client"):  # the client reads the shard map itself
             return [_hostport(self.cluster.router_url)], [0] * len(sids)
         # a placement-aware client: shard_of(id) + the router's /v1/cluster shard map
         view = self.cluster.cluster_view()
@@ -206,7 +210,9 @@ class Generator:
             wcfg = {"wid": wid, "kind": sysdef.kind, "targets": targets, "sessions": mine,
                     "window": cfg.window, "msg_bytes": cfg.msg_bytes, "durability": sysdef.durability,
                     "max_conns": max(1, cfg.max_conns // n), "check_every": cfg.check_every,
-                    "seed": cfg.seed, "ttl_s": 3600, "turn_response": cfg.turn_response}
+                    "seed": cfg.seed, "ttl_s": 3600, "turn_response": cfg.turn_response,
+                    "client": sysdef.via == "client",
+                    "router_url": "http://%s:%d" % targets[0] if sysdef.via == "client" else None}
             parent, child = ctx.Pipe()
             p = ctx.Process(target=loadgen.worker_main, args=(child, wcfg), name=f"loadgen-{wid}", daemon=True)
             p.start()
@@ -298,6 +304,8 @@ def combine(parts: list[dict[str, Any]], target_rate: float, duration: float) ->
         "ops": ops,
         "bytes_per_turn": ops["turn"]["bytes_per_op"],
         "generator": {"procs": len(parts), "cpu_pct": round(100.0 * gen_cpu / wall, 1) if wall else 0.0,
+                      # the load generator's CPU per answered request (for direct: the client's cost)
+                      "cpu_us_per_ok": round(1e6 * gen_cpu / ok, 1) if ok else None,
                       "cpu_pct_max_proc": round(max(100.0 * p["cpu_s"] / p["wall_s"] for p in parts), 1),
                       "dispatch_lag_ms_p99": max(p["dispatch_lag_ms"]["p99"] for p in parts),
                       "dispatch_lag_ms_max": max(p["dispatch_lag_ms"]["max"] for p in parts),

@@ -9,8 +9,9 @@ answers in order, keep-alive, chunked bodies, 100-continue, malformed requests a
 
 What it answers itself, by calling the very handlers the aiohttp app routes to
 (node/handlers.py ``NodeHandlers``: same validation, store calls and rendering) and doing
-what the app's edge middleware does (internal secret, request id, log context,
-metrics per op and status, typed errors as JSON): the routes of the route table
+what the app's edge middleware does (the access check of node/access.py: internal
+secret or a client's API key, request id, log context, metrics per op and status, typed
+errors as JSON): the routes of the route table
 (``stickystate.protocol.ROUTES``) marked ``fast`` (every session operation but
 ``/history``), with ``{sid}``, ``{field}``, ``{key}`` made only of ``[A-Za-z0-9._:-]`` (not ``.`` or
 ``..``) and a query string, if any, only of ``[A-Za-z0-9._~=&-]``: those need no URL
@@ -29,7 +30,6 @@ connection closed).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -46,10 +46,11 @@ from stickystate.http.front import Front
 from stickystate.http.request import FastRequest, HandlerRequest
 from stickystate.http.upstream import UpstreamPool
 from stickystate.http.wire import Answer, Reply, json_answer, new_request_id, render, reply_of
-from stickystate.node.handlers import UNAUTHORIZED_MESSAGE, NodeHandlers
+from stickystate.node.access import NodeAccess
+from stickystate.node.handlers import NodeHandlers
 from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
-from stickystate.protocol import FAST_ROUTES, UNMETERED
+from stickystate.protocol import FAST_ROUTES, UNMETERED, error_body
 
 log = logging.getLogger("stickystate.node")
 
@@ -79,7 +80,7 @@ class NodeFront(Front):
     """What every connection of the fast front shares."""
 
     def __init__(self, settings: NodeSettings, handlers: NodeHandlers, metrics: NodeMetrics,
-                 local: UpstreamPool) -> None:
+                 local: UpstreamPool, access: NodeAccess | None = None) -> None:
         limits = FrontLimits(max_request_bytes=max(16 << 20, 2 * settings.limits.max_body_bytes),
                              max_head_bytes=1 << 20,  # the per-line and header-count limits bind first
                              keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
@@ -88,7 +89,7 @@ class NodeFront(Front):
         self.node_settings = settings
         self.handlers = handlers
         self.metrics = metrics
-        self.secret = settings.internal_secret.encode()
+        self.access = access or NodeAccess(settings)
         self.max_body_bytes = settings.limits.max_body_bytes
 
     async def answer(self, req: Incoming) -> Sequence[bytes]:
@@ -118,8 +119,26 @@ class NodeFront(Front):
             logs.request_id.reset(token)
 
     async def _handle(self, req: Incoming, op: str, params: dict[str, str], query: str) -> Reply:
-        if self.secret and not hmac.compare_digest(_first(req.headers, b"x-stickystate-internal") or b"", self.secret):
-            return _reply(_UNAUTHORIZED)
+        internal = authorization = api_key = None
+        reserved = False
+        for n, v in req.headers:  # one pass over the headers the access check reads
+            name = n.lower()
+            if name == b"x-stickystate-internal":
+                internal = internal if internal is not None else v
+            elif name == b"authorization":
+                authorization = authorization if authorization is not None else v
+            elif name == b"x-api-key":
+                api_key = api_key if api_key is not None else v
+            elif name == b"x-stickystate-tenant" or name == b"x-stickystate-session-id":
+                reserved = True
+        admission = self.access.admit(internal=internal, authorization=_str(authorization), api_key=_str(api_key),
+                                      reserved=reserved, session_route=True, now=time.monotonic())
+        refusal = admission.refusal
+        if refusal is not None:
+            return _reply(Answer(refusal.status, dict(refusal.headers), error_body(refusal.code, refusal.message)))
+        if admission.tenant is not None:
+            # the key's tenant, stated to the handlers as a router would state it
+            req.headers.append((b"X-Stickystate-Tenant", admission.tenant.encode()))
         try:
             request: HandlerRequest = FastRequest(req, params, query, self.max_body_bytes)
             answer = await getattr(self.handlers, op)(request)
@@ -131,7 +150,6 @@ class NodeFront(Front):
         return _reply(answer)
 
 
-_UNAUTHORIZED = json_answer({"error": "unauthorized", "message": UNAUTHORIZED_MESSAGE}, 401)
 _INTERNAL = json_answer({"error": "internal", "message": "internal error"}, 500)
 
 
@@ -141,6 +159,10 @@ def _path(req: Incoming) -> str:
 
 def _reply(answer: Answer) -> Reply:
     return reply_of(answer, rfc822_formatted_time().encode())
+
+
+def _str(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
 def _first(headers: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:

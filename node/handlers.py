@@ -28,7 +28,6 @@ from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_K
                                   OWNER_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER,
                                   SESSION_ID_HEADER, SESSION_ID_MESSAGE, SHARD_HEADER, TENANT_HEADER)
 
-UNAUTHORIZED_MESSAGE = "nodes accept requests only from routers and peers holding the cluster's internal secret"
 
 Handler = Callable[["NodeHandlers", HandlerRequest], Awaitable[Answer]]
 

@@ -10,7 +10,6 @@ everything when the node runs with ``--fast-path off``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import time
@@ -23,11 +22,14 @@ from stickystate.errors import BadRequest
 from stickystate.http.aio import add_route, answering, error_response, errors_middleware, json_response, \
     without_server_header
 from stickystate.node import validate as v
-from stickystate.node.handlers import UNAUTHORIZED_MESSAGE, NodeHandlers
+from stickystate.node.access import NodeAccess
+from stickystate.node.handlers import NodeHandlers
 from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore
-from stickystate.protocol import INTERNAL_HEADER, NODE, OPEN_PATHS, REQUEST_ID_HEADER, UNMETERED, routes_of
+from stickystate.protocol import (API_KEY_HEADER, AUTHORIZATION_HEADER, INTERNAL_HEADER, NODE, OPEN_PATHS,
+                                  REQUEST_ID_HEADER, SESSION_ID_HEADER, SESSION_PATHS, TENANT_HEADER, UNMETERED,
+                                  routes_of)
 
 log = logging.getLogger("stickystate.node")
 
@@ -35,24 +37,43 @@ STORE: web.AppKey[NodeStore] = web.AppKey("store", NodeStore)
 SETTINGS: web.AppKey[NodeSettings] = web.AppKey("settings", NodeSettings)
 METRICS: web.AppKey[NodeMetrics] = web.AppKey("metrics", NodeMetrics)
 HANDLERS: web.AppKey[NodeHandlers] = web.AppKey("handlers", NodeHandlers)
+# One per process, shared with the fast front: a tenant has one token bucket on this node.
+ACCESS: web.AppKey[NodeAccess] = web.AppKey("access", NodeAccess)
 
 
-def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics) -> Any:
-    secret = settings.internal_secret.encode()
+def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics, access: NodeAccess | None = None) -> Any:
+    access = access or NodeAccess(settings)
 
     @web.middleware
     async def edge(request: web.Request, handler: Any) -> web.StreamResponse:
         rid = request.headers.get(REQUEST_ID_HEADER) or secrets.token_hex(8)
         token = logs.request_id.set(rid)
         started = time.perf_counter()
-        op = request.match_info.handler.__name__ if request.match_info.route.resource is not None else "unmatched"
+        resource = request.match_info.route.resource
+        op = request.match_info.handler.__name__ if resource is not None else "unmatched"
         status = 500
         try:
-            if secret and request.path not in OPEN_PATHS and not hmac.compare_digest(
-                    request.headers.get(INTERNAL_HEADER, "").encode(), secret):
-                resp: web.StreamResponse = error_response(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+            if request.path in OPEN_PATHS:
+                resp: web.StreamResponse = await handler(request)
             else:
-                resp = await handler(request)
+                internal = request.headers.get(INTERNAL_HEADER)
+                admission = access.admit(
+                    internal=None if internal is None else internal.encode("utf-8", "surrogateescape"),
+                    authorization=request.headers.get(AUTHORIZATION_HEADER),
+                    api_key=request.headers.get(API_KEY_HEADER),
+                    reserved=TENANT_HEADER in request.headers or SESSION_ID_HEADER in request.headers,
+                    session_route=resource is not None and resource.canonical in SESSION_PATHS,
+                    now=time.monotonic())
+                refusal = admission.refusal
+                if refusal is not None:
+                    resp = error_response(refusal.status, refusal.code, refusal.message, dict(refusal.headers))
+                else:
+                    if admission.tenant is not None:
+                        # the key's tenant, stated to the handlers as a router would state it
+                        headers = request.headers.copy()
+                        headers[TENANT_HEADER] = admission.tenant
+                        request = request.clone(headers=headers)
+                    resp = await handler(request)
             status = resp.status
             resp.headers[REQUEST_ID_HEADER] = rid
             return resp
@@ -104,12 +125,14 @@ class NodeEndpoints:
 def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.Application:
     store = store or NodeStore(settings)
     metrics = NodeMetrics(store)
-    app = web.Application(middlewares=[make_edge_middleware(settings, metrics), errors_middleware(log)],
+    access = NodeAccess(settings)
+    app = web.Application(middlewares=[make_edge_middleware(settings, metrics, access), errors_middleware(log)],
                           client_max_size=settings.limits.max_body_bytes)
     app.on_response_prepare.append(without_server_header)
     app[STORE] = store
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[ACCESS] = access
     if settings.auth == "open" and not settings.internal_secret:
         log.warning("AUTH IS OPEN: no internal secret, anyone who can reach this port can read and write "
                     "every session (local development only)")

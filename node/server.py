@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from stickystate.node.http import HANDLERS, METRICS, STORE, build_app
+from stickystate.node.http import ACCESS, HANDLERS, METRICS, STORE, build_app
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore
 
@@ -79,7 +79,7 @@ async def _fast_front(settings: NodeSettings, app: web.Application, runner: web.
     from stickystate.node.fastpath import NodeFront
 
     local = await local_app_pool(runner, app_socket, "node-app")
-    front = NodeFront(settings, app[HANDLERS], app[METRICS], local)
+    front = NodeFront(settings, app[HANDLERS], app[METRICS], local, app[ACCESS])
     async with serving_front(front, settings.host, settings.port, LISTEN_BACKLOG) as server:
         port = server.sockets[0].getsockname()[1]
         log.info("node listening", extra={"url": f"http://{settings.host}:{port}", "fast_path": True})

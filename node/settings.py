@@ -17,8 +17,14 @@ class NodeSettings:
     hold_timeout_s: float = 10.0  # how long a request waits for its shard to become ready
     replication: bool = True  # False: no Kafka at all (benchmark baseline; state dies with the node)
     fast_path: bool = True  # False: aiohttp serves the port itself (node/server.py)
-    auth: str = "keys"  # "keys": only holders of internal_secret may call the node; "open": anyone
+    # "keys": the internal secret (routers, peers) or a client's API key (node/access.py);
+    # "open": clients need no key (the open cluster's one namespace); the secret still guards
+    # /internal/* and the tenant headers, and with no secret at all anyone may call anything
+    auth: str = "keys"
     internal_secret: str = ""
+    api_keys: tuple[tuple[str, str], ...] = ()  # (key, tenant): clients that talk to the node directly
+    rate_limit_rps: float = 1000.0  # per tenant, for those clients; 0 = unlimited
+    rate_limit_burst: float = 2000.0
     snapshot_every_events: int = 100  # a session is snapshotted after this many changes (0: never)
     snapshot_max_age_s: float = 30.0  # ... or at the latest this long after its first unsnapshotted change
     limits: Limits = field(default_factory=Limits)
@@ -32,6 +38,8 @@ class NodeSettings:
         if self.auth == "keys" and len(self.internal_secret) < 16:
             raise ValueError("auth=keys needs an internal secret of at least 16 characters "
                              "(--internal-secret / STICKYSTATE_INTERNAL_SECRET), or --auth open for local development")
+        if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
+            raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
         if self.snapshot_every_events < 0:
             raise ValueError("snapshot_every_events must be >= 0")
         if self.snapshot_max_age_s <= 0:

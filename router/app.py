@@ -23,7 +23,7 @@ from stickystate import logs
 from stickystate.http.aio import add_route, error_response, errors_middleware, json_response, without_server_header
 from stickystate.http.wire import Reply
 from stickystate.protocol import OPEN_PATHS, REQUEST_ID_HEADER, ROUTER, routes_of
-from stickystate.router.auth import Gate
+from stickystate.auth import Gate
 from stickystate.router.cluster import Cluster
 from stickystate.router.forward import STRIPPED, Forwarder, HeaderScan, prepare  # noqa: F401 - STRIPPED: part of the contract
 from stickystate.router.metrics import RouterMetrics
@@ -129,7 +129,9 @@ def build_app(settings: RouterSettings, core: RouterCore | None = None) -> web.A
         return web_response(out if isinstance(out, Reply) else await core.forwarder.forward(out))
 
     async def cluster_view(request: web.Request) -> web.Response:
-        return json_response(cluster.view())
+        # "tenant": the caller's (its key's; null when open): a placement-aware client
+        # computes shards over the ids the nodes store, "<tenant>:<id>"
+        return json_response({**cluster.view(), "tenant": request.get(TENANT)})
 
     async def livez(request: web.Request) -> web.Response:
         return json_response({"alive": True})

@@ -9,7 +9,7 @@ far enough to know where it ends and which headers to drop, and relayed.
 
 Session requests (the routes of ``stickystate.protocol.ROUTES`` marked ``forwarded``,
 with any method: a wrong method is the owner's 405 to give) are checked here (API key,
-rate limit: router/auth.py), forwarded by router/forward.py, and counted in the router's
+rate limit: stickystate/auth.py), forwarded by router/forward.py, and counted in the router's
 metrics. Every other request is relayed as it came to the router's aiohttp app (its own
 endpoints, 404s, 405s; it checks and counts those itself) over a private Unix socket: one
 listening port for clients, one implementation of those endpoints.
@@ -26,7 +26,7 @@ from stickystate.http.connection import FrontLimits, Incoming
 from stickystate.http.front import Front
 from stickystate.http.upstream import UpstreamPool
 from stickystate.http.wire import Reply, error_reply, new_request_id, render
-from stickystate.router.auth import Gate
+from stickystate.auth import Gate
 from stickystate.router.forward import Forwarder, HeaderScan, as_str, is_session_request, prepare
 from stickystate.router.metrics import RouterMetrics
 from stickystate.router.settings import RouterSettings

@@ -13,6 +13,7 @@ from stickystate.config import Option
 
 
 def _node(ns: argparse.Namespace) -> None:
+    from stickystate.auth import load_keys
     from stickystate.node.server import serve
     from stickystate.node.settings import NodeSettings
     from stickystate.node.validate import Limits
@@ -31,6 +32,8 @@ def _node(ns: argparse.Namespace) -> None:
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
                             replication=ns.replication, fast_path=ns.fast_path, auth=ns.auth,
                             internal_secret=ns.internal_secret,
+                            api_keys=tuple(load_keys(ns.api_keys_file, ns.api_keys).items()),
+                            rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
                             snapshot_every_events=ns.snapshot_every_events,
                             snapshot_max_age_s=ns.snapshot_max_age_s)
     # What the imports made (modules, classes, functions: ~45k objects) lives as long as the
@@ -43,7 +46,7 @@ def _node(ns: argparse.Namespace) -> None:
 
 
 def _router(ns: argparse.Namespace) -> None:
-    from stickystate.router.auth import load_keys
+    from stickystate.auth import load_keys
     from stickystate.router.server import serve
     from stickystate.router.settings import RouterSettings, parse_nodes
     from stickystate import logs

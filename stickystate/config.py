@@ -85,8 +85,14 @@ NODE = [
     Option("replication", _onoff, True, "on|off: off keeps no log at all (benchmark baseline only)"),
     Option("fast_path", _onoff, True, "on|off: on answers session requests with the httptools front, "
            "relaying the rest to the aiohttp app; off: aiohttp serves the port"),
-    Option("auth", str, "keys", "keys: require the internal secret on every request; open: no check (local dev)"),
+    Option("auth", str, "keys", "keys: the internal secret (routers, peers) or a client's API key on every request; "
+           "open: clients need no key (the open cluster's one namespace; local dev)"),
     Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),
+    Option("api_keys", str, "", "API keys of clients that call the node directly, as key=tenant,... (as the router's)"),
+    Option("api_keys_file", str, "", "file of 'key tenant' lines (as the router's)"),
+    Option("rate_limit_rps", float, 1000.0, "requests per second per tenant of direct clients (0 = unlimited); "
+           "over it: 429"),
+    Option("rate_limit_burst", float, 2000.0, "burst size of that per-tenant rate limit"),
     Option("log_level", str, "info", "log level"),
 ]
 

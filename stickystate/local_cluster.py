@@ -150,11 +150,13 @@ class LocalCluster:
         return env
 
     def _make_node(self, nid: str) -> Proc:
-        env = self._base_env() | self.node_env
+        # Nodes authenticate direct clients as the router does: same auth mode, same API
+        # keys (through the environment: keys stay out of argv, which `ps` shows anyone).
+        env = self._base_env() | {"STICKYSTATE_API_KEYS": self.api_keys} | self.node_env
         port = self.node_ports[int(nid[1:]) - 1]
         args = [sys.executable, "-m", "stickystate.cli", "node", "--node-id", nid, "--port", str(port),
                 "--kafka-bootstrap", self.kafka_bootstrap, "--partitions", str(self.partitions),
-                "--changes-topic", self.topic, "--auth", "keys" if self.internal_secret else "open",
+                "--changes-topic", self.topic, "--auth", self.auth if self.internal_secret else "open",
                 "--internal-secret", self.internal_secret]
         proc = Proc(nid, args, env, self.data_dir / f"{nid}.log")
         self.procs[nid] = proc

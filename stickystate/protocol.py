@@ -146,6 +146,8 @@ ROUTES: tuple[Route, ...] = (
 )
 
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
+# The session routes' path templates: a node serves these to clients holding an API key too.
+SESSION_PATHS = frozenset(r.path for r in ROUTES if r.forwarded)
 UNMETERED = frozenset(r.op for r in ROUTES if not r.metered)
 
 

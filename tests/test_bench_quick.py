@@ -76,6 +76,10 @@ def test_quick_counts_and_every_system_answers(quick_run: dict[str, Any]) -> Non
             assert s["checks"]["ok"] > 0 and s["checks"]["fail"] == 0, s["checks"]
             assert s["latency_ms"]["p50"] is not None and s["latency_ms"]["p50"] <= s["latency_ms"]["max"]
             assert s["generator"]["cpu_pct"] >= 0 and "machine_busy_pct" in s["cpu_pct"]
+    # direct goes through the Python client (its CPU per request is the client's cost)
+    assert doc["systems"]["direct"]["via"] == "client" and doc["systems"]["direct-raw"]["via"] == "direct"
+    for system in ("direct", "direct-raw"):
+        assert all(s["generator"]["cpu_us_per_ok"] > 0 for s in steps if s["system"] == system)
     mixes = {(s["system"], s["mix"]) for s in steps}
     assert ("router", "read-heavy") in mixes and ("redis-naive", "read-heavy") in mixes
 
@@ -86,7 +90,7 @@ def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
     cfg = quick_run["doc"]["config"]
     window_bytes = cfg["window"] * cfg["msg_bytes"]
     assert cfg["turn_response"] == "minimal"
-    for system in ("router", "direct", "redis-naive", "redis-atomic"):
+    for system in ("router", "direct-raw", "redis-naive", "redis-atomic"):
         # the request carries one message, the minimal answer no window
         assert cfg["msg_bytes"] < summ[system]["bytes_per_turn"] < 5 * cfg["msg_bytes"], system
         assert summ[system]["resp_bytes_per_turn"] < cfg["msg_bytes"] * 2, system

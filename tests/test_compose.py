@@ -313,7 +313,7 @@ def test_dockerfile_installs_project() -> None:
     assert instr[0] == ("FROM", "python:3.11-slim")
     assert any(op == "COPY" and rest.split()[0] == "." for op, rest in instr), "project is not copied"
     installs = [shlex.split(rest) for op, rest in instr if op == "RUN" and "pip install" in rest]
-    assert any("." in tokens for tokens in installs), "Dockerfile does not `pip install .`"
+    assert any(".[server]" in tokens for tokens in installs), "Dockerfile does not `pip install .[server]`"
     users = [rest for op, rest in instr if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "image must run as a non-root user"
     exposed = {int(p) for op, rest in instr if op == "EXPOSE" for p in rest.split()}

@@ -46,6 +46,10 @@ SECRET = "s" * 24
 PARTITIONS = 4
 MAX_BODY = 4096
 AUTH = b"X-Stickystate-Internal: " + SECRET.encode() + b"\r\n"
+# API keys of clients that call the nodes directly (node/access.py); tenant "tc" only
+# ever sends the requests of the rate-limit test (a burst of RATE_BURST, then 429)
+KEY_A, KEY_B, KEY_C = "ka" * 10, "kb" * 10, "kc" * 10
+RATE_BURST = 12
 # Headers whose values must agree (Date, Content-Length and the framing are the transport's).
 COMPARED = ("etag", "x-stickystate-shard", "x-stickystate-owner", "x-stickystate-epoch", "preference-applied",
             "idempotent-replayed", "retry-after", "allow", "content-type", "www-authenticate")
@@ -139,6 +143,8 @@ class Nodes:
         self._stop = asyncio.Event()
         rep = ReplicatorSettings(partitions=PARTITIONS)
         base = dict(port=0, replication=False, auth="keys", internal_secret=SECRET, replicator=rep,
+                    api_keys=((KEY_A, "ta"), (KEY_B, "tb"), (KEY_C, "tc")), rate_limit_rps=0.01,
+                    rate_limit_burst=RATE_BURST,
                     limits=Limits(max_body_bytes=MAX_BODY, max_state_bytes=8192, max_list_len=20, max_depth=8))
         async with running(NodeSettings(fast_path=True, **base)) as fast, \
                 running(NodeSettings(fast_path=False, **base)) as slow:
@@ -415,6 +421,56 @@ def test_auth_tenants_request_ids(nodes: Nodes) -> None:
     assert a["request_id"] == "rid-first"
     (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, {"X-Request-Id": ""}))
     assert a["request_id"] == "<generated>"
+
+
+def test_api_keys_tenants_on_both_fronts(nodes: Nodes) -> None:
+    """A client with an API key, straight to a node: the key names the tenant (the same
+    namespace the router's X-Stickystate-Tenant gives), a client cannot assert a tenant
+    or an id, another tenant's key does not reach the session, and /internal/* and the
+    relayed paths check the same way."""
+    s = sid_in_shard(0, "keyed")
+    bearer_a, bearer_b = {"Authorization": f"Bearer {KEY_A}"}, {"X-Api-Key": KEY_B}
+    (a,) = both(nodes, request("POST", "/v1/sessions", orjson.dumps({"id": s, "data": {"t": "a"}}), bearer_a,
+                               auth=False))
+    assert a["status"] == 201 and a["body"]["id"] == s
+    # what the router would have sent for tenant ta: the same session
+    (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, {"X-Stickystate-Tenant": "ta"}))
+    assert a["status"] == 200 and a["body"]["data"] == {"t": "a"}
+    (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, bearer_a, auth=False))
+    assert a["status"] == 200 and a["body"]["id"] == s
+    for method, path, body in (("GET", f"/v1/sessions/{s}", None), ("GET", f"/v1/sessions/ta:{s}", None),
+                               ("PATCH", f"/v1/sessions/{s}", b'{"t":"b"}'), ("DELETE", f"/v1/sessions/{s}", None)):
+        (a,) = both(nodes, request(method, path, body, bearer_b, auth=False))
+        assert a["status"] == 404, (method, path)
+    (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, {**bearer_b, "X-Stickystate-Tenant": "ta"},
+                               auth=False))
+    assert a["status"] == 400 and a["body"]["error"] == "bad_header"
+    (a,) = both(nodes, request("POST", "/v1/sessions", b"{}", {**bearer_a, "X-Stickystate-Session-Id": s},
+                               auth=False))
+    assert a["status"] == 400 and a["body"]["error"] == "bad_header"
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 20}, {"X-Api-Key": KEY_A[:-1]},
+                    {**bearer_a, "X-Stickystate-Internal": "x" * 24}):
+        (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, headers, auth=False))
+        assert a["status"] == 401 and a["www-authenticate"] == "Bearer", headers
+    for path in ("/internal/status", "/v2/nothing"):
+        (a,) = both(nodes, request("GET", path, None, bearer_a, auth=False))
+        assert a["status"] == 401, path
+    (a,) = both(nodes, request("GET", f"/v1/sessions/{s}/history", None, bearer_a, auth=False))
+    assert a["status"] == 400 and a["body"]["error"] == "bad_operation"  # past the key check: no log here
+    (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, bearer_a, auth=False))
+    assert a["body"]["data"] == {"t": "a"}  # tenant B changed nothing
+
+
+def test_rate_limit_of_a_direct_client(nodes: Nodes) -> None:
+    statuses = []
+    for _ in range(RATE_BURST + 1):
+        (a,) = both(nodes, request("GET", "/v1/sessions/nothing-here", None, {"X-Api-Key": KEY_C}, auth=False))
+        statuses.append(a["status"])
+    assert statuses == [404] * RATE_BURST + [429]
+    assert a["body"]["error"] == "rate_limited" and int(a["retry-after"]) >= 1
+    # the router's requests (internal secret) are not charged to the tenant
+    (a,) = both(nodes, request("GET", "/v1/sessions/nothing-here", None, {"X-Stickystate-Tenant": "tc"}))
+    assert a["status"] == 404
 
 
 def test_errors(nodes: Nodes) -> None:

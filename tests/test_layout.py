@@ -60,7 +60,7 @@ def test_the_walk_sees_a_bare_import(tmp_path: Path) -> None:
 
 
 # The shared layer: what node/ and router/ both use, below both of them.
-SHARED = ("stickystate.protocol", "stickystate.errors", "stickystate.logs", "stickystate.http")
+SHARED = ("stickystate.protocol", "stickystate.errors", "stickystate.auth", "stickystate.logs", "stickystate.http")
 # Tools and entry points, above everything they start or measure.
 ABOVE = ("stickystate.bench", "stickystate.chaos", "stickystate.cli", "stickystate.local_cluster",
          "stickystate.kafka_local", "stickystate.kafka_jars", "stickystate.java_runtime", "stickystate.config",
@@ -77,6 +77,11 @@ FORBIDDEN: tuple[tuple[str, str, str], ...] = (
     ("stickystate.client", "stickystate.node", "the client installs without the server"),
     ("stickystate.client", "stickystate.router", "the client installs without the server"),
     ("stickystate.client", "stickystate.replicator", "the client installs without the server"),
+    ("stickystate.client", "stickystate.http", "the client installs without the server (httptools, ...)"),
+    ("stickystate.client", "stickystate.auth", "the client installs without the server"),
+    ("stickystate.client", "stickystate.langgraph", "the LangGraph savers are above the client"),
+    *(("stickystate.langgraph", t, "the savers use the client, not the server")
+      for t in SERVERS + ("stickystate.http", "stickystate.auth")),
 )
 
 
@@ -161,7 +166,11 @@ def test_package_dir_maps_every_folder_into_the_namespace() -> None:
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapping = setuptools["package-dir"]
     assert mapping == {"stickystate": "stickystate", **{f"stickystate.{d}": d for d in MAPPED}}
-    assert sorted(setuptools["packages"]) == sorted(mapping)
+    # every mapped folder, and every subpackage of stickystate/ (listed packages do not
+    # bring their subpackages into the wheel)
+    subpackages = {module_name(p.parent) for p in (ROOT / "stickystate").rglob("__init__.py")
+                   if "__pycache__" not in p.parts}
+    assert sorted(setuptools["packages"]) == sorted(set(mapping) | subpackages)
     for folder in mapping.values():
         assert (ROOT / folder / "__init__.py").is_file(), folder
 
@@ -187,4 +196,5 @@ def test_the_wheel_holds_only_the_stickystate_package(tmp_path: Path) -> None:
     for package in MAPPED:
         assert f"stickystate/{package}/__init__.py" in names, package
     assert "stickystate/node/store.py" in names
+    assert {"stickystate/http/front.py", "stickystate/client/core.py", "stickystate/langgraph/__init__.py"} <= set(names)
     assert "stickystate/bench/gcprobe/sitecustomize.py" in names

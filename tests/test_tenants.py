@@ -102,3 +102,36 @@ async def test_direct_node_access_needs_the_internal_secret(http: aiohttp.Client
                                       headers={"X-Stickystate-Internal": SECRET, "X-Stickystate-Tenant": "ta"})
     assert status == 200 and body["data"] == {"v": 1}  # the secret is what opens it
     assert (await node.call("GET", "/readyz"))[0] == 200
+
+
+async def test_direct_clients_at_a_node_stay_in_their_tenant(http: aiohttp.ClientSession, cluster: LocalCluster) -> None:
+    """A client may call a node straight with its API key (stickystate.client does): the
+    key names the tenant, exactly as at the router. Tenant B's key at the node that holds
+    tenant A's session cannot read or change it, whatever id or header it tries; no key is
+    a 401; /internal/* without the internal secret is a 401, API key or not."""
+    api = Api(http, cluster.router_url)
+    status, _, headers = await as_tenant(api, KEY_A)("POST", "/v1/sessions", {"id": "direct-a", "data": {"v": 1}},
+                                                     {"Durability": "log"})
+    assert status == 201
+    node = Api(http, cluster.node_url(headers["X-Stickystate-Owner"]))
+    key_a, key_b = {"Authorization": f"Bearer {KEY_A}"}, {"X-Api-Key": KEY_B}
+
+    status, body, _ = await node.call("GET", "/v1/sessions/direct-a", headers=key_a)
+    assert status == 200 and body["id"] == "direct-a" and body["data"] == {"v": 1}  # A's key: A's session
+    for method, path, payload in (("GET", "/v1/sessions/direct-a", None), ("GET", "/v1/sessions/ta:direct-a", None),
+                                  ("GET", "/v1/sessions/direct-a/meta", None),
+                                  ("PATCH", "/v1/sessions/direct-a", {"v": 2}),
+                                  ("POST", "/v1/sessions/direct-a/lists/x", {"items": [1]}),
+                                  ("DELETE", "/v1/sessions/direct-a", None)):
+        status, body, _ = await node.call(method, path, payload, headers=key_b)
+        # B's own namespace: nothing there (404), or its shard lives elsewhere (421)
+        assert status in (404, 421) and "v" not in str(body.get("data")), (method, path, status, body)
+    status, body, _ = await node.call("GET", "/v1/sessions/direct-a", headers={**key_b, "X-Stickystate-Tenant": "ta"})
+    assert status == 400 and body["error"] == "bad_header"  # a client cannot assert a tenant
+    status, body, _ = await node.call("GET", "/v1/sessions/direct-a")
+    assert status == 401 and body["error"] == "unauthorized"
+    for method, path in (("GET", "/internal/status"), ("POST", "/internal/assign")):
+        status, body, _ = await node.call(method, path, {} if method == "POST" else None, headers=key_a)
+        assert status == 401 and body["error"] == "unauthorized", path
+    status, body, _ = await node.call("GET", "/v1/sessions/direct-a", headers=key_a)
+    assert status == 200 and body["version"] == 1 and body["data"] == {"v": 1}  # B changed nothing

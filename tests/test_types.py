@@ -32,7 +32,8 @@ def installed_view(into: Path) -> Path:
     return top
 
 
-PACKAGES = ("stickystate.node", "stickystate.router", "stickystate.replicator", "stickystate.http")
+PACKAGES = ("stickystate.node", "stickystate.router", "stickystate.replicator", "stickystate.http", "stickystate.client",
+            "stickystate.langgraph")
 
 
 def test_mypy_finds_no_type_errors_in_the_shipped_packages(tmp_path: Path) -> None:

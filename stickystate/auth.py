@@ -1,14 +1,17 @@
-"""API keys, tenants and per-tenant rate limits, pure (the clock is passed in).
+"""API keys, tenants and per-tenant rate limits, pure (the clock is passed in). Shared by
+the router and the nodes: both authenticate clients the same way.
 
 Keys come from a file (one ``key tenant`` pair per line, ``#`` comments) or from
 ``STICKYSTATE_API_KEYS`` (``key=tenant,key2=tenant2``). A request's tenant namespaces
 every session id it names: the node stores ``<tenant>:<id>``, so one tenant can never
 name another's session, whatever id it chooses (tenant names contain no ``:``).
 
-``Gate`` is what the router checks on every request but ``/livez``, ``/readyz`` and
-``/metrics``: the key (-> tenant), then the tenant's token bucket. One per router, shared
-by its two fronts (the relay for session requests, the aiohttp app for the rest), so a
-tenant has one bucket whatever it asks for.
+``Gate`` is what a server checks on every request but ``/livez``, ``/readyz`` and
+``/metrics``: the key (-> tenant), then the tenant's token bucket. One per process,
+shared by its two fronts (the httptools front for session requests, the aiohttp app for
+the rest), so a tenant has one bucket whatever it asks for. The router checks every
+client request; a node checks the requests of clients that talk to it directly (the
+router's own requests carry the internal secret instead, node/access.py).
 """
 
 from __future__ import annotations
