@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stickystate.node.ops import Op, Session
-from stickystate.protocol import ROUTER_KEY_PREFIX  # keys the router adds: their records keep no state
+from stickystate.protocol import RETRY_KEY_PREFIXES  # keys a router or client adds: their records keep no state
 
 IDEM_PER_SHARD = 4096
 IDEM_PER_SESSION_SNAPSHOT = 8  # idempotency keys kept in a session's snapshot (recent writes only)
@@ -51,7 +51,7 @@ class IdempotencyCache:
             return
         key = (event["sid"], idem[0])
         status = 201 if event["op"] == "replace" and event.get("ver") == 1 else STATUS_OF_OP.get(event["op"], 200)
-        light = idem[0].startswith(ROUTER_KEY_PREFIX)
+        light = idem[0].startswith(RETRY_KEY_PREFIXES)
         records = self.records
         records[key] = (idem[1], status, None if light else state, event.get("epoch"), None)
         records.move_to_end(key)
@@ -97,7 +97,7 @@ class IdempotencyCache:
     def fill_states(self, sessions: Mapping[str, Session]) -> None:
         """Promotion: records of client keys answer with the state as of now."""
         for key, entry in list(self.records.items()):
-            if entry[STATE] is None and entry[STATUS] != 204 and not key[1].startswith(ROUTER_KEY_PREFIX):
+            if entry[STATE] is None and entry[STATUS] != 204 and not key[1].startswith(RETRY_KEY_PREFIXES):
                 self.records[key] = (*entry[:STATE], sessions.get(key[0]), *entry[STATE + 1:])
 
     def drop_states(self) -> None:

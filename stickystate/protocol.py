@@ -8,7 +8,7 @@ What is here, and who reads it:
   early refusal, the client's own check);
 - ``shard_of``: session id -> shard (= Kafka partition); placement pins it with
   golden vectors, and a placement-aware client computes it itself;
-- ``ROUTER_KEY_PREFIX``: the Idempotency-Keys the router adds (the nodes keep only the
+- ``RETRY_KEY_PREFIXES``: the Idempotency-Keys a router or client adds (the nodes keep only the
   outcome of writes under them);
 - the JSON error body (``error_body``) and its content type;
 - the latency buckets of both servers' request histograms;
@@ -78,10 +78,14 @@ def shard_of(session_id: str, partitions: int) -> int:
     return zlib.crc32(session_id.encode()) % partitions
 
 
-# Idempotency-Keys the router adds to writes that came without one, only so that its own
-# retry after a failover applies once: nobody asks for "the first answer" of those, so a
-# node keeps only their outcome (status, log offset), not the state after the write.
+# Idempotency-Keys that a router or the Python client add to writes that came without
+# one, only so that their own retry after a failover applies once: nobody asks for "the
+# first answer" of those, so a node keeps only their outcome (status, log offset), not
+# the state after the write (a record holding every write's state made the nodes' full
+# GC passes walk millions of objects). A replay of one answers with the session as it is.
 ROUTER_KEY_PREFIX = "router-"
+CLIENT_KEY_PREFIX = "auto-"
+RETRY_KEY_PREFIXES = (ROUTER_KEY_PREFIX, CLIENT_KEY_PREFIX)
 
 # -- errors -----------------------------------------------------------------------------
 JSON_CONTENT_TYPE = "application/json"

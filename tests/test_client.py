@@ -365,7 +365,7 @@ def test_a_dead_node_is_retried_on_the_router_with_backoff_and_the_same_key() ->
     a.sent()
     step = a.failed(a.target(), TimeoutError(), 1.5)
     assert step.done and isinstance(step.error, TransportError)  # max_attempts
-    assert call.headers["Idempotency-Key"] == key and key.startswith("c-")
+    assert call.headers["Idempotency-Key"] == key and key.startswith("auto-")
 
 
 def test_attempts_are_bounded_in_time() -> None:

@@ -37,10 +37,10 @@ from urllib.parse import urlencode
 import orjson
 
 from stickystate.client.errors import BadRequest, TransportError, error_of
-from stickystate.protocol import (API_KEY_HEADER, AUTHORIZATION_HEADER, DURABILITY_HEADER, IDEMPOTENCY_KEY_HEADER,
-                                  IF_MATCH_HEADER, JSON_CONTENT_TYPE, KEY_RE, OWNER_HEADER, PREFER_HEADER,
-                                  REQUEST_ID_HEADER, ROUTER_KEY_PREFIX, SESSION_ID_MESSAGE, SESSION_ID_RE, key_message,
-                                  shard_of)
+from stickystate.protocol import (API_KEY_HEADER, AUTHORIZATION_HEADER, CLIENT_KEY_PREFIX, DURABILITY_HEADER,
+                                  IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_KEY_MESSAGE, IDEMPOTENCY_KEY_RE, IF_MATCH_HEADER,
+                                  JSON_CONTENT_TYPE, KEY_RE, OWNER_HEADER, PREFER_HEADER, REQUEST_ID_HEADER,
+                                  RETRY_KEY_PREFIXES, SESSION_ID_MESSAGE, SESSION_ID_RE, key_message, shard_of)
 
 __all__ = ["Attempts", "Call", "ClientCore", "ClusterMap", "RetryPolicy", "Step", "Target"]
 
@@ -263,9 +263,9 @@ class ClientCore:
             if minimal if minimal is not None else self.minimal:
                 headers[PREFER_HEADER] = "return=minimal"
             key = idempotency_key if idempotency_key is not None else new_idempotency_key()
-            if not 1 <= len(key) <= 128 or not key.isprintable() or key.startswith(ROUTER_KEY_PREFIX):
-                raise ValueError(f"an Idempotency-Key is 1-128 printable characters, not starting with "
-                                 f"{ROUTER_KEY_PREFIX!r}")
+            if idempotency_key is not None and (not IDEMPOTENCY_KEY_RE.fullmatch(key)
+                                                or key.startswith(RETRY_KEY_PREFIXES)):
+                raise ValueError(f"{IDEMPOTENCY_KEY_MESSAGE}, not starting with {' or '.join(RETRY_KEY_PREFIXES)}")
             headers[IDEMPOTENCY_KEY_HEADER] = key
         q = {k: v for k, v in (query or {}).items() if v is not None}
         return Call(method, path + ("?" + urlencode(q) if q else ""), data, headers, sid, write)
@@ -340,7 +340,7 @@ _KEYS = random.Random()
 
 
 def new_idempotency_key() -> str:
-    return f"c-{_KEYS.getrandbits(128):032x}"
+    return f"{CLIENT_KEY_PREFIX}{_KEYS.getrandbits(128):032x}"
 
 
 def new_session_id() -> str:
