@@ -146,6 +146,7 @@ async def test_consumer_group_commit(broker: LocalKafka) -> None:
         await consumer.stop()
 
 
+@pytest.mark.slow
 async def test_restart_keeps_data(tmp_path) -> None:
     kafka = LocalKafka(tmp_path / "kafka")
     try:
