@@ -20,7 +20,6 @@ import logging
 import re
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from stickystate.node.settings import NodeSettings
 from stickystate.node.validate import Limits
 from stickystate.replicator.settings import ReplicatorSettings
 from stickystate import logs
+from tests.helpers import wait_for
 
 SECRET = "s" * 24
 PARTITIONS = 4
@@ -183,10 +183,7 @@ def nodes() -> Iterator[Nodes]:
                            + b"Content-Length: %d\r\n\r\n%s" % (len(assign), assign))
         assert a.status == 200, a.body
     for name, store in n.stores.items():
-        for _ in range(100):
-            if not store.recovering:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: not store.recovering, timeout_s=30, what=f"{name} to acquire its shards")
         assert store.serving == set(range(PARTITIONS - 1)), name
     yield n
     n.stop()

@@ -557,10 +557,8 @@ async def test_heads_that_are_not_http_or_too_large_are_400s(fake: FakeSetup) ->
 async def test_a_client_leaving_while_its_request_is_forwarded(fake: FakeSetup) -> None:
     conn = await RawConnection.open(fake.router_port)
     conn.send(request("GET", "/v1/sessions/slow-300", headers=AUTH) + request("GET", "/v1/sessions/after", headers=AUTH))
-    for _ in range(100):  # until the node holds the first one (it answers after 300 ms)
-        if any(s["target"] == "/v1/sessions/slow-300" for s in fake.node.seen):
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: any(s["target"] == "/v1/sessions/slow-300" for s in fake.node.seen), timeout_s=10,
+                     interval_s=0.01, what="the node to hold the first request (it answers after 300 ms)")
     conn.reset()  # gone (RST) before the answers
     # The router gets the first answer; a queued "after" would be forwarded right then.
     await wait_until(lambda: "/v1/sessions/slow-300" in fake.node.finished, timeout_s=10,
