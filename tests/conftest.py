@@ -1,5 +1,14 @@
 """Shared fixtures. Integration tests run against a real Kafka broker: one LocalKafka
-(KRaft, from .kafka/libs) per test session, or the one named by KAFKA_BOOTSTRAP."""
+(KRaft, from .kafka/libs) per test session, or the one named by KAFKA_BOOTSTRAP.
+
+Tiers (README, "Tests"): every test that needs Kafka is marked ``kafka``, so
+``-m "not kafka"`` runs without a broker. Two guards keep that true:
+
+- at collection, a test that uses a Kafka fixture (anything that depends on
+  ``kafka_bootstrap``) without the ``kafka`` mark stops the run (UsageError);
+- at run time, starting a LocalKafka from a test that is not marked ``kafka`` fails
+  that test, so a broker started directly (not through a fixture) is caught too.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,55 @@ import pytest
 from stickystate import kafka_local
 from stickystate.local_cluster import LocalCluster
 from tests.helpers import Api
+
+# Fixtures that reach a broker. Every other Kafka fixture depends on one of these, and
+# item.fixturenames is the whole closure, so a test that uses `cluster`, `api`,
+# `start_cluster`, ... is seen here through them.
+KAFKA_FIXTURES = frozenset({"kafka_bootstrap"})
+
+
+def unmarked_kafka_tests(items: list[pytest.Item]) -> list[str]:
+    """Node ids of the tests that use a Kafka fixture but are not marked ``kafka``."""
+    return [item.nodeid for item in items
+            if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("kafka") is None]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    offenders = unmarked_kafka_tests(items)
+    if offenders:
+        raise pytest.UsageError("these tests use a Kafka fixture but are not marked kafka "
+                                "(add @pytest.mark.kafka or a module-level pytestmark):\n  " + "\n  ".join(offenders))
+
+
+# The test being run (setup, call, teardown), for the broker guard below.
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.remove(item)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _brokers_only_for_kafka_tests() -> Iterator[None]:
+    """A LocalKafka may start only while a test marked ``kafka`` is being set up or run."""
+    start = kafka_local.LocalKafka.start
+
+    def guarded_start(self: kafka_local.LocalKafka, *args: Any, **kwargs: Any) -> Any:
+        item = _running[-1] if _running else None
+        if item is None or item.get_closest_marker("kafka") is None:
+            who = item.nodeid if item is not None else "code outside any test"
+            pytest.fail(f"{who} starts a Kafka broker but is not marked kafka", pytrace=False)
+        return start(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kafka_local.LocalKafka, "start", guarded_start)
+        yield
 
 
 @pytest.fixture(scope="session")

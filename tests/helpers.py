@@ -1,8 +1,13 @@
-"""Test helpers: an HTTP client for the router, a raw reader of a Kafka partition, and
-an owned Shard for the pure tests."""
+"""Test helpers: an HTTP client for the router, a raw reader of a Kafka partition, an
+owned Shard for the pure tests, and ways to wait for a condition instead of sleeping."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -74,3 +79,54 @@ def owned_shard(claim_offset: int = 0) -> Shard:
     shard.my_epoch = 1
     shard.start_owning()
     return shard
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout_s`` saying what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 60.0,
+                     what: str = "condition", interval_s: float = 0.05) -> None:
+    """``wait_for`` for coroutines: ``predicate`` may be sync or async."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = predicate()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+async def log_barrier(api: Api, sid: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Returns once every change the session's owner answered before this call is in
+    Kafka: GET /history flushes the shard's replication queue before it reads the
+    partition. After it, a change that was (wrongly) queued would be in the log, so
+    "nothing was written" can be checked without sleeping. Returns the session's events."""
+    status, body, _ = await api.call("GET", f"/v1/sessions/{sid}/history?limit=1000", headers=headers)
+    assert status == 200, (status, body)
+    return body["events"]  # type: ignore[no-any-return]
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes received but not yet read by the process listening on ``port`` (summed over
+    its established loopback connections, from /proc/net/tcp*). Lets a test wait until a
+    request has reached a paused (SIGSTOPped) process instead of sleeping."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(table)
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+    return total

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 import uuid
 
 import pytest
 
 from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
-from tests.helpers import Api, end_offset, read_partition
+from tests.helpers import Api, log_barrier, read_partition, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -42,7 +42,7 @@ async def test_create_without_id_generates_a_128_bit_id(api: Api) -> None:
     assert body["version"] == 1 and body["data"] == {} and body["expires_at"] > 0
     assert headers["ETag"] == '"1"'
     status2, body2, _ = await api.call("POST", "/v1/sessions")
-    assert body2["id"] != body["id"]
+    assert status2 == 201 and body2["id"] != body["id"]
 
 
 async def test_create_read_conflict_and_not_found(api: Api, cluster: LocalCluster) -> None:
@@ -88,12 +88,19 @@ async def test_list_append_keeps_a_window(api: Api) -> None:
 async def test_key_with_its_own_ttl_and_key_delete(api: Api) -> None:
     s = sid()
     await api.call("POST", "/v1/sessions", {"id": s, "data": {"stay": 1}})
+    before_set = time.time()  # the key's expiry is at least 1 s after this
     status, body, _ = await api.call("PUT", f"/v1/sessions/{s}/keys/otp?ttl_s=1", 1234)
     assert status == 200 and body["data"]["otp"] == 1234
     status, body, _ = await api.call("PUT", f"/v1/sessions/{s}/keys/note", {"x": 1})
-    await asyncio.sleep(1.3)
+    assert status == 200 and body["data"] == {"stay": 1, "otp": 1234, "note": {"x": 1}}
+
+    async def otp_gone() -> bool:
+        return "otp" not in (await api.call("GET", f"/v1/sessions/{s}"))[1]["data"]
+
+    await wait_until(otp_gone, timeout_s=10, what="the key with ttl_s=1 to expire")
+    assert time.time() - before_set >= 0.99  # it expired by its own TTL, not at once
     status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
-    assert body["data"] == {"stay": 1, "note": {"x": 1}}
+    assert status == 200 and body["data"] == {"stay": 1, "note": {"x": 1}}  # the rest stays
     status, _, _ = await api.call("DELETE", f"/v1/sessions/{s}/keys/note")
     assert status == 200
     status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
@@ -133,12 +140,14 @@ async def test_durability_log_acknowledges_after_kafka_has_the_event(api: Api, c
 
 async def test_memory_durability_reaches_the_log_too(api: Api, cluster: LocalCluster) -> None:
     s = sid()
-    await api.call("POST", "/v1/sessions", {"id": s}, headers={"Durability": "memory"})
-    await api.call("PATCH", f"/v1/sessions/{s}", {"a": 1}, headers={"Durability": "memory"})
-    for _ in range(50):
-        if len(await events_of(cluster, s)) == 2:
-            break
-        await asyncio.sleep(0.1)
+    assert (await api.call("POST", "/v1/sessions", {"id": s}, headers={"Durability": "memory"}))[0] == 201
+    assert (await api.call("PATCH", f"/v1/sessions/{s}", {"a": 1}, headers={"Durability": "memory"}))[0] == 200
+
+    async def both_in_the_log() -> bool:
+        return len(await events_of(cluster, s)) >= 2
+
+    # No history call here: it would flush the queue itself. The replicator's own sending must get them there.
+    await wait_until(both_in_the_log, timeout_s=10, what="the memory-durability events to reach Kafka")
     assert [e["op"] for e in await events_of(cluster, s)] == ["create", "patch"]
 
 
@@ -148,12 +157,11 @@ async def test_if_match_makes_a_write_conditional(api: Api, cluster: LocalCluste
     status, body, headers = await api.call("PATCH", f"/v1/sessions/{s}", {"n": 1},
                                            headers={"If-Match": '"1"', "Durability": "log"})
     assert status == 200 and headers["ETag"] == '"2"'
-    before = await end_offset(cluster.kafka_bootstrap, cluster.topic, shard_of(s, cluster.partitions))
     status, body, _ = await api.call("PATCH", f"/v1/sessions/{s}", {"n": 99}, headers={"If-Match": '"1"'})
     assert status == 412 and body["error"] == "precondition_failed" and body["current"] == 2
     assert (await api.call("GET", f"/v1/sessions/{s}"))[1]["data"] == {"n": 1}
-    await asyncio.sleep(0.3)
-    assert await end_offset(cluster.kafka_bootstrap, cluster.topic, shard_of(s, cluster.partitions)) == before
+    await log_barrier(api, s)  # a (wrongly) queued event of the refused write would now be in Kafka
+    assert [(e["op"], e["ver"]) for e in await events_of(cluster, s)] == [("create", 1), ("patch", 2)]
 
 
 async def test_idempotency_key_applies_once_and_returns_the_first_answer(api: Api, cluster: LocalCluster) -> None:
@@ -171,24 +179,28 @@ async def test_idempotency_key_applies_once_and_returns_the_first_answer(api: Ap
     status, body, _ = await api.call("POST", f"/v1/sessions/{s}/lists/m", {"items": ["other"]},
                                      headers={"Idempotency-Key": "k1"})
     assert status == 409 and body["error"] == "idempotency_key_reused"
-    await asyncio.sleep(0.3)
+    await log_barrier(api, s)  # every change answered so far, and any wrongly queued one, is in Kafka now
     assert [e["op"] for e in await events_of(cluster, s)] == ["create", "append", "patch"]
 
 
 async def test_ttl_expiry_removes_the_session_and_logs_it(api: Api, cluster: LocalCluster) -> None:
     s = sid()
-    status, body, _ = await api.call("POST", "/v1/sessions", {"id": s, "ttl_s": 1})
+    status, created, _ = await api.call("POST", "/v1/sessions", {"id": s, "ttl_s": 3})
     assert status == 201
-    await asyncio.sleep(0.6)
-    await api.call("PATCH", f"/v1/sessions/{s}", {"touch": 1})  # a write slides the TTL
-    await asyncio.sleep(0.6)
-    assert (await api.call("GET", f"/v1/sessions/{s}"))[0] == 200  # 1.2 s after create, 0.6 s after the write
-    for _ in range(40):
-        await asyncio.sleep(0.1)
-        ops = [e["op"] for e in await events_of(cluster, s)]
-        if "expire" in ops:
-            break
-    assert ops == ["create", "patch", "expire"]
+    # Time itself is what a TTL test waits for: the points below are read off the session's
+    # own expires_at (the server's clock, this machine's), not guessed with sleeps.
+    await wait_until(lambda: time.time() >= created["expires_at"] - 1.5, what="half the TTL to pass")
+    status, touched, _ = await api.call("PATCH", f"/v1/sessions/{s}", {"touch": 1})
+    assert status == 200 and touched["expires_at"] >= created["expires_at"] + 1.4  # a write slides the TTL
+    await wait_until(lambda: time.time() > created["expires_at"] + 0.1, what="the first expiry to pass")
+    status, body, _ = await api.call("GET", f"/v1/sessions/{s}")
+    assert status == 200 and body["version"] == 2, body  # alive past its first expiry: the write slid it
+
+    async def expired_in_the_log() -> bool:
+        return "expire" in [e["op"] for e in await events_of(cluster, s)]
+
+    await wait_until(expired_in_the_log, timeout_s=15, interval_s=0.1, what="the expire event")
+    assert [e["op"] for e in await events_of(cluster, s)] == ["create", "patch", "expire"]
     assert (await api.call("GET", f"/v1/sessions/{s}"))[0] == 404
 
 

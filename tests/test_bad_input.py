@@ -3,7 +3,6 @@ shard's partition changed."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,7 +12,7 @@ import pytest
 
 from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster
-from tests.helpers import Api, end_offset
+from tests.helpers import Api, end_offset, log_barrier
 from tests.test_api import LIMITS
 
 pytestmark = pytest.mark.kafka
@@ -77,7 +76,7 @@ async def test_bad_input_is_rejected_and_changes_nothing(api: Api, cluster: Loca
     assert got == status, body
     assert resp_headers["Content-Type"].startswith("application/json")
     assert body["error"] == code and isinstance(body["message"], str) and body["message"]
-    await asyncio.sleep(0.2)  # a (wrongly) queued memory-durability event would land by now
+    await log_barrier(api, SID)  # a (wrongly) queued memory-durability event would be in Kafka now
     _, after, _ = await api.call("GET", f"/v1/sessions/{SID}")
     assert after == before
     assert await end_offset(cluster.kafka_bootstrap, cluster.topic, partition) == offset_before

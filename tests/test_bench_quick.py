@@ -2,7 +2,7 @@
 counts right and writes its files. Not a speed test: nothing here judges performance.
 
 Uses the Kafka of the test session (KAFKA_BOOTSTRAP if set, else one LocalKafka) and
-needs ``redis-server`` (Debian package) on PATH.
+needs ``redis-server`` (Debian package) on PATH: ``./dev setup`` installs it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from stickystate.bench import loadgen
+from stickystate.bench.profile import py_spy_path
 from stickystate.bench.runner import SYSTEMS, combine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,21 +29,38 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> dict[str, Any]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    # Not a skip: the Redis baselines are part of what --quick runs, and ./dev installs redis-server.
+    assert shutil.which("redis-server"), "redis-server not installed: ./dev setup (or apt-get install redis-server)"
     out = tmp_path_factory.mktemp("bench") / "quick"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stickystate.bench", "--quick", "--out", str(out),
                            "--kafka-bootstrap", kafka_bootstrap, "--profile", "direct"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # the hang guard
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
     doc = json.loads((out / "results.json").read_text())
     print(f"bench --quick took {elapsed:.1f}s")
-    return {"out": out, "doc": doc, "elapsed": elapsed, "stdout": proc.stdout}
+    return {"out": out, "doc": doc, "stdout": proc.stdout}
+
+
+def table_rows(markdown: str, heading: str) -> list[list[str]]:
+    """Cells of the data rows of the first table under ``heading`` (a whole line)."""
+    lines = markdown.splitlines()
+    assert heading in lines, f"no {heading!r} in the report"
+    rows: list[list[str]] = []
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            break  # the first table ended
+    assert len(rows) >= 2, f"no table under {heading!r}"
+    return rows[2:]  # without the header and separator rows
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 def test_quick_writes_its_files(quick_run: dict[str, Any]) -> None:
     out: Path = quick_run["out"]
     for name in ("results.json", "report.md", "latency_vs_rate_write-heavy.png", "percentiles_write-heavy.png",
@@ -52,10 +70,19 @@ def test_quick_writes_its_files(quick_run: dict[str, Any]) -> None:
     assert "## Targets" in report and "| router |" in report and "| redis-naive |" in report
     doc = quick_run["doc"]
     assert {t["target"].split(" ")[0] for t in doc["targets"]} >= {"router", "straight-to-node", "bytes", "cost"}
-    assert quick_run["elapsed"] < 240  # a hang guard, not a speed check
+    # One summary row per system in each mix's table, with no errors; one row per step below.
+    for mix, systems in doc["summary"].items():
+        rows = table_rows(report, f"## {mix} mix")
+        assert [r[0] for r in rows] == list(systems), (mix, rows)
+        for row in rows:
+            assert row[11] == f"0 / {systems[row[0]]['sent']}" and systems[row[0]]["sent"] > 0, (mix, row)
+    steps = table_rows(report, "## Every step")
+    assert [(r[0], r[1], float(r[2]), int(r[9])) for r in steps] == \
+        [(s["system"], s["mix"], s["target_rate"], 0) for s in doc["steps"]]
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 def test_quick_counts_and_every_system_answers(quick_run: dict[str, Any]) -> None:
     doc = quick_run["doc"]
     steps = doc["steps"]
@@ -69,13 +96,15 @@ def test_quick_counts_and_every_system_answers(quick_run: dict[str, Any]) -> Non
             assert s["sent"] == s["ok"] + s["errors"], s
             expected = s["target_rate"] * s["duration_s"]
             assert abs(s["sent"] - expected) <= doc["config"]["gen_procs"], (s["sent"], expected)
-            assert s["errors"] == 0, (system, s["error_kinds"], s["checks"]["examples"])
-            assert 0.8 * s["target_rate"] <= s["achieved_rate"] <= 1.05 * s["target_rate"], s["achieved_rate"]
+            assert s["errors"] == 0 and s["ok"] == s["sent"], (system, s["error_kinds"], s["checks"]["examples"])
+            # The achieved rate is a measurement (not judged here), but it counts answers:
+            # never more than were answered, and some were.
+            assert 0 < s["achieved_rate"] <= s["ok"] / s["duration_s"] + 0.1, (s["achieved_rate"], s["ok"])
             assert s["ops"]["read"]["sent"] + s["ops"]["turn"]["sent"] == s["sent"]
             # sampled responses hold a full window ending with the message just sent
             assert s["checks"]["ok"] > 0 and s["checks"]["fail"] == 0, s["checks"]
             assert s["latency_ms"]["p50"] is not None and s["latency_ms"]["p50"] <= s["latency_ms"]["max"]
-            assert s["generator"]["cpu_pct"] >= 0 and "machine_busy_pct" in s["cpu_pct"]
+            assert s["generator"]["cpu_pct"] > 0 and "machine_busy_pct" in s["cpu_pct"]  # it did work, measured
     # direct goes through the Python client (its CPU per request is the client's cost)
     assert doc["systems"]["direct"]["via"] == "client" and doc["systems"]["direct-raw"]["via"] == "direct"
     for system in ("direct", "direct-raw"):
@@ -85,6 +114,7 @@ def test_quick_counts_and_every_system_answers(quick_run: dict[str, Any]) -> Non
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
     summ = quick_run["doc"]["summary"]["write-heavy"]
     cfg = quick_run["doc"]["config"]
@@ -98,15 +128,30 @@ def test_quick_bytes_per_turn(quick_run: dict[str, Any]) -> None:
     assert window_bytes < summ["client-side"]["bytes_per_turn"] < 1.2 * window_bytes
 
 
+def py_spy_can_attach(tmp_path: Path) -> bool:
+    """Whether this machine lets py-spy read another process (ptrace), tried on a child of ours."""
+    exe = py_spy_path()
+    assert exe, "py-spy not installed: pip install -e '.[bench]'"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        return subprocess.run([exe, "dump", "--pid", str(child.pid)], capture_output=True, timeout=60).returncode == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.kafka
-def test_quick_profile_of_direct(quick_run: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_quick_profile_of_direct(quick_run: dict[str, Any], tmp_path: Path) -> None:
     """--profile direct: one extra step with py-spy on the router and both nodes."""
     doc = quick_run["doc"]
     (prof,) = doc["profiles"]
     assert prof["system"] == "direct" and set(prof["procs"]) == {"n1", "n2", "router"}
     assert all(s["phase"] != "profile" for s in doc["steps"])  # not part of the sweep's results
     if not any(prof["procs"].values()):
-        pytest.skip("py-spy could not attach to the processes here (ptrace not permitted)")
+        # Only the machine may excuse an empty profile: where py-spy can attach, it is a failure.
+        assert not py_spy_can_attach(tmp_path), "py-spy attaches here, yet the bench recorded no profile"
+        pytest.skip("py-spy cannot attach to processes on this machine (ptrace not permitted)")
     for name in ("n1", "n2"):
         s = prof["procs"][name]
         assert s["samples"] > 0 and s["cpu_pct"] is not None
@@ -150,12 +195,34 @@ def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
 # --------------------------------------------------------------------------- generator alone
 
 
+async def fake_append_server(append: Any) -> tuple[web.AppRunner, int]:
+    """An aiohttp server whose only route is the turn (list append); returns it and its port."""
+    app = web.Application()
+    app.router.add_post("/v1/sessions/{sid}/lists/{field}", append)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def worker(port: int, sessions: int) -> loadgen.Worker:
+    return loadgen.Worker({"wid": 0, "kind": "sticky", "targets": [("127.0.0.1", port)],
+                           "sessions": [(f"s-{i}", 0) for i in range(sessions)], "window": 5, "msg_bytes": 300,
+                           "max_conns": 64, "check_every": 1})
+
+
+def step(rate: int, duration: float, drain_s: float) -> dict[str, Any]:
+    return {"rate": rate, "duration": duration, "read_frac": 0.0, "drain_s": drain_s,
+            "start_at": time.monotonic() + 0.05, "prewarm": 4}
+
+
 async def test_loadgen_counts_errors_and_timeouts() -> None:
-    """Against a server answering 503 for one session and never in time for another:
+    """Against a server answering 503 for one session and never for another:
     sent == ok + http errors + timeouts, latency only from answered requests. Turns ask
     for minimal answers, whose versions the generator checks."""
-    window = 5
     versions: dict[str, int] = {}
+    never = asyncio.Event()  # s-2's answers never come: they end as timeouts at the drain deadline
 
     async def append(request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
@@ -163,61 +230,53 @@ async def test_loadgen_counts_errors_and_timeouts() -> None:
         if sid == "s-1":
             return web.json_response({"error": "unavailable"}, status=503)
         if sid == "s-2":
-            await asyncio.sleep(5)
+            await never.wait()
         versions[sid] = versions.get(sid, 1) + 1
         assert request.headers["Prefer"] == "return=minimal" and len(doc["items"]) == 1
         return web.Response(body=orjson.dumps({"id": sid, "version": versions[sid], "expires_at": 1.0}),
                             content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/sessions/{sid}/lists/{field}", append)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await fake_append_server(append)
     try:
-        sessions = [(f"s-{i}", 0) for i in range(4)]
-        w = loadgen.Worker({"wid": 0, "kind": "sticky", "targets": [("127.0.0.1", port)], "sessions": sessions,
-                            "window": window, "msg_bytes": 300, "max_conns": 64, "check_every": 1})
+        w = worker(port, 4)
         await w.setup()
-        part = await w.step({"rate": 200, "duration": 0.5, "read_frac": 0.0, "drain_s": 0.3,
-                             "start_at": time.monotonic() + 0.05, "prewarm": 4})
+        # the drain is long enough for every answer that comes; the step waits it out only
+        # because s-2's never do
+        part = await w.step(step(200, 0.5, drain_s=2.0))
     finally:
         await runner.cleanup()
-    step = combine([part], 200, 0.5)
-    assert step["sent"] == 100
-    assert step["sent"] == step["ok"] + step["errors"]
-    assert step["error_kinds"]["http_503"] == 25
-    assert step["error_kinds"]["timeout"] == 25
-    assert step["ok"] == 50 and step["checks"]["fail"] == 0 and step["checks"]["ok"] == 50
-    assert step["latency_ms"]["count"] == 50 and step["latency_ms"]["max"] < 1000
-    assert step["bytes_per_turn"] > 300
+    result = combine([part], 200, 0.5)
+    assert result["sent"] == 100
+    assert result["sent"] == result["ok"] + result["errors"]
+    assert result["error_kinds"] == {"http_503": 25, "timeout": 25}
+    assert result["ok"] == 50 and result["checks"]["fail"] == 0 and result["checks"]["ok"] == 50
+    assert result["latency_ms"]["count"] == 50  # the answered ones only: no timeout is a latency
+    assert result["bytes_per_turn"] > 300
 
 
 async def test_loadgen_checks_catch_a_version_that_does_not_grow() -> None:
-    """A minimal answer whose version does not grow fails the generator's check."""
+    """A minimal answer's version must exceed every version answered before its turn was
+    sent. A server whose versions grow passes every check; once it stops growing, every
+    later turn fails its check."""
+    versions: dict[str, int] = {}
+    growing = True
 
     async def append(request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"id": request.match_info["sid"], "version": 2, "expires_at": 1.0}),
+        sid = request.match_info["sid"]
+        if growing:
+            versions[sid] = versions.get(sid, 1) + 1
+        return web.Response(body=orjson.dumps({"id": sid, "version": versions[sid], "expires_at": 1.0}),
                             content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/sessions/{sid}/lists/{field}", append)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await fake_append_server(append)
     try:
-        w = loadgen.Worker({"wid": 0, "kind": "sticky", "targets": [("127.0.0.1", port)],
-                            "sessions": [("s-0", 0), ("s-1", 0)], "window": 5, "msg_bytes": 300, "max_conns": 8,
-                            "check_every": 1})
+        w = worker(port, 2)
         await w.setup()
-        part = await w.step({"rate": 100, "duration": 0.2, "read_frac": 0.0, "drain_s": 0.3,
-                             "start_at": time.monotonic() + 0.05, "prewarm": 2})
+        first = await w.step(step(100, 0.2, drain_s=30.0))  # every answer is in before the next step
+        growing = False
+        stuck = await w.step(step(100, 0.2, drain_s=30.0))
     finally:
         await runner.cleanup()
-    assert part["ok"] == 20
-    # each session's first answer passes, and any sent before it came back; the rest fail
-    assert part["checks"]["ok"] + part["checks"]["fail"] == 20 and part["checks"]["fail"] >= 10
+    assert (first["ok"], first["checks"]["ok"], first["checks"]["fail"]) == (20, 20, 0)
+    assert (stuck["ok"], stuck["checks"]["ok"], stuck["checks"]["fail"]) == (20, 0, 20)
+    assert "check failed (turn)" in stuck["checks"]["examples"][0]

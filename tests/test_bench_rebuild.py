@@ -10,6 +10,8 @@ import pytest
 
 from stickystate.bench import rebuild
 
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
 
 def test_rebuild_bench_counts_a_short_tail_with_snapshots_and_the_history_without(
         kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,7 @@ QUICK_TIMEOUT_S = 120
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 @pytest.mark.timeout(QUICK_TIMEOUT_S + 60)
 def test_quick_chaos_run_loses_no_log_acknowledged_append_and_keeps_order(
         tmp_path: Path, kafka_bootstrap: str) -> None:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import uuid
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 
-from stickystate.protocol import shard_of
+from stickystate.chaos.checker import Record, replay
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api
+from stickystate.protocol import shard_of
+from tests.helpers import Api, read_records, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -58,15 +58,6 @@ async def read_all(api: Api, sids: list[str]) -> dict[str, tuple[int, dict | Non
     return out
 
 
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_kill_9_loses_no_acknowledged_write_and_reads_see_no_error(fresh_cluster: LocalCluster) -> None:
     c = fresh_cluster
     prefix = "k9-" + uuid.uuid4().hex[:6]
@@ -86,7 +77,6 @@ async def test_kill_9_loses_no_acknowledged_write_and_reads_see_no_error(fresh_c
     lost = {s for s, r in results.items() if r[1] != acked[s]}
     assert not lost, f"{len(lost)} acknowledged sessions differ, e.g. {sorted(lost)[:3]}"
     assert all(results[s][2] != victim for s in on_victim)
-    assert len(on_victim) > 0
 
 
 async def test_restarted_empty_node_rejoins_and_serves_its_shards_rebuilt_from_the_log(
@@ -165,16 +155,24 @@ async def test_paused_zombie_owner_cannot_acknowledge_or_leak_writes(fresh_clust
         finally:
             c.signal_node("router", signal.SIGCONT)
 
-        acked_at_log = [a for a in answers if a[0] < 300]
-        assert acked_at_log == [], acked_at_log
-        assert all(a[0] in (421, 503) for a in answers), [a[0] for a in answers]
-        assert memory_answer[0] in (200, 421, 503)
+        # Nothing the zombie was asked was acknowledged: resuming, it re-read its partitions
+        # (a stall), found the new owner's claim, and refused with a 421 at either durability.
+        # (Its `owner` hint is its own stale placement, often itself: not asserted here.)
+        assert [(a[0], a[1]["error"]) for a in answers] == [(421, "not_owner")] * 5, answers
+        assert (memory_answer[0], memory_answer[1]["error"]) == (421, "not_owner"), memory_answer
 
         c.wait_ready()
-        status, body, _ = await api.call("GET", f"/v1/sessions/{sid}")
+        status, body, headers = await api.call("GET", f"/v1/sessions/{sid}")
         assert status == 200 and body["data"]["log"] == ["via-new"]
+        assert int(headers["X-Stickystate-Epoch"]) > old_epoch
         for nid in c.node_ids():
             got = await Api(http, c.node_url(nid)).call("GET", f"/v1/sessions/{sid}")
             if got[0] == 200:
                 assert not any(str(x).startswith("zombie") for x in got[1]["data"]["log"]), (nid, got)
-    assert shard >= 0
+    # ... nor in the log: the independent checker's replay of the session's partition (its
+    # own fencing rule) rebuilds exactly what the new owner acknowledged.
+    records = [Record(shard, offset, key, value)
+               for offset, key, value in await read_records(c.kafka_bootstrap, c.topic, shard)]
+    rebuilt = replay(records, c.partitions)
+    assert rebuilt.sessions[sid] == {"version": 2, "data": {"log": ["via-new"]}}, rebuilt.stats
+    assert not rebuilt.anomalies, rebuilt.anomalies

@@ -20,7 +20,6 @@ import logging
 import re
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from stickystate.node.settings import NodeSettings
 from stickystate.node.validate import Limits
 from stickystate.replicator.settings import ReplicatorSettings
 from stickystate import logs
+from tests.helpers import wait_for
 
 SECRET = "s" * 24
 PARTITIONS = 4
@@ -183,10 +183,7 @@ def nodes() -> Iterator[Nodes]:
                            + b"Content-Length: %d\r\n\r\n%s" % (len(assign), assign))
         assert a.status == 200, a.body
     for name, store in n.stores.items():
-        for _ in range(100):
-            if not store.recovering:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: not store.recovering, timeout_s=30, what=f"{name} to acquire its shards")
         assert store.serving == set(range(PARTITIONS - 1)), name
     yield n
     n.stop()
@@ -299,16 +296,15 @@ def test_fast_routes(method: bytes, target: bytes, expected: Any) -> None:
 @given(st.text(alphabet="abAZ09._:-~%/?=&+#;!{}", min_size=0, max_size=24),
        st.sampled_from(["", "/meta", "/history", "/lists/m", "/keys/k", "/x/y"]),
        st.sampled_from(["", "?ttl_s=5", "?ttl_s=5&ttl_s=6", "?ttl_s", "?a=1&ttl_s=2", "?=&", "?ttl_s=%35"]))
-def test_what_the_fast_front_takes_means_the_same_to_aiohttp(seg: str, tail: str, query: str) -> None:
+def test_what_the_fast_front_takes_means_the_same_to_aiohttp(node_app: web.Application, seg: str, tail: str,
+                                                             query: str) -> None:
     """For every target the fast front answers itself, aiohttp's router would pick the
     same handler with the same path parameters, query and path_qs (the idempotency
     fingerprint): the two fronts read one request the same way."""
     from aiohttp.test_utils import make_mocked_request
 
-    from stickystate.node.http import build_app
-
     target = f"/v1/sessions/{seg}{tail}{query}" if seg or tail else f"/v1/sessions{query}"
-    app = _APP.get("app") or _APP.setdefault("app", build_app(NodeSettings(auth="open")))
+    app = node_app
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
         got = match(method.encode(), target.encode())
         if got is None:
@@ -328,7 +324,12 @@ def test_what_the_fast_front_takes_means_the_same_to_aiohttp(seg: str, tail: str
         assert fast.query.get("ttl_s") == req.query.get("ttl_s"), target
 
 
-_APP: dict[str, web.Application] = {}
+@pytest.fixture(scope="module")
+def node_app() -> web.Application:
+    """The node's aiohttp app (never started): its router resolves requests."""
+    from stickystate.node.http import build_app
+
+    return build_app(NodeSettings(auth="open"))
 
 
 # -- the same answers, request by request -------------------------------------------------------
@@ -573,17 +574,43 @@ def test_malformed_requests_are_a_400_and_the_connection_closes(nodes: Nodes, da
         assert [a.status for a in answers] == [400] and closed, (port, answers)
 
 
+def request_metrics(port: int) -> dict[str, float]:
+    """stickystate_requests_total and ..._request_duration_seconds_count samples: line -> value."""
+    (a,), _ = exchange(port, request("GET", "/metrics", auth=False))
+    assert a.status == 200
+    out = {}
+    for line in a.body.decode().splitlines():
+        if line.startswith(("stickystate_requests_total", "stickystate_request_duration_seconds_count")):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def test_metrics_counted_alike(nodes: Nodes) -> None:
-    """Runs after the others: every request above was counted the same on both nodes."""
+    """Both fronts count requests the same way: the same series grow by the same amounts
+    for the same traffic. (Whatever other tests sent before: every one of them went to
+    both nodes alike, so the totals agree too.)"""
+    before = {name: request_metrics(port) for name, port in nodes.ports.items()}
     s = sid_in_shard(2, "metrics")
-    both(nodes, request("POST", "/v1/sessions", orjson.dumps({"id": s})))
-    texts = {}
-    for name, port in nodes.ports.items():
-        (a,), _ = exchange(port, request("GET", "/metrics", auth=False))
-        texts[name] = sorted(line for line in a.body.decode().splitlines()
-                             if line.startswith(("stickystate_requests_total", "stickystate_request_duration_seconds_count")))
-    assert texts["fast"] == texts["aiohttp"]
-    assert any('op="append"' in line for line in texts["fast"])
+    append = orjson.dumps({"items": [1]})
+    both(nodes, request("POST", "/v1/sessions", orjson.dumps({"id": s})))  # 201
+    both(nodes, request("POST", "/v1/sessions", orjson.dumps({"id": s})))  # 409
+    for _ in range(3):
+        both(nodes, request("POST", f"/v1/sessions/{s}/lists/m", append))  # 200
+    both(nodes, request("GET", f"/v1/sessions/{s}"))  # 200
+    both(nodes, request("GET", f"/v1/sessions/{s}-absent"))  # 404
+    both(nodes, request("GET", f"/v1/sessions/{sid_in_shard(3, 'metrics-other')}"))  # 421
+    both(nodes, request("GET", "/v1/sessions/x-boom-503"))  # 503
+    after = {name: request_metrics(port) for name, port in nodes.ports.items()}
+    grown = {name: {k: v - before[name].get(k, 0.0) for k, v in after[name].items() if v != before[name].get(k, 0.0)}
+             for name in after}
+    assert grown["fast"] == grown["aiohttp"]
+    assert after["fast"] == after["aiohttp"]
+    requests = {k: v for k, v in grown["fast"].items() if k.startswith("stickystate_requests_total")}
+    assert sorted((re.search(r'op="(\w+)"', k).group(1), re.search(r'status="(\d+)"', k).group(1), v)  # type: ignore[union-attr]
+                  for k, v in requests.items()) == [("append", "200", 3.0), ("create", "201", 1.0),
+                                                    ("create", "409", 1.0), ("get", "200", 1.0), ("get", "404", 1.0),
+                                                    ("get", "421", 1.0), ("get", "503", 1.0)]
 
 
 # -- hypothesis: session traffic ----------------------------------------------------------------
@@ -640,21 +667,19 @@ def _op(draw: Any) -> bytes:
     return request(method, path, raw, hdrs, chunked=raw is not None and draw(st.booleans()))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
-@given(st.lists(_op(), min_size=1, max_size=4))
-def test_generated_traffic_is_answered_alike(nodes: Nodes, ops: list[bytes]) -> None:
-    """Each example is one keep-alive connection carrying its requests pipelined."""
-    for a in both(nodes, b"".join(ops), len(ops)):
-        GENERATED[(a["status"], a["body"].get("error") if isinstance(a["body"], dict) else None)] += 1
+def test_generated_traffic_is_answered_alike_and_reaches_the_store(nodes: Nodes) -> None:
+    """Each example is one keep-alive connection carrying its requests pipelined; both
+    fronts must answer alike. And the traffic must have tested something: it reached the
+    store (successes, not-founds), not only the validation."""
+    seen: Counter[tuple[int, str | None]] = Counter()
 
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_op(), min_size=1, max_size=4))
+    def answered_alike(ops: list[bytes]) -> None:
+        for a in both(nodes, b"".join(ops), len(ops)):
+            seen[(a["status"], a["body"].get("error") if isinstance(a["body"], dict) else None)] += 1
 
-GENERATED: Counter[tuple[int, str | None]] = Counter()
-
-
-def test_generated_traffic_was_not_all_errors() -> None:
-    """The generated traffic above reached the store, not only the validation."""
-    print(sorted(GENERATED.items(), key=lambda kv: -kv[1]))
-    statuses = {status for status, _ in GENERATED}
-    assert {200, 201, 404, 400} <= statuses, GENERATED
-    assert sum(n for (status, _), n in GENERATED.items() if status < 300) >= 50, GENERATED
+    answered_alike()
+    print(sorted(seen.items(), key=lambda kv: -kv[1]))
+    assert {200, 201, 404, 400} <= {status for status, _ in seen}, seen
+    assert sum(n for (status, _), n in seen.items() if status < 300) >= 50, seen

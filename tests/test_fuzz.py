@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from stickystate.local_cluster import LocalCluster
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SENTINELS = [f"sentinel-{i}" for i in range(6)]
 

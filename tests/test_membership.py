@@ -5,7 +5,6 @@ zero lost acknowledged writes — at durability memory too."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,9 +13,9 @@ import aiohttp
 import pytest
 
 from stickystate.local_cluster import LocalCluster
-from tests.helpers import Api
+from tests.helpers import Api, wait_until
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Load:
             else:
                 self.errors.append((sid, status, body))
             seq += 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing: each session writes about every 10 ms plus its round trip
 
     async def __aenter__(self) -> Load:
         for sid, durability in self.sessions:
@@ -52,6 +51,15 @@ class Load:
         self.stop.set()
         await asyncio.gather(*self.tasks)
 
+    def acked_total(self) -> int:
+        return sum(len(v) for v in self.acked.values())
+
+    async def progress(self, appends: int = 50, timeout_s: float = 60.0) -> None:
+        """Wait until ``appends`` more writes have been acknowledged: the load is running."""
+        goal = self.acked_total() + appends
+        await wait_until(lambda: self.acked_total() >= goal, timeout_s=timeout_s,
+                         what=f"{appends} more acknowledged appends (errors so far: {self.errors[:3]})")
+
     async def verify(self) -> None:
         assert self.errors == [], self.errors[:5]
         for sid, durability in self.sessions:
@@ -59,18 +67,11 @@ class Load:
             assert status == 200, (sid, body)
             seen = body["data"].get("log", [])
             assert seen == self.acked[sid], (sid, durability, len(seen), len(self.acked[sid]))
-        assert sum(len(v) for v in self.acked.values()) > 100
+        assert self.acked_total() > 100
 
 
 def sessions(prefix: str, n: int = 16) -> list[tuple[str, str]]:
     return [(f"{prefix}-{i}", "log" if i % 2 else "memory") for i in range(n)]
-
-
-async def wait_until(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -83,12 +84,13 @@ async def test_node_join_under_load_loses_nothing(four_slots: LocalCluster) -> N
     async with aiohttp.ClientSession() as http:
         load = Load(Api(http, c.router_url), sessions("join-" + uuid.uuid4().hex[:5]))
         async with load:
-            await asyncio.sleep(1.0)
+            await load.progress()  # under load before the join ...
             assert "n4" not in c.cluster_view()["shards"].values()
             await asyncio.to_thread(c.start_node, "n4")
-            await wait_until(lambda: "n4" in c.cluster_view()["shards"].values() and c.cluster_view()["settled"])
+            await wait_until(lambda: "n4" in c.cluster_view()["shards"].values() and c.cluster_view()["settled"],
+                             what="n4 to own shards in a settled placement")
             await asyncio.to_thread(c.wait_ready)
-            await asyncio.sleep(1.0)
+            await load.progress()  # ... and after it
         await load.verify()
 
 
@@ -102,9 +104,9 @@ async def test_rolling_restart_under_load_loses_nothing(three: LocalCluster) -> 
     async with aiohttp.ClientSession() as http:
         load = Load(Api(http, c.router_url), sessions("roll-" + uuid.uuid4().hex[:5]))
         async with load:
-            await asyncio.sleep(1.0)
+            await load.progress()
             for nid in c.node_ids():
                 await asyncio.to_thread(c.restart_node, nid)  # SIGTERM: drain, hand off, exit; then start
                 await asyncio.to_thread(c.wait_ready)
-                await asyncio.sleep(0.5)
+                await load.progress(25)  # writes go on between restarts
         await load.verify()

@@ -7,16 +7,22 @@ Pure: builds the node and router aiohttp apps without starting them (no Kafka, n
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import openapi_spec_validator
 import orjson
 import pytest
+import referencing
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+from referencing.jsonschema import DRAFT202012
 
 from stickystate import errors as node_errors
 from stickystate import protocol
@@ -93,8 +99,11 @@ def test_is_openapi_3_1_with_info_and_paths(spec: dict[str, Any]) -> None:
 
 
 def test_is_a_valid_openapi_document(spec: dict[str, Any]) -> None:
-    osv = pytest.importorskip("openapi_spec_validator")
-    osv.validate(spec)
+    openapi_spec_validator.validate(spec)  # raises on any violation
+    broken = copy.deepcopy(spec)  # and it does look: a response without its description is refused
+    del broken["paths"]["/v1/cluster"]["get"]["responses"]["200"]["description"]
+    with pytest.raises(OpenAPIValidationError, match="description"):
+        openapi_spec_validator.validate(broken)
 
 
 # -- routes ------------------------------------------------------------------------
@@ -417,10 +426,6 @@ def _examples(spec: dict[str, Any]) -> list[tuple[str, str, Any]]:
 
 
 def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
-    referencing = pytest.importorskip("referencing")
-    from referencing.jsonschema import DRAFT202012
-
     registry = referencing.Registry().with_resource("urn:spec", DRAFT202012.create_resource(spec))
     examples = _examples(spec)
     assert len(examples) >= 30

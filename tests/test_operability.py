@@ -152,6 +152,7 @@ async def test_readyz_is_false_while_a_shard_is_rebuilt_then_true(cluster: Local
     cluster.wait_ready()
 
 
+@pytest.mark.slow
 async def test_readyz_is_false_while_draining(cluster: LocalCluster) -> None:
     victim = "n2"
     assert http_json(cluster.node_url(victim) + "/readyz")[0] == 200

@@ -102,9 +102,12 @@ async def test_a_dead_sender_fails_every_queued_future(settings: ReplicatorSetti
 
 async def test_records_share_rounds_under_load_and_hurry_skips_the_interval(kafka_bootstrap: str) -> None:
     """linger_ms spaces the send rounds; a caller that waits (Durability: log, a claim,
-    a flush) does not wait for the interval. Margins are wide: this is behaviour, not speed."""
+    a flush) does not wait for the interval. The interval is the longest allowed (10 s) so
+    that "sent before the next round was due" is told apart from it by seconds: this is
+    behaviour, not speed."""
     s = ReplicatorSettings(kafka_bootstrap=kafka_bootstrap, changes_topic=f"rep-{uuid.uuid4().hex[:10]}",
-                           partitions=PARTITIONS, linger_ms=3000)
+                           partitions=PARTITIONS, linger_ms=10_000)
+    interval_s = s.linger_ms / 1000
     await ensure_topics(s)
     rep = Replicator(s, client_id="test-rep-linger")
     await rep.start()
@@ -113,15 +116,15 @@ async def test_records_share_rounds_under_load_and_hurry_skips_the_interval(kafk
         loop = asyncio.get_running_loop()
         started = loop.time()
         waiting = [rep.enqueue(p, b"k", b"v") for p in range(PARTITIONS)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a window in which nothing may happen, not a wait for something
         assert not any(f.done() for f in waiting)  # held for the next round
         rep.hurry()
-        await asyncio.wait_for(asyncio.gather(*waiting), 2.0)
-        assert loop.time() - started < 2.5 < s.linger_ms / 1000
+        await asyncio.wait_for(asyncio.gather(*waiting), interval_s - 2)
+        assert loop.time() - started < interval_s - 1.5  # before the round would have been due
         assert rep.batches_total == 1 + PARTITIONS
-        # send_and_wait hurries by itself
+        # send_and_wait hurries by itself (the next round is again about interval_s away)
         started = loop.time()
-        await rep.send_and_wait(1, b"k", b"claim-like", timeout_s=2.0)
-        assert loop.time() - started < 2.0
+        await rep.send_and_wait(1, b"k", b"claim-like", timeout_s=interval_s - 2)
+        assert loop.time() - started < interval_s - 1.5
     finally:
         await rep.stop()

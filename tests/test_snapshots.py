@@ -17,8 +17,7 @@ from stickystate.replicator import snapshots as snap
 from stickystate.replicator.settings import ReplicatorSettings
 from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api, owned_shard, read_records
-from tests.test_failover import wait_for
+from tests.helpers import Api, owned_shard, read_records, wait_for, wait_until
 
 
 # -- pure: which records a rebuild uses -------------------------------------------------
@@ -144,6 +143,22 @@ def test_a_loaded_shard_skips_events_its_snapshots_hold() -> None:
 SNAP_ENV = {"STICKYSTATE_SNAPSHOT_EVERY_EVENTS": "50", "STICKYSTATE_SNAPSHOT_MAX_AGE_S": "1"}
 
 
+async def snapshot_backlog(http: aiohttp.ClientSession, c: LocalCluster) -> int:
+    """Over every node: change records not yet covered by an acknowledged checkpoint
+    (records after the last checkpoint, plus anything, checkpoints included, still queued
+    for Kafka)."""
+    total = 0
+    for nid in c.node_ids():
+        async with http.get(c.node_url(nid) + "/metrics") as resp:
+            assert resp.status == 200, nid
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith(("stickystate_snapshot_tail_events ", "stickystate_replication_queue_depth ")):
+                total += int(float(line.split()[1]))
+    return total
+
+
+@pytest.mark.kafka
 async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
         start_cluster: Any) -> None:
     c: LocalCluster = start_cluster(standbys=0, node_env=SNAP_ENV)
@@ -163,8 +178,13 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
                 assert status == 200, body
 
         await asyncio.gather(*(turns(sid) for sid in sids))
-        total_events = sessions * (changes + 1)
-        await asyncio.sleep(2.5)  # > snapshot_max_age_s: every session snapshotted and checkpointed
+        # Within snapshot_max_age_s every session is snapshotted and a checkpoint written
+        # after them; wait until every node says so (and Kafka has acknowledged it all).
+        async def all_checkpointed() -> bool:
+            return await snapshot_backlog(http, c) == 0
+
+        await wait_until(all_checkpointed, timeout_s=30, interval_s=0.2,
+                         what="every change to be covered by an acknowledged checkpoint")
 
         view = c.cluster_view()
         victim = view["shards"][str(shard_of(sids[0], c.partitions))]
@@ -193,7 +213,6 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
     assert loaded >= len(moved)
     # The tail (claims included) is a small fraction of the history of the moved sessions.
     assert tail <= max(10, moved_events // 10), (tail, moved_events, rebuilt)
-    assert total_events > 0
 
     # The topic holds what the owners wrote: the victim's snapshots (key sid@epoch) and
     # checkpoints; after the takeover the new owner's full set, then the old epoch's keys

@@ -15,6 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +38,7 @@ PACKAGES = ("stickystate.node", "stickystate.router", "stickystate.replicator", 
             "stickystate.langgraph")
 
 
+@pytest.mark.slow
 def test_mypy_finds_no_type_errors_in_the_shipped_packages(tmp_path: Path) -> None:
     installed_view(tmp_path)
     args = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
