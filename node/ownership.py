@@ -253,6 +253,8 @@ class Ownership:
             if outcome == "fenced":
                 log.warning("fenced: shard claimed by another node",
                             extra={"shard": s, "owner": shard.owner, "epoch": shard.epoch})
+                if shard.owner is not None:
+                    self.roles.owners[s] = shard.owner  # 421s name the claimant until the router says more
                 self.roles.serving.discard(s)
                 self._reset_shard(s, keep_following=s in self.roles.standby or s in self.roles.recovering)
                 return

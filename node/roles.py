@@ -21,7 +21,7 @@ class ShardRoles:
     serving: set[int] = field(default_factory=set)  # owned, acquired: requests are answered
     recovering: dict[int, asyncio.Event] = field(default_factory=dict)  # owned, being acquired (set when served)
     standby: set[int] = field(default_factory=set)  # the router's standby shards for this node
-    owners: dict[int, str] = field(default_factory=dict)  # the router's view, for 421 hints
+    owners: dict[int, str] = field(default_factory=dict)  # the router's view (or a claim read since), for 421 hints
     generation: int = -1  # of the router's last assignment (-1: none, or acquiring failed)
     refusing: bool = False  # leaving: no new requests (the router retries them elsewhere)
 

@@ -91,7 +91,17 @@ class Writes:
                 raise Unavailable(f"shard {s} is still being rebuilt", retry_after_s=1, code="recovering") from None
             if s in roles.serving:
                 return roles.shards[s]
-        raise NotOwner(s, roles.owners.get(s), roles.shards[s].epoch if s in roles.shards else None)
+        raise self.not_owner(s)
+
+    def not_owner(self, s: int) -> NotOwner:
+        """The 421 for shard ``s``, naming the owner as well as this node knows it: the
+        latest claim it read in the log (a fenced owner learns its successor there before
+        the router's next assignment reaches it), else the router's last placement; never
+        this node itself (a client following the hint would come straight back)."""
+        roles = self.roles
+        shard = roles.shards.get(s)
+        hint = shard.owner if shard is not None and shard.owner is not None else roles.owners.get(s)
+        return NotOwner(s, hint if hint != self.me else None, shard.epoch if shard is not None else None)
 
     async def read(self, sid: str) -> tuple[Shard, Session]:
         shard = await self.serving_shard(sid)
@@ -170,11 +180,9 @@ class Writes:
             raise Unavailable("Kafka did not confirm the write in time; it is applied in memory and still queued",
                               retry_after_s=1, code="replication_timeout") from None
         except LookupError:
-            raise NotOwner(s, roles.owners.get(s), None) from None
+            raise self.not_owner(s) from None
         except (ReplicationError, RuntimeError) as exc:
             raise Unavailable(f"replication failed: {exc}", retry_after_s=1, code="replication_unavailable") from exc
         shard = roles.shards.get(s)
-        if shard is None:
-            raise NotOwner(s, roles.owners.get(s), None)
-        if not shard.write_is_valid(offset, result.epoch, self.me):
-            raise NotOwner(s, roles.owners.get(s), shard.epoch if shard else None)
+        if shard is None or not shard.write_is_valid(offset, result.epoch, self.me):
+            raise self.not_owner(s)
