@@ -26,9 +26,9 @@ What is configured, and why (``CONFIG``):
   key, and the fuzzer learns nothing past the 404.
 
 Warnings: schemathesis warns of a "schema validation mismatch" when, in one phase, no
-schema-valid request of an operation was served; ``EXPLAINED`` would list the operations
-where that can happen by design, with the reason (there are none). Any warning fails
-the test.
+schema-valid request of an operation was served; ``EXPLAINED`` lists the operations
+where that can happen by design, with the reason (one: deleting a key). Any other warning
+fails the test.
 """
 
 from __future__ import annotations
@@ -78,10 +78,17 @@ values = ["messages"]
 "path.field" = {{ dictionary = "fields", probability = 0.5 }}
 """
 
-# Operations whose schema-valid requests can all be refused by state within one phase:
-# none (the spec gives no If-Match examples, which would name versions the example
-# sessions have left behind after their first write).
-EXPLAINED: set[str] = set()
+# Operations whose schema-valid requests can all be refused by state within one phase, with
+# the reason. (The spec gives no If-Match examples: they would name versions the example
+# sessions have left behind after their first write.)
+EXPLAINED: dict[str, str] = {
+    "DELETE /v1/sessions/{id}/keys/{key}": (
+        "the examples and coverage phases send the spec's example request (login-9, key otp) "
+        "again and again; only the first can remove the key, every later one is refused by the "
+        "session's state: 404 once the key (or, after deleteSession ran, the session) is gone, 412 "
+        "for If-Match: * on a gone session. Seen in CI on a faster machine, where more cases ran "
+        "per phase; the fuzzing phase serves plenty of schema-valid deletes (about a third 200)."),
+}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +131,7 @@ def test_the_fuzzer_finds_no_disagreement_with_the_spec(cluster: LocalCluster, t
     assert cluster_healthy(cluster)
     mismatch = re.search(r"Schema validation mismatch:.*?\n\n((?:  - .*\n)+)", out)
     warned = set(re.findall(r"  - (.*)", mismatch.group(1))) if mismatch else set()
-    assert warned <= EXPLAINED, f"unexplained schema validation mismatch warnings: {warned - EXPLAINED}"
+    assert warned <= EXPLAINED.keys(), f"unexplained schema validation mismatch warnings: {warned - EXPLAINED.keys()}"
     other = [line for line in re.findall(r"⚠️ (.*)", summary) if not line.startswith("Schema validation mismatch")]
     assert other == [], other
 

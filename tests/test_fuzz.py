@@ -16,6 +16,10 @@ from stickystate.local_cluster import LocalCluster
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SENTINELS = [f"sentinel-{i}" for i in range(6)]
+# Sessions the fuzzer may target (created before it runs): without them nearly every generated
+# request names an absent session, the run sees only 4xx, and the claim "the server served
+# something" below rests on the rare generated create.
+TARGETS = [f"fz-live-{i}" for i in range(4)]
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
@@ -35,6 +39,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 ids = st.one_of(
+    st.sampled_from(TARGETS),
     st.from_regex(r"fz-[A-Za-z0-9._:-]{1,20}", fullmatch=True),
     st.text(min_size=0, max_size=40).map(lambda t: "fz-" + t),
     st.sampled_from(["", "fz-" + "x" * 200, "fz-%00", "fz-..", "fz-a/b", "fz-\u00e9"]),
@@ -67,6 +72,10 @@ def sentinel_state(cluster: LocalCluster) -> dict[str, bytes]:
     for sid in SENTINELS:
         status, _ = request(port, "POST", "/v1/sessions", json.dumps({"id": sid, "data": {"keep": sid}}).encode(),
                             {"Durability": "log"})
+        assert status == 201
+    for sid in TARGETS:
+        status, _ = request(port, "POST", "/v1/sessions",
+                            json.dumps({"id": sid, "data": {"m": [], "k": 1}}).encode())
         assert status == 201
     return {sid: request(port, "GET", f"/v1/sessions/{sid}")[1] for sid in SENTINELS}
 
