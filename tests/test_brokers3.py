@@ -123,7 +123,7 @@ async def test_killing_a_broker_loses_no_acknowledged_log_write(cluster3: LocalC
         final = await wl.read_all(http)
     partitions, records = await checker.read_topic(cluster3.kafka_bootstrap, cluster3.topic)
     replay = checker.replay(records, partitions, {s.sid for s in wl.sessions})
-    fault = {"index": 1, "kind": "kafka_node_kill", "target": f"kafka{victim}", "t_fault": t_kill,
+    fault = {"index": 1, "kind": "broker_kill", "target": f"kafka{victim}", "t_fault": t_kill,
              "t_recover": t_restart, "t_ready": t_back, "shards": list(range(partitions)), "hold_s": t_restart - t_kill}
     rep = checker.check(sessions=wl.durability_of, appends=wl.appends, reads=wl.reads, final=final, log=replay,
                         faults=[fault], partitions=partitions)
