@@ -667,6 +667,7 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
     per_fault: list[dict[str, Any]] = []
     samples_by_kind: dict[str, list[float]] = defaultdict(list)
     outages_by_kind: dict[str, list[float]] = defaultdict(list)
+    log_outages_by_kind: dict[str, list[float]] = defaultdict(list)  # `log` sessions only
     gaps_by_kind: dict[str, list[float]] = defaultdict(list)
     all_samples: list[float] = []
     never = 0
@@ -703,6 +704,8 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
                      and (not kafka or o.kind == "append")]  # type: ignore[operator]
             if after:
                 outages.append(min(after) - f.t_fault)  # type: ignore[operator]
+                if sessions[sid] == "log":
+                    log_outages_by_kind[f.kind].append(min(after) - f.t_fault)  # type: ignore[operator]
         never += missing
         samples_by_kind[f.kind] += times
         all_samples += times
@@ -733,6 +736,9 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
         "per_fault": per_fault,
         "outage_per_kind": {k: {"samples": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
                                 "max_s": round(max(v), 4) if v else None} for k, v in sorted(outages_by_kind.items())},
+        "log_outage_per_kind": {k: {"samples": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
+                                    "max_s": round(max(v), 4) if v else None}
+                                for k, v in sorted(log_outages_by_kind.items())},
         "write_outage_definition": "per fault: the first failed append sent after the fault -> the first "
                                    "successful append completed after that failure (0 when no append failed)",
         "write_outage_per_kind": {k: {"faults": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
@@ -813,8 +819,9 @@ def summary_text(rep: dict[str, Any]) -> str:
                  f"errors {pf['client_errors_in_window']}; cluster ready after {pf['ready_after_s']}s")
     for k, o in f.get("outage_per_kind", {}).items():
         g = f.get("write_outage_per_kind", {}).get(k, {})
+        lo = f.get("log_outage_per_kind", {}).get(k, {})
         L.append(f"    outage {k:<15} sessions: p50 {o['p50_s']}s p99 {o['p99_s']}s max {o['max_s']}s "
-                 f"({o['samples']} samples); write outage (first failed -> first ok): p50 {g.get('p50_s')}s "
+                 f"({o['samples']} samples; log sessions: p50 {lo.get('p50_s')}s p99 {lo.get('p99_s')}s); write outage (first failed -> first ok): p50 {g.get('p50_s')}s "
                  f"p99 {g.get('p99_s')}s max {g.get('max_s')}s ({g.get('faults', 0)} faults)")
     lv = rep["log_vs_router"]
     L.append(f"log-rebuilt state vs router: {lv['agree']}/{lv['compared']} sessions agree")

@@ -56,6 +56,8 @@ def replicated_props(brokers: int) -> dict[str, object]:
         "share.coordinator.state.topic.min.isr": min_isr,
         # A dead broker is fenced (out of every ISR, its leaderships moved) after this;
         # the single broker's 4 s would stall acks=all writes for 4 s per broker kill.
+        # Not lower on a loaded 2-core machine: at 1 s, killing the active controller left
+        # the new one so busy it fenced the two live brokers too (10 s of 503s).
         "broker.heartbeat.interval.ms": 250,
         "broker.session.timeout.ms": 1500,
         # A dead active controller: the others notice after the fetch timeout, then elect.
