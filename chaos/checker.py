@@ -330,15 +330,22 @@ class FaultInfo:
     t_recover: float | None
     shards: set[int]
     hold_s: float = 0.0
+    detail: str = ""  # e.g. "active controller" (a broker fault that hit the KRaft leader)
 
     @property
     def label(self) -> str:
-        return f"#{self.index} {self.kind} {self.target}"
+        return f"#{self.index} {self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
+
+    @property
+    def group(self) -> str:
+        """What the report aggregates outages by: the kind, split by detail."""
+        return f"{self.kind} ({self.detail})" if self.detail else self.kind
 
 
 def _faults(faults: list[dict[str, Any]]) -> list[FaultInfo]:
     out = [FaultInfo(f["index"], f["kind"], f["target"], f["t_fault"], f.get("t_ready"), f.get("t_recover"),
-                     set(f.get("shards") or ()), f.get("hold_s", 0.0)) for f in faults if f.get("t_fault")]
+                     set(f.get("shards") or ()), f.get("hold_s", 0.0), f.get("detail") or "")
+           for f in faults if f.get("t_fault")]
     out.sort(key=lambda f: f.t_fault)
     return out
 
@@ -705,7 +712,7 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
             if after:
                 outages.append(min(after) - f.t_fault)  # type: ignore[operator]
                 if sessions[sid] == "log":
-                    log_outages_by_kind[f.kind].append(min(after) - f.t_fault)  # type: ignore[operator]
+                    log_outages_by_kind[f.group].append(min(after) - f.t_fault)  # type: ignore[operator]
         never += missing
         samples_by_kind[f.kind] += times
         all_samples += times
@@ -717,10 +724,10 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
                           "client_errors_in_window": errors,
                           "outage_p50_s": percentile(outages, 50), "outage_p99_s": percentile(outages, 99),
                           "ready_after_s": None if f.t_ready is None else round(f.t_ready - f.t_fault, 3)})
-        outages_by_kind[f.kind] += outages
+        outages_by_kind[f.group] += outages
         gap = write_gap(appends, f.t_fault, window_end)
         if gap is not None:
-            gaps_by_kind[f.kind].append(gap)
+            gaps_by_kind[f.group].append(gap)
         per_fault[-1]["write_outage_s"] = gap
     node_samples = [t for k, v in samples_by_kind.items() if not k.startswith(("kafka", "broker")) for t in v]
     return {
@@ -820,7 +827,7 @@ def summary_text(rep: dict[str, Any]) -> str:
     for k, o in f.get("outage_per_kind", {}).items():
         g = f.get("write_outage_per_kind", {}).get(k, {})
         lo = f.get("log_outage_per_kind", {}).get(k, {})
-        L.append(f"    outage {k:<15} sessions: p50 {o['p50_s']}s p99 {o['p99_s']}s max {o['max_s']}s "
+        L.append(f"    outage {k:<15} all sessions: p50 {o['p50_s']}s p99 {o['p99_s']}s max {o['max_s']}s "
                  f"({o['samples']} samples; log sessions: p50 {lo.get('p50_s')}s p99 {lo.get('p99_s')}s); write outage (first failed -> first ok): p50 {g.get('p50_s')}s "
                  f"p99 {g.get('p99_s')}s max {g.get('max_s')}s ({g.get('faults', 0)} faults)")
     lv = rep["log_vs_router"]

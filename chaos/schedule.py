@@ -63,6 +63,7 @@ class Fault:
     shards: list[int] = field(default_factory=list)  # shards the target owned when hit (all, for Kafka)
     generation_before: int | None = None
     error: str | None = None
+    detail: str = ""  # broker faults: "active controller" when the target was the KRaft leader
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,7 +73,8 @@ class Fault:
         return d
 
     def describe(self) -> str:
-        return f"#{self.index} {self.kind} {self.target} (hold {self.hold_s:.1f}s)"
+        detail = f", {self.detail}" if self.detail else ""
+        return f"#{self.index} {self.kind} {self.target} (hold {self.hold_s:.1f}s{detail})"
 
 
 @dataclass
@@ -237,6 +239,8 @@ class FaultSchedule:
                 kc = c.kafka_cluster
                 assert kc is not None
                 broker = int(f.target.removeprefix("kafka"))
+                if kc.active_controller() == broker:
+                    f.detail = "active controller"
                 f.t_fault = time.time()
                 if f.kind == "broker_kill":
                     kc.kill(broker)

@@ -22,12 +22,18 @@ from every ISR and moves its leaderships) when its heartbeats stop for
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
 from stickystate.kafka_local import LocalKafka, _free_port, random_cluster_id
 
 __all__ = ["CLUSTER_JVM_OPTS", "LocalKafkaCluster", "replicated_props"]
+
+# KRaft logs every Raft state change of a node: "[<time>] INFO [RaftManager id=2] Completed
+# transition to Leader(...)". A node restarted after being the leader logs ResignedState.
+_RAFT_TRANSITION = re.compile(r"^\[(?P<ts>[^\]]+)\] INFO \[RaftManager id=\d+\] Completed transition to (?P<state>\w+)",
+                              re.MULTILINE)
 
 # Three JVMs on a small machine: a small heap each (the local cluster's topics are small).
 CLUSTER_JVM_OPTS = (
@@ -111,6 +117,24 @@ class LocalKafkaCluster:
 
     def is_running(self) -> bool:
         return all(n.is_running() for n in self.nodes)
+
+    def active_controller(self) -> int | None:
+        """The running node whose latest Raft transition (in its log) is to Leader: the
+        active controller, as far as the logs say; None if none does."""
+        best: tuple[str, int] | None = None
+        for n in self.nodes:
+            if not n.is_running():
+                continue
+            try:
+                text = n.log_file.read_text(errors="replace")
+            except OSError:
+                continue
+            last = None
+            for m in _RAFT_TRANSITION.finditer(text):
+                last = m
+            if last is not None and last["state"] == "Leader" and (best is None or last["ts"] > best[0]):
+                best = (last["ts"], n.node_id)
+        return best[1] if best else None
 
     def start(self, timeout_s: float = 120) -> LocalKafkaCluster:
         """Start every stopped node at once (a node is ready only with a quorum); on a

@@ -85,3 +85,34 @@ def test_write_outage_runs_from_the_first_failure_to_the_next_success() -> None:
     assert checker.write_gap(appends, t_fault=10.0, window_end=20.0) == pytest.approx(1.5)
     assert checker.write_gap(appends[:1] + appends[3:], t_fault=10.0, window_end=20.0) == 0.0
     assert checker.write_gap(appends[:3], t_fault=10.0, window_end=20.0) is None
+
+
+def test_the_active_controller_is_the_running_node_whose_last_raft_state_is_leader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kc = LocalKafkaCluster(tmp_path, brokers=3)
+    line = "[2026-12-02 07:{t},000] INFO [RaftManager id={i}] Completed transition to {s}(epoch=1) (x)\n"
+    logs = {1: [("17:22", "Leader"), ("21:38", "ResignedState"), ("21:40", "FollowerState")],
+            2: [("17:20", "FollowerState"), ("21:19", "Leader")],
+            3: [("17:20", "FollowerState")]}
+    for i, states in logs.items():
+        kc.node(i).log_file.parent.mkdir(parents=True, exist_ok=True)
+        kc.node(i).log_file.write_text("".join(line.format(t=t, i=i, s=s) for t, s in states))
+    running = {1, 2, 3}
+    for n in kc.nodes:
+        monkeypatch.setattr(n, "is_running", lambda n=n: n.node_id in running)
+    assert kc.active_controller() == 2
+    running.discard(2)  # killed: its log still says Leader, but it is not running
+    assert kc.active_controller() is None
+
+
+def test_outages_are_reported_apart_for_a_killed_controller() -> None:
+    base = {"kind": "broker_kill", "t_ready": 12.0, "t_recover": 11.0, "shards": [0], "hold_s": 1.0}
+    faults = [dict(base, index=1, target="kafka1", t_fault=10.0, detail="active controller"),
+              dict(base, index=2, target="kafka2", t_fault=30.0, t_ready=32.0)]
+    appends = [_append(9.0, 13.0, True), _append(29.5, 30.5, True)]
+    for o in appends:
+        o.sid = "cxr-000-L"
+    rep = checker._failover({"cxr-000-L": "log"}, appends, [], checker._faults(faults), partitions=1)
+    assert rep["log_outage_per_kind"]["broker_kill (active controller)"]["max_s"] == pytest.approx(3.0)
+    assert rep["log_outage_per_kind"]["broker_kill"]["max_s"] == pytest.approx(0.5)
+    assert [f["fault"] for f in rep["per_fault"]] == ["#1 broker_kill kafka1 (active controller)", "#2 broker_kill kafka2"]
