@@ -330,15 +330,22 @@ class FaultInfo:
     t_recover: float | None
     shards: set[int]
     hold_s: float = 0.0
+    detail: str = ""  # e.g. "active controller" (a broker fault that hit the KRaft leader)
 
     @property
     def label(self) -> str:
-        return f"#{self.index} {self.kind} {self.target}"
+        return f"#{self.index} {self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
+
+    @property
+    def group(self) -> str:
+        """What the report aggregates outages by: the kind, split by detail."""
+        return f"{self.kind} ({self.detail})" if self.detail else self.kind
 
 
 def _faults(faults: list[dict[str, Any]]) -> list[FaultInfo]:
     out = [FaultInfo(f["index"], f["kind"], f["target"], f["t_fault"], f.get("t_ready"), f.get("t_recover"),
-                     set(f.get("shards") or ()), f.get("hold_s", 0.0)) for f in faults if f.get("t_fault")]
+                     set(f.get("shards") or ()), f.get("hold_s", 0.0), f.get("detail") or "")
+           for f in faults if f.get("t_fault")]
     out.sort(key=lambda f: f.t_fault)
     return out
 
@@ -664,12 +671,15 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
             obs_by_sid[o.sid].append(o)
     for v in obs_by_sid.values():
         v.sort(key=lambda o: o.done)  # type: ignore[arg-type, return-value]
-    per_fault = []
+    per_fault: list[dict[str, Any]] = []
     samples_by_kind: dict[str, list[float]] = defaultdict(list)
+    outages_by_kind: dict[str, list[float]] = defaultdict(list)
+    log_outages_by_kind: dict[str, list[float]] = defaultdict(list)  # `log` sessions only
+    gaps_by_kind: dict[str, list[float]] = defaultdict(list)
     all_samples: list[float] = []
     never = 0
     for f in fis:
-        kafka = f.target == "kafka"
+        kafka = f.target.startswith("kafka")  # the broker, or one broker of a replicated cluster
         times: list[float] = []
         outages: list[float] = []
         missing = 0
@@ -701,6 +711,8 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
                      and (not kafka or o.kind == "append")]  # type: ignore[operator]
             if after:
                 outages.append(min(after) - f.t_fault)  # type: ignore[operator]
+                if sessions[sid] == "log":
+                    log_outages_by_kind[f.group].append(min(after) - f.t_fault)  # type: ignore[operator]
         never += missing
         samples_by_kind[f.kind] += times
         all_samples += times
@@ -712,7 +724,12 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
                           "client_errors_in_window": errors,
                           "outage_p50_s": percentile(outages, 50), "outage_p99_s": percentile(outages, 99),
                           "ready_after_s": None if f.t_ready is None else round(f.t_ready - f.t_fault, 3)})
-    node_samples = [t for k, v in samples_by_kind.items() if not k.startswith("kafka") for t in v]
+        outages_by_kind[f.group] += outages
+        gap = write_gap(appends, f.t_fault, window_end)
+        if gap is not None:
+            gaps_by_kind[f.group].append(gap)
+        per_fault[-1]["write_outage_s"] = gap
+    node_samples = [t for k, v in samples_by_kind.items() if not k.startswith(("kafka", "broker")) for t in v]
     return {
         "definition": "fault time -> first successful request of each affected session",
         "samples": len(all_samples), "never": never,
@@ -724,7 +741,28 @@ def _failover(sessions: dict[str, str], appends: list[Observation], reads: list[
         "per_kind": {k: {"samples": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
                          "max_s": round(max(v), 4) if v else None} for k, v in sorted(samples_by_kind.items())},
         "per_fault": per_fault,
+        "outage_per_kind": {k: {"samples": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
+                                "max_s": round(max(v), 4) if v else None} for k, v in sorted(outages_by_kind.items())},
+        "log_outage_per_kind": {k: {"samples": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
+                                    "max_s": round(max(v), 4) if v else None}
+                                for k, v in sorted(log_outages_by_kind.items())},
+        "write_outage_definition": "per fault: the first failed append sent after the fault -> the first "
+                                   "successful append completed after that failure (0 when no append failed)",
+        "write_outage_per_kind": {k: {"faults": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99),
+                                      "max_s": round(max(v), 4) if v else None}
+                                  for k, v in sorted(gaps_by_kind.items())},
     }
+
+
+def write_gap(appends: list[Observation], t_fault: float, window_end: float) -> float | None:
+    """First failed append sent in [t_fault, window_end] -> first successful append completed
+    after that failure; 0.0 if none failed, None if none succeeded after it."""
+    failed = [o.done for o in appends if not o.ok and o.done is not None and t_fault <= o.sent <= window_end]
+    if not failed:
+        return 0.0
+    first = min(failed)
+    ok = [o.done for o in appends if o.ok and o.done is not None and o.done > first]
+    return round(min(ok) - first, 4) if ok else None
 
 
 # ------------------------------------------------------------------------------ text
@@ -784,7 +822,14 @@ def summary_text(rep: dict[str, Any]) -> str:
         L.append(f"    {pf['fault']:<24} hold {pf['hold_s']:>5}s shards {pf['shards']:>3} sessions "
                  f"{pf['affected_sessions']:>3}: p50 {pf['p50_s']}s p99 {pf['p99_s']}s max {pf['max_s']}s; "
                  f"outage p50 {pf['outage_p50_s']}s p99 {pf['outage_p99_s']}s; "
+                 f"write outage {pf.get('write_outage_s')}s; "
                  f"errors {pf['client_errors_in_window']}; cluster ready after {pf['ready_after_s']}s")
+    for k, o in f.get("outage_per_kind", {}).items():
+        g = f.get("write_outage_per_kind", {}).get(k, {})
+        lo = f.get("log_outage_per_kind", {}).get(k, {})
+        L.append(f"    outage {k:<15} all sessions: p50 {o['p50_s']}s p99 {o['p99_s']}s max {o['max_s']}s "
+                 f"({o['samples']} samples; log sessions: p50 {lo.get('p50_s')}s p99 {lo.get('p99_s')}s); write outage (first failed -> first ok): p50 {g.get('p50_s')}s "
+                 f"p99 {g.get('p99_s')}s max {g.get('max_s')}s ({g.get('faults', 0)} faults)")
     lv = rep["log_vs_router"]
     L.append(f"log-rebuilt state vs router: {lv['agree']}/{lv['compared']} sessions agree")
     lg = rep["log"]

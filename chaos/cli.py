@@ -34,7 +34,8 @@ from typing import Any
 import orjson
 
 from stickystate.chaos import checker
-from stickystate.chaos.schedule import ALL_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule, ScheduleConfig
+from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule,
+                                        ScheduleConfig)
 from stickystate.chaos.workload import Workload, WorkloadConfig
 from stickystate.local_cluster import LocalCluster, http_json
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", type=int, default=None, help="minimum number of faults (default 3; quick 2)")
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule and workload (default: from the clock)")
     p.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
+    p.add_argument("--brokers", type=int, default=1,
+                   help="own Kafka brokers (default 1); 3: a replicated KRaft cluster (topics at RF 3, "
+                        "min.insync.replicas 2) whose brokers the broker_kill/broker_restart faults hit one at a time")
     p.add_argument("--standbys", type=int, default=1, help="standby replicas per shard (default 1, as the router)")
     p.add_argument("--partitions", type=int, default=16, help="shards = partitions of the changes topic (default 16)")
     p.add_argument("--sessions", type=int, default=40, help="sessions, half log, half memory (default 40)")
@@ -75,10 +79,17 @@ def _resolve(ns: argparse.Namespace) -> None:
         if bad:
             raise SystemExit(f"unknown fault kinds {bad}; choose from {ALL_KINDS}")
     else:
-        kinds = NODE_KINDS if ns.quick else ALL_KINDS
-    if ns.kafka_bootstrap:
-        dropped = [k for k in kinds if k in KAFKA_KINDS]
+        kinds = NODE_KINDS if ns.quick else NODE_KINDS + (BROKER_KINDS if ns.brokers > 1 else KAFKA_KINDS)
+    if ns.brokers > 1:
+        dropped = [k for k in kinds if k in KAFKA_KINDS]  # the whole Kafka down: that is not this run's point
         kinds = tuple(k for k in kinds if k not in KAFKA_KINDS)
+        if dropped and ns.kinds:
+            print(f"chaos: {ns.brokers} brokers: skipping {dropped} (use broker_kill/broker_restart)", file=sys.stderr)
+    elif any(k in BROKER_KINDS for k in kinds):
+        raise SystemExit("broker_kill/broker_restart need --brokers 3 (a replicated cluster)")
+    if ns.kafka_bootstrap:
+        dropped = [k for k in kinds if k in KAFKA_KINDS + BROKER_KINDS]
+        kinds = tuple(k for k in kinds if k not in KAFKA_KINDS + BROKER_KINDS)
         if dropped and ns.kinds:
             print(f"chaos: not our broker ({ns.kafka_bootstrap}): skipping {dropped}", file=sys.stderr)
     ns.kinds = kinds
@@ -202,7 +213,8 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
         report.setdefault("warnings", []).append(schedule.unrecovered)
     report["run"] = {"run_id": run_id, "seed": ns.seed, "nodes": ns.nodes, "standbys": ns.standbys,
                      "partitions": cluster.partitions, "topic": cluster.topic,
-                     "kafka": cluster.kafka_bootstrap, "own_broker": cluster.kafka is not None,
+                     "kafka": cluster.kafka_bootstrap, "brokers": ns.brokers,
+                     "own_broker": cluster.kafka is not None or cluster.kafka_cluster is not None,
                      "duration_s": ns.duration_s, "workload_s": workload_s, "quick": ns.quick,
                      "out": str(out), "cluster_dir": str(cluster.data_dir), "settle": [settle, settle2]}
     report["workload"] = workload.summary()
@@ -227,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:6]
     topic = f"changes-chaos-{run_id}" if ns.kafka_bootstrap else "changes"
     cluster = LocalCluster(out / "cluster", nodes=ns.nodes, partitions=ns.partitions, standbys=ns.standbys,
-                           kafka_bootstrap=ns.kafka_bootstrap, topic=topic)
-    print(f"chaos: starting {ns.nodes} nodes + router" + ("" if ns.kafka_bootstrap else " + Kafka")
+                           kafka_bootstrap=ns.kafka_bootstrap, topic=topic, brokers=ns.brokers)
+    print(f"chaos: starting {ns.nodes} nodes + router"
+          + ("" if ns.kafka_bootstrap else f" + Kafka ({ns.brokers} broker{'s' if ns.brokers > 1 else ''})")
           + f" in {cluster.data_dir} ...", flush=True)
     t0 = time.time()
     try:

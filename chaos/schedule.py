@@ -6,7 +6,9 @@ Fault kinds:
 - ``sigstop``        SIGSTOP a node (a zombie that still holds its sockets), SIGCONT after ``hold_s``;
 - ``graceful``       SIGTERM a node, wait for it to exit, start it again after ``hold_s``;
 - ``kafka_restart``  stop the broker cleanly, start it after ``hold_s``   (own broker only);
-- ``kafka_kill``     SIGKILL the broker, start it after ``hold_s``        (own broker only).
+- ``kafka_kill``     SIGKILL the broker, start it after ``hold_s``        (own broker only);
+- ``broker_kill``    SIGKILL one broker of a replicated cluster (``--brokers 3``), start it after ``hold_s``;
+- ``broker_restart`` stop one broker of it cleanly, start it after ``hold_s``.
 
 Faults are strictly sequential: the next one starts only after the previous target is
 back AND the cluster is ready again (router settled, every node healthy and serving)
@@ -32,7 +34,8 @@ from stickystate.local_cluster import LocalCluster
 
 NODE_KINDS = ("kill9", "sigstop", "graceful")
 KAFKA_KINDS = ("kafka_restart", "kafka_kill")
-ALL_KINDS = NODE_KINDS + KAFKA_KINDS
+BROKER_KINDS = ("broker_kill", "broker_restart")  # one broker of the run's own replicated cluster
+ALL_KINDS = NODE_KINDS + KAFKA_KINDS + BROKER_KINDS
 
 # hold_s ranges: how long the target stays down / paused
 HOLD_RANGES = {
@@ -41,6 +44,8 @@ HOLD_RANGES = {
     "graceful": (0.0, 2.0),
     "kafka_restart": (1.0, 5.0),
     "kafka_kill": (1.0, 5.0),
+    "broker_kill": (1.0, 5.0),
+    "broker_restart": (1.0, 5.0),
 }
 
 
@@ -48,7 +53,7 @@ HOLD_RANGES = {
 class Fault:
     index: int
     kind: str
-    target: str  # node id, or "kafka"
+    target: str  # node id, "kafka", or "kafka<broker id>" (BROKER_KINDS)
     hold_s: float
     t_fault: float = 0.0  # the fault took effect (signal sent / stop begun), unix s
     t_fault_done: float | None = None  # the fault action returned (process gone, broker stopped)
@@ -58,6 +63,7 @@ class Fault:
     shards: list[int] = field(default_factory=list)  # shards the target owned when hit (all, for Kafka)
     generation_before: int | None = None
     error: str | None = None
+    detail: str = ""  # broker faults: "active controller" when the target was the KRaft leader
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,7 +73,8 @@ class Fault:
         return d
 
     def describe(self) -> str:
-        return f"#{self.index} {self.kind} {self.target} (hold {self.hold_s:.1f}s)"
+        detail = f", {self.detail}" if self.detail else ""
+        return f"#{self.index} {self.kind} {self.target} (hold {self.hold_s:.1f}s{detail})"
 
 
 @dataclass
@@ -92,6 +99,8 @@ class FaultSchedule:
         kinds = tuple(k for k in cfg.kinds if k in ALL_KINDS)
         if any(k in KAFKA_KINDS for k in kinds) and cluster.kafka is None:
             kinds = tuple(k for k in kinds if k not in KAFKA_KINDS)  # not our broker: never touch it
+        if any(k in BROKER_KINDS for k in kinds) and cluster.kafka_cluster is None:
+            kinds = tuple(k for k in kinds if k not in BROKER_KINDS)  # no replicated cluster of ours
         if not kinds:
             raise ValueError("no fault kinds left to inject")
         self.kinds = kinds
@@ -138,6 +147,9 @@ class FaultSchedule:
     def _target(self, kind: str) -> str:
         if kind in KAFKA_KINDS:
             return "kafka"
+        if kind in BROKER_KINDS:
+            assert self.cluster.kafka_cluster is not None
+            return f"kafka{self.rng.choice(self.cluster.kafka_cluster.node_ids())}"
         return self.rng.choice(self.cluster.node_ids())
 
     # -- running --------------------------------------------------------------------
@@ -171,7 +183,7 @@ class FaultSchedule:
     def _owned_shards(self, target: str) -> tuple[list[int], int | None]:
         view = self.cluster.cluster_view()
         shards = view.get("shards", {})
-        if target == "kafka":
+        if target.startswith("kafka"):
             return sorted(int(s) for s in shards), view.get("generation")
         return sorted(int(s) for s, o in shards.items() if o == target), view.get("generation")
 
@@ -222,6 +234,22 @@ class FaultSchedule:
                 self._abort.wait(f.hold_s)
                 f.t_recover = time.time()
                 kafka.start()
+                f.t_recovered = time.time()
+            elif f.kind in BROKER_KINDS:
+                kc = c.kafka_cluster
+                assert kc is not None
+                broker = int(f.target.removeprefix("kafka"))
+                if kc.active_controller() == broker:
+                    f.detail = "active controller"
+                f.t_fault = time.time()
+                if f.kind == "broker_kill":
+                    kc.kill(broker)
+                else:
+                    kc.stop_broker(broker)
+                f.t_fault_done = time.time()
+                self._abort.wait(f.hold_s)
+                f.t_recover = time.time()
+                kc.start_broker(broker)
                 f.t_recovered = time.time()
             else:  # pragma: no cover - guarded by ALL_KINDS
                 raise ValueError(f"unknown fault kind {f.kind!r}")
@@ -277,6 +305,8 @@ class FaultSchedule:
                 raise RuntimeError(f"node {nid} is not running (exit code {code}); log tail:\n{tail}")
         if self.cluster.kafka is not None and not self.cluster.kafka.is_running():
             raise RuntimeError("the Kafka broker is not running")
+        if self.cluster.kafka_cluster is not None and not self.cluster.kafka_cluster.is_running():
+            raise RuntimeError("a Kafka broker of the cluster is not running")
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -12,7 +12,11 @@ class ReplicatorSettings:
     snapshots_topic: str = ""  # "": "snapshots" next to "changes", else "<changes_topic>-snapshots"
     changes_retention_ms: int = -1  # retention.ms of the changes topic when it is created (-1: forever)
     partitions: int = 64
-    replication_factor: int = 1
+    # Topics created by a node: replication factor (0: min(3, brokers in the cluster)) and
+    # min.insync.replicas (0: 2 when the factor is 3 or more, else 1). With acks=all (the
+    # producer's) and min.insync.replicas=2 an acknowledged event is on two brokers.
+    replication_factor: int = 0
+    min_insync_replicas: int = 0
     queue_max: int = 10_000  # events queued or in flight before writes get 503
     kafka_deadline_s: float = 5.0  # oldest unacknowledged event older than this -> 503
     linger_ms: int = 5  # at most one produce round per 5 ms under load; Durability: log and claims skip it (producer.py)
@@ -35,6 +39,10 @@ class ReplicatorSettings:
             raise ValueError("kafka_bootstrap is required")
         if not 1 <= self.partitions <= 4096:
             raise ValueError("partitions must be in 1..4096")
+        if self.replication_factor < 0 or self.min_insync_replicas < 0:
+            raise ValueError("replication_factor and min_insync_replicas must be >= 0 (0: automatic)")
+        if self.replication_factor and self.min_insync_replicas > self.replication_factor:
+            raise ValueError("min_insync_replicas must not exceed replication_factor")
         if self.queue_max < 1:
             raise ValueError("queue_max must be >= 1")
         if not 0 <= self.linger_ms <= 10_000:

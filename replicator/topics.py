@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
@@ -17,37 +18,52 @@ class TopicMismatch(RuntimeError):
     pass
 
 
-def topic_specs(settings: ReplicatorSettings) -> dict[str, dict[str, str]]:
+def replication(settings: ReplicatorSettings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for new topics on a cluster of ``brokers``:
+    the settings', or by default min(3, brokers) and 2 from a factor of 3 on (else 1)."""
+    rf = settings.replication_factor or max(1, min(3, brokers))
+    min_isr = settings.min_insync_replicas or (2 if rf >= 3 else 1)
+    return rf, min(min_isr, rf)
+
+
+def topic_specs(settings: ReplicatorSettings, min_isr: int = 1) -> dict[str, dict[str, str]]:
     """Topic name -> configs, for the two topics a cluster needs (same partition count:
-    partition = shard in both)."""
+    partition = shard in both). Never an unclean leader: it could drop acknowledged events."""
+    safety = {"min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}
     return {
-        settings.changes_topic: {"cleanup.policy": "delete", "retention.ms": str(settings.changes_retention_ms)},
+        settings.changes_topic: {"cleanup.policy": "delete", "retention.ms": str(settings.changes_retention_ms),
+                                 **safety},
         # Compacted: about one record per live session and epoch survives. Segments roll
         # every 10 minutes so the cleaner gets to them; tombstones stay a day, long enough
         # for any reader that started before the delete.
         settings.snapshots_topic: {"cleanup.policy": "compact", "segment.ms": "600000",
-                                   "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "86400000"},
+                                   "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "86400000",
+                                   **safety},
     }
 
 
 async def ensure_topics(settings: ReplicatorSettings, timeout_s: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    specs = topic_specs(settings)
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
         try:
             await admin.start()
             existing = await admin.list_topics()
-            missing = [NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=configs)
+            brokers = len((await admin.describe_cluster()).get("brokers") or [])
+            rf, min_isr = replication(settings, brokers)
+            specs = topic_specs(settings, min_isr)
+            missing = [NewTopic(name, settings.partitions, rf, topic_configs=configs)
                        for name, configs in specs.items() if name not in existing]
             for topic in missing:
                 try:
                     await admin.create_topics([topic])
-                    log.info("created topic", extra={"topic": topic.name, "partitions": settings.partitions})
+                    log.info("created topic", extra={"topic": topic.name, "partitions": settings.partitions,
+                                                     "replication_factor": rf, "min_insync_replicas": min_isr})
                 except TopicAlreadyExistsError:
                     pass
             desc = await admin.describe_topics(list(specs))
             counts = {d.get("topic"): len(d.get("partitions") or []) for d in desc}
+            _warn_under_replicated(desc, rf)
             for name, got in counts.items():
                 if got and got != settings.partitions:
                     raise TopicMismatch(
@@ -63,3 +79,13 @@ async def ensure_topics(settings: ReplicatorSettings, timeout_s: float = 60.0) -
         finally:
             await admin.close()
         await asyncio.sleep(0.5)
+
+
+def _warn_under_replicated(desc: list[dict[str, Any]], rf: int) -> None:
+    """An existing topic keeps its replication factor: say so when it is below the wanted one."""
+    for d in desc:
+        got = min((len(p.get("replicas") or []) for p in d.get("partitions") or []), default=rf)
+        if got < rf:
+            log.warning("topic has fewer replicas than wanted (Kafka does not change it: "
+                        "kafka-reassign-partitions does)",
+                        extra={"topic": d.get("topic"), "replicas": got, "wanted": rf})

@@ -24,6 +24,7 @@ def _node(ns: argparse.Namespace) -> None:
     rep = ReplicatorSettings(kafka_bootstrap=ns.kafka_bootstrap, changes_topic=ns.changes_topic,
                              snapshots_topic=ns.snapshots_topic, changes_retention_ms=ns.changes_retention_ms,
                              partitions=ns.partitions, replication_factor=ns.replication_factor,
+                             min_insync_replicas=ns.min_insync_replicas,
                              queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s,
                              linger_ms=ns.linger_ms)
     limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
@@ -67,7 +68,7 @@ def _up(ns: argparse.Namespace) -> None:
 
     sys.exit(run_local_cluster(nodes=ns.node_count, base_port=ns.base_port, kafka_port=ns.kafka_port,
                                kafka_bootstrap=ns.kafka_bootstrap, data_dir=ns.data_dir,
-                               partitions=ns.partitions, standbys=ns.standbys))
+                               partitions=ns.partitions, standbys=ns.standbys, brokers=ns.brokers))
 
 
 def _kafka(ns: argparse.Namespace) -> None:
@@ -88,6 +89,8 @@ UP = [
     Option("node_count", int, 3, "number of nodes"),
     Option("base_port", int, 8100, "router port; nodes get the next ports"),
     Option("kafka_port", int, 9092, "port of the local Kafka broker"),
+    Option("brokers", int, 1, "local Kafka brokers (3: a replicated KRaft cluster, topics at RF 3, "
+           "min.insync.replicas 2)"),
     Option("kafka_bootstrap", str, "", "use this Kafka instead of starting one (KAFKA_BOOTSTRAP also works)"),
     Option("data_dir", str, ".run", "where the local broker keeps its data and logs"),
     Option("partitions", int, 64, "shards (partitions of the changes topic)"),

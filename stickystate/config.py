@@ -62,7 +62,9 @@ KAFKA = [
            "(empty: 'snapshots', or '<changes-topic>-snapshots' for another changes topic)"),
     Option("changes_retention_ms", int, -1, "retention.ms of the changes topic when it is created "
            "(-1: forever; see README 'Snapshots and retention' for the safe bound)"),
-    Option("replication_factor", int, 1, "replication factor when creating topics"),
+    Option("replication_factor", int, 0, "replication factor when creating the topics (0: min(3, brokers))"),
+    Option("min_insync_replicas", int, 0, "min.insync.replicas of the topics when creating them "
+           "(0: 2 from a replication factor of 3 on, else 1)"),
 ]
 
 NODE = [

@@ -285,7 +285,8 @@ class LocalKafka:
     # --------------------------------------------------------------- lifecycle
 
     def _format(self) -> None:
-        self.cluster_id = random_cluster_id()
+        # A node of a multi-node quorum is formatted with the cluster's id (set before start).
+        self.cluster_id = self.cluster_id or random_cluster_id()
         cmd = self._java_cmd(
             STORAGE_TOOL,
             "format",

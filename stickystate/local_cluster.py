@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stickystate.kafka_cluster import LocalKafkaCluster
 from stickystate.kafka_local import LocalKafka
 
 
@@ -104,6 +105,8 @@ class LocalCluster:
     internal_secret: str = ""
     initial_nodes: int | None = None  # start only the first k nodes; the others can join later
     stopped: set[str] = field(default_factory=set)  # nodes stopped on purpose (not expected healthy)
+    brokers: int = 1  # own Kafka: > 1 runs a replicated KRaft cluster (kafka_cluster.py)
+    kafka_cluster: LocalKafkaCluster | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -132,6 +135,12 @@ class LocalCluster:
             raise
 
     def _start(self, timeout_s: float) -> None:
+        if not self.kafka_bootstrap and self.brokers > 1:
+            self.kafka_cluster = LocalKafkaCluster(self.data_dir / "kafka", self.brokers,
+                                                   ports=[self.kafka_port] if self.kafka_port else None,
+                                                   log_dir=self.data_dir)
+            self.kafka_cluster.start()
+            self.kafka_bootstrap = self.kafka_cluster.bootstrap
         if not self.kafka_bootstrap:
             self.kafka = LocalKafka(self.data_dir / "kafka", port=self.kafka_port,
                                     log_file=self.data_dir / "kafka.log")
@@ -235,6 +244,8 @@ class LocalCluster:
             proc.stop()
         if self.kafka is not None:
             self.kafka.stop()
+        if self.kafka_cluster is not None:
+            self.kafka_cluster.stop()
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -245,7 +256,7 @@ class LocalCluster:
 
 
 def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_bootstrap: str, data_dir: str,
-                      partitions: int, standbys: int) -> int:
+                      partitions: int, standbys: int, brokers: int = 1) -> int:
     data = Path(data_dir)
     import secrets
 
@@ -255,7 +266,7 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
                            node_ports=[base_port + 1 + i for i in range(nodes)],
                            kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
                            partitions=partitions, standbys=standbys, auth="open",
-                           internal_secret=secrets.token_urlsafe(24))
+                           internal_secret=secrets.token_urlsafe(24), brokers=brokers)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:
@@ -265,7 +276,8 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not kafka_bootstrap:
-            print(f"starting Kafka (KRaft) on 127.0.0.1:{kafka_port} ...", flush=True)
+            print(f"starting Kafka (KRaft, {brokers} broker{'s' if brokers > 1 else ''}) on 127.0.0.1:{kafka_port}"
+                  + (" and free ports" if brokers > 1 else "") + " ...", flush=True)
         cluster.start()
         print(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/", flush=True)
         print(f"router: {cluster.router_url}  (auth: open, for local development)", flush=True)

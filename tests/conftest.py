@@ -22,13 +22,14 @@ import aiohttp
 import pytest
 
 from stickystate import kafka_local
+from stickystate.kafka_cluster import LocalKafkaCluster
 from stickystate.local_cluster import LocalCluster
 from tests.helpers import Api
 
 # Fixtures that reach a broker. Every other Kafka fixture depends on one of these, and
 # item.fixturenames is the whole closure, so a test that uses `cluster`, `api`,
 # `start_cluster`, ... is seen here through them.
-KAFKA_FIXTURES = frozenset({"kafka_bootstrap"})
+KAFKA_FIXTURES = frozenset({"kafka_bootstrap", "kafka_cluster3"})
 
 
 def unmarked_kafka_tests(items: list[pytest.Item]) -> list[str]:
@@ -88,6 +89,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaCluster]:
+    """Three KRaft brokers (a quorum of three combined nodes), topics at RF 3 and
+    min.insync.replicas 2, for the tests of one module that kill and restart brokers.
+    Tests using it never need ``kafka_bootstrap`` (one broker setup at a time)."""
+    kafka_local.ensure_jars()
+    kafka = LocalKafkaCluster(tmp_path_factory.mktemp("kafka3"), brokers=3)
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
 
 
 def make_cluster(tmp: Path, kafka_bootstrap: str, **kw: object) -> LocalCluster:

@@ -336,3 +336,58 @@ def test_dockerignore_keeps_sources() -> None:
     for path in needed:
         hit = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(path, p)]
         assert not hit, f".dockerignore drops {path} (via {hit})"
+
+
+# ----------------------------------------------------------------------------- three brokers
+
+BROKERS3_FILE = ROOT / "docker-compose.brokers3.yml"
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file, for what these files use: mappings merge key by
+    key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merge(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override}
+    return override
+
+
+@pytest.fixture(scope="module")
+def services3(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    merged = _merge(compose, yaml.safe_load(BROKERS3_FILE.read_text()))
+    return merged["services"]  # type: ignore[no-any-return]
+
+
+def test_three_brokers_form_one_quorum_at_rf3_min_insync_2(services3: dict[str, dict[str, Any]]) -> None:
+    brokers = ("kafka", "kafka2", "kafka3")
+    envs = [env_of(services3[b]) for b in brokers]
+    assert [e["KAFKA_NODE_ID"] for e in envs] == ["1", "2", "3"]
+    assert len({e["CLUSTER_ID"] for e in envs}) == 1 and len(envs[0]["CLUSTER_ID"]) == 22
+    voters = {v.split("@")[0]: v.split("@")[1] for v in envs[0]["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")}
+    assert voters == {"1": "kafka:9093", "2": "kafka2:9093", "3": "kafka3:9093"}
+    for name, env in zip(brokers, envs):
+        assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == envs[0]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+        assert listeners(env["KAFKA_ADVERTISED_LISTENERS"]) == {"PLAINTEXT": f"{name}:9092"}
+        assert listeners(env["KAFKA_LISTENERS"])["CONTROLLER"] == ":9093"
+        assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+        assert (env["KAFKA_DEFAULT_REPLICATION_FACTOR"], env["KAFKA_MIN_INSYNC_REPLICAS"]) == ("3", "2")
+        assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+        assert services3[name]["image"] == services3["kafka"]["image"]
+        assert services3[name].get("healthcheck", {}).get("test")
+
+
+def test_three_broker_nodes_bootstrap_from_every_broker(services3: dict[str, dict[str, Any]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in NODES:
+        svc = services3[name]
+        assert {"kafka", "kafka2", "kafka3"} <= set(svc["depends_on"])
+        with monkeypatch.context() as mp:
+            for key in list(os.environ):
+                if key.startswith("STICKYSTATE_") or key == KAFKA_ALIAS:
+                    mp.delenv(key)
+            for key, value in env_of(svc).items():
+                mp.setenv(key, value)
+            ns = build_parser().parse_args(command_of(svc)[1:])
+        assert ns.kafka_bootstrap.split(",") == ["kafka:9092", "kafka2:9092", "kafka3:9092"]
+        assert ns.node_id == name and ns.replication_factor == 0  # 0: min(3, brokers) = 3
