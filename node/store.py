@@ -34,6 +34,7 @@ from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import Shard
 from stickystate.node.snapshotting import Snapshotting
 from stickystate.node.verification import OwnerVerification, StallGuard
+from stickystate.node.watch import WatchHub
 from stickystate.node.writes import WriteResult, Writes, fingerprint
 from stickystate.replicator.follower import Follower
 from stickystate.replicator.history import HistoryReader
@@ -73,6 +74,10 @@ class NodeStore:
                                    settings.recovery_timeout_s, rep.kafka_deadline_s)
         self.writes = Writes(self.roles, self.stall, self.verification, self.expiry, replicating, self.follower,
                              self.me, clock, settings.limits, settings.hold_timeout_s, rep.kafka_deadline_s)
+        # Watchers: told of every change, and of every shard this node stops owning.
+        self.watch = WatchHub(settings.watch)
+        self.writes.on_change = self.expiry.on_change = self.watch.changed
+        self.ownership.on_lost = self.watch.shard_lost
         # The request path, bound once: a call costs what it did before the split.
         self.serving_shard = self.writes.serving_shard
         self.read = self.writes.read
@@ -158,6 +163,7 @@ class NodeStore:
 
     async def stop(self) -> None:
         self.roles.refusing = self.draining = True
+        self.watch.close_all()
         await self.ownership.stop()
         await self.bootstraps.stop()
         await self.snapshotting.stop()
@@ -192,4 +198,5 @@ class NodeStore:
             "sessions": sum(len(roles.shards[s].sessions) for s in roles.serving),
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.ownership.recoveries),
+            "watch": self.watch.status(),
         }

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from stickystate.http.connection import ClientConnection, FrontLimits, Incoming
+from stickystate.http.stream import Streaming
 from stickystate.http.upstream import UpstreamError, UpstreamPool
 from stickystate.http.wire import Reply, error_reply
 from stickystate.protocol import HOP_BY_HOP
@@ -50,7 +51,7 @@ class Front:
         # prometheus children per (label, status): labels() per request is a lookup and a lock
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
 
-    async def answer(self, req: Incoming) -> Sequence[bytes]:
+    async def answer(self, req: Incoming) -> Sequence[bytes] | Streaming:
         """The bytes of the answer to ``req``; must not raise."""
         raise NotImplementedError
 
