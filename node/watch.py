@@ -145,6 +145,7 @@ class WatchHub:
         self.watchers = 0
         self.buffer_peak = 0  # the most changes any watcher's buffer held (never above buffer_events)
         self.resets: dict[str, int] = {}  # by cause
+        self.resumed: dict[str, int] = {"memory": 0, "log": 0}  # exact resumes, by where the changes came from
         self.opened_total = 0
         self.refused_total = 0
 
@@ -256,6 +257,7 @@ class WatchHub:
     def status(self) -> dict[str, Any]:
         return {"watchers": self.watchers, "sessions": len(self.sessions), "buffer_peak": self.buffer_peak,
                 "buffer_limit": self.limits.buffer_events, "resets": dict(self.resets),
+                "resumed": dict(self.resumed),
                 "opened_total": self.opened_total, "refused_total": self.refused_total}
 
 
@@ -315,6 +317,7 @@ class Watch:
         held = epoch == self.epoch or (version in by_version and by_version[version].epoch <= epoch)
         complete = version == current or (version + 1 in by_version and ring[-1].version == current)
         if held and complete:
+            self.hub.resumed["memory"] += 1
             self.sent = version
             for c in ring:
                 if c.version > version:
@@ -449,4 +452,5 @@ class Watch:
             return [self._reset(state, "history_gone")]  # the log stopped short of what is live
         if not buffered and last < state["version"]:
             return [self._reset(state, "history_gone")]
+        self.hub.resumed["log"] += 1
         return frames
