@@ -117,6 +117,7 @@ class Watcher:
         if len(self.buffer) >= self.limit:
             self.buffer.clear()  # the owner does not wait: this watcher gets a reset instead
             self.overflowed = True
+            self.hub.count_reset("overflow")  # counted now: the reset itself is sent when the watcher reads again
         else:
             self.buffer.append(change)
             if len(self.buffer) > self.hub.buffer_peak:
@@ -345,8 +346,9 @@ class Watch:
         return frame(kind, self._position(state["version"]),
                      {"epoch": self.epoch, "version": state["version"], "session": session, **extra})
 
-    def _reset(self, state: Session, cause: str) -> bytes:
-        self.hub.count_reset(cause)
+    def _reset(self, state: Session, cause: str, counted: bool = False) -> bytes:
+        if not counted:
+            self.hub.count_reset(cause)
         return self._state_frame("reset", state, cause=cause)
 
     def _change_frame(self, c: Change) -> bytes:
@@ -384,7 +386,7 @@ class Watch:
                 state = self.shard.sessions.get(self.sid)
                 if state is None or life_of(state) != self.life:
                     return  # gone meanwhile: its delete was in the dropped buffer; a resume answers 404
-                yield self._reset(state, "overflow")
+                yield self._reset(state, "overflow", counted=True)
                 continue
             if watcher.buffer:
                 c = watcher.buffer.popleft()

@@ -44,6 +44,24 @@ async def sse(resp: aiohttp.ClientResponse) -> AsyncIterator[Event | str]:
             eid = value
         elif name == "data":
             data.append(value)
+        elif name == "retry":
+            yield f"retry: {value}"
+
+
+async def take(resp: aiohttp.ClientResponse, n: int, timeout_s: float = 15.0) -> list[Event]:
+    """The next ``n`` events of a stream (comments skipped), or fail after ``timeout_s``."""
+    out: list[Event] = []
+    stream = sse(resp)
+
+    async def collect() -> None:
+        async for ev in stream:
+            if isinstance(ev, Event):
+                out.append(ev)
+                if len(out) == n:
+                    return
+
+    await asyncio.wait_for(collect(), timeout_s)
+    return out
 
 
 @dataclass
