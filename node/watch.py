@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,8 +51,10 @@ import orjson
 from stickystate.errors import StickyError, TooManyRequests, Unavailable
 from stickystate.node.ops import Op, Session, apply, live_keys, view
 
+_POSITION = re.compile(r"[0-9]{1,19}(:[0-9]{1,19}:[0-9]{1,19})?")  # as docs/openapi.yaml (ASCII digits only)
 LINGER_S = 120.0  # a session's ring is kept this long after its last watcher left
 MAX_IDLE = 1000  # at most this many such sessions (least recently watched dropped first)
+RESET_CAUSES = ("lifetime", "unknown_version", "epoch", "history_gone", "overflow")
 LogReader = Callable[[int, str], Awaitable[list[dict[str, Any]]]]
 
 
@@ -90,9 +93,9 @@ class Change:
 
 def parse_position(raw: str) -> tuple[int, int | None, int | None] | None:
     """``<version>[:<epoch>:<life>]`` -> (version, epoch, life); None if malformed."""
-    parts = raw.strip().split(":")
-    if len(parts) not in (1, 3) or not all(p.isdigit() and len(p) <= 19 for p in parts):
+    if _POSITION.fullmatch(raw.strip()) is None:
         return None
+    parts = raw.strip().split(":")
     if len(parts) == 1:
         return int(parts[0]), None, None
     return int(parts[0]), int(parts[1]), int(parts[2])
@@ -145,7 +148,7 @@ class WatchHub:
         self.pollers: dict[str, list[asyncio.Future[None]]] = {}  # long-polls waiting for a change
         self.watchers = 0
         self.buffer_peak = 0  # the most changes any watcher's buffer held (never above buffer_events)
-        self.resets: dict[str, int] = {}  # by cause
+        self.resets: dict[str, int] = dict.fromkeys(RESET_CAUSES, 0)
         self.resumed: dict[str, int] = {"memory": 0, "log": 0}  # exact resumes, by where the changes came from
         self.opened_total = 0
         self.refused_total = 0

@@ -365,3 +365,45 @@ async def test_long_poll_answers_on_a_change_or_304_after_the_wait(cluster: Loca
         async with http.get(f"{base}/v1/sessions/{new_sid('w-none')}?wait_s=1",
                             headers={"If-None-Match": '"1"'}) as resp:
             assert resp.status == 404
+
+
+def test_the_sync_client_yields_state_changes_and_the_delete_then_stops(cluster: LocalCluster) -> None:
+    from stickystate.client import Client
+
+    sid = new_sid("w-cli")
+    with Client(cluster.router_url) as client:
+        client.create(sid, {"log": []})
+        events = client.watch(sid)
+        first = next(events)
+        client.append(sid, "log", ["a"])
+        second = next(events)
+        client.delete(sid)
+        rest = list(events)  # ends by itself after the delete
+    assert (first.kind, first.version, first.session_data) == ("state", 1, {"log": []})
+    assert (second.kind, second.version, second.session_data) == ("change", 2, {"log": ["a"]})
+    assert [(ev.kind, ev.version) for ev in rest] == [("deleted", 3)]
+
+
+async def test_the_async_client_resumes_after_an_event_id_and_surfaces_resets(cluster: LocalCluster) -> None:
+    from stickystate.client import AsyncClient, NotFound
+
+    sid = new_sid("w-acli")
+    async with AsyncClient(cluster.router_url) as client:
+        await client.create(sid, {"log": []})
+        stream = client.watch(sid, changes_only=True)
+        state = await anext(stream)
+        await client.append(sid, "log", [1])
+        change = await anext(stream)
+        await stream.aclose()
+        await client.append(sid, "log", [2])
+        resumed = client.watch(sid, last_event_id=change.id)
+        again = await anext(resumed)
+        await resumed.aclose()
+        reset_stream = client.watch(sid, last_event_id="99")
+        reset = await anext(reset_stream)
+        await reset_stream.aclose()
+        with pytest.raises(NotFound):
+            await anext(client.watch(new_sid("w-acli-none")))
+    assert (state.kind, change.kind, change.version, change.session_data) == ("state", "change", 2, None)
+    assert (again.kind, again.version, again.session_data) == ("change", 3, {"log": [1, 2]})
+    assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "unknown_version", 3)

@@ -7,6 +7,7 @@ there, and B's final data is A's final read."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from stickystate.client import AsyncClient, Client, WatchEvent
 from stickystate.local_cluster import LocalCluster
 from stickystate.protocol import shard_of
 from stickystate.router.placement import Placement
@@ -39,6 +41,11 @@ def session_moved_by_the_join() -> tuple[str, str]:
     raise AssertionError("no such id")
 
 
+async def write_one_more(http: aiohttp.ClientSession, base: str, sid: str) -> None:
+    async with http.patch(f"{base}/v1/sessions/{sid}", data=orjson.dumps({"done": True})) as resp:
+        assert resp.status == 200
+
+
 async def append(http: aiohttp.ClientSession, base: str, sid: str, i: int) -> None:
     """One append of device A, retried with its Idempotency-Key until it is acknowledged."""
     deadline = time.monotonic() + 60
@@ -57,6 +64,19 @@ async def append(http: aiohttp.ClientSession, base: str, sid: str, i: int) -> No
         await asyncio.sleep(0.05)  # retry pacing
 
 
+def check_timeline(events: list[tuple[str, int]], final_version: int) -> list[str]:
+    """Versions strictly increase apart from resets; after the last reset (or the first
+    state) every version up to the final one is there. Returns the kinds seen."""
+    assert events and events[0][0] == "state", events[:3]
+    for before, ev in zip(events, events[1:]):
+        if ev[0] != "reset":
+            assert ev[1] > before[1], (before, ev)
+    start = max(i for i, ev in enumerate(events) if ev[0] in ("state", "reset"))
+    tail = events[start:]
+    assert [v for _, v in tail] == list(range(tail[0][1], final_version + 1)), tail[-5:]
+    return [k for k, _ in events]
+
+
 async def test_two_devices_through_the_router_see_every_change_through_kill_and_join(
         start_cluster: Callable[..., LocalCluster]) -> None:
     cluster = start_cluster(nodes=3, initial_nodes=2, partitions=PARTITIONS, standbys=1)
@@ -71,7 +91,26 @@ async def test_two_devices_through_the_router_see_every_change_through_kill_and_
         b = Device(http, base, sid)
         stop = asyncio.Event()
         watching = asyncio.create_task(b.run(stop))
-        await wait_until(lambda: b.events, 30, "B's first event")
+        # two more devices on the Python client: async straight to the owners, sync through the router
+        direct: list[WatchEvent] = []
+        routed: list[WatchEvent] = []
+
+        async def watch_direct() -> None:
+            async with AsyncClient(base) as client:
+                async for ev in client.watch(sid):
+                    direct.append(ev)
+
+        def watch_routed() -> None:
+            with Client(base, direct=False) as client:
+                for ev in client.watch(sid):
+                    routed.append(ev)
+                    if stop.is_set():
+                        return
+
+        watching_direct = asyncio.create_task(watch_direct())
+        routed_thread = threading.Thread(target=watch_routed, daemon=True)
+        routed_thread.start()
+        await wait_until(lambda: b.events and direct and routed, 30, "the devices' first events")
         for i in range(APPENDS):
             if i == 150:
                 cluster.kill_node(first_owner)
@@ -86,9 +125,21 @@ async def test_two_devices_through_the_router_see_every_change_through_kill_and_
             final = await resp.json()
         assert resp.headers["X-Stickystate-Owner"] == "n3"
         await wait_until(lambda: b.version >= final["version"], 60, "B to catch up with A's final read")
+        await wait_until(lambda: direct[-1].version >= final["version"] and routed[-1].version >= final["version"],
+                         60, "the client's watchers to catch up")
         stop.set()
         watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
+        watching_direct.cancel()
+        await asyncio.gather(watching, watching_direct, return_exceptions=True)
+        await write_one_more(http, base, sid)  # wakes the routed watcher so that its thread sees stop
+        routed_thread.join(30)
+        assert not routed_thread.is_alive()
+    for seen in (direct, routed):
+        kinds = check_timeline([(ev.kind, ev.version) for ev in seen], final["version"])
+        assert set(kinds) <= {"state", "change", "reset"}
+        last = max(ev.version for ev in seen if ev.version <= final["version"])
+        at_final = [ev for ev in seen if ev.version == last][-1]
+        assert at_final.session_data == final["data"]
 
     events = b.events
     timeline = [(ev.kind, ev.version) for ev in events]
