@@ -186,8 +186,7 @@ class WatchHub:
             self.idle.pop(sid, None)
             for watcher in w.watchers:
                 watcher.end("shard_moved")
-        for sid in list(self.pollers):
-            pass  # long-polls re-check their shard when they wake (node/handlers.py)
+        # (long-polls find the shard gone when their wait ends: a 421, which the router retries)
 
     def close_all(self, cause: str = "node_stopping") -> None:
         for w in self.sessions.values():
@@ -440,7 +439,7 @@ class Watch:
             writer[event["ver"]] = event["epoch"]
             if event["ver"] > after:
                 out.append((event["ver"], event["epoch"], event, current))
-        if after not in writer or (check is not None and writer[after] > check):
+        if after and (after not in writer or (check is not None and writer[after] > check)):
             return [self._reset(state, "epoch" if after in writer else "history_gone")]
         if not out and after < state["version"] and not self.watcher.buffer:
             return [self._reset(state, "history_gone")]

@@ -179,7 +179,12 @@ async def test_after_version_resumes_too_and_a_version_from_the_future_is_a_rese
             got = await take(resp, 2)
         async with http.get(watch_url(base, sid, "?after_version=99")) as resp:
             (reset,) = await take(resp, 1)
+        async with http.get(watch_url(base, sid, "?after_version=0")) as resp:
+            everything = await take(resp, 4)
     assert [(ev.kind, ev.version) for ev in got] == [("change", 3), ("change", 4)]
+    assert [(ev.kind, ev.version, ev.data["event"]["op"]) for ev in everything] == \
+        [("change", 1, "create"), ("change", 2, "append"), ("change", 3, "append"), ("change", 4, "append")]
+    assert everything[-1].data["data"] == {"log": [0, 1, 2]}
     assert (reset.kind, reset.version, reset.data["cause"]) == ("reset", 4, "unknown_version")
     assert reset.data["session"]["data"] == {"log": [0, 1, 2]}
 
