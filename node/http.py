@@ -140,7 +140,9 @@ def streaming(handlers: NodeHandlers) -> Any:
         try:
             await resp.prepare(request)
             async for chunk in opened.frames():
-                await resp.write(chunk)
+                await resp.write(chunk)  # raises once the client is gone: at the latest at the next heartbeat
+        except ConnectionResetError:
+            pass
         finally:
             opened.close()
         return resp

@@ -119,6 +119,9 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = True
         self._eof = True
         self._current = None
+        if self._pump is not None:
+            self._pump.cancel()  # a streamed answer: the client that ends its side is gone
+            return False
         if not self._answering and not self._queue:
             return False  # the transport closes
         if self._queue:

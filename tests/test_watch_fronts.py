@@ -1,0 +1,70 @@
+"""Both of a node's fronts stream a watch the same way (no Kafka: replication off): the
+fast front (node/fastpath.py, stickystate/http/stream.py) and the aiohttp app
+(``--fast-path off``, node/http.py). The stream's frames, HEAD, and the watcher freed when
+the client goes away; without a log, a resume past the ring is a reset, never a gap."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from stickystate.node.server import running
+from stickystate.node.settings import NodeSettings
+from stickystate.node.watch import WatchLimits
+from stickystate.replicator.settings import ReplicatorSettings
+from tests.watching import take
+
+PARTITIONS = 4
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-front", "aiohttp"])
+async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_goes(fast_path: bool) -> None:
+    settings = NodeSettings(auth="open", port=0, fast_path=fast_path, replication=False,
+                            replicator=ReplicatorSettings(partitions=PARTITIONS),
+                            watch=WatchLimits(ring_events=2, heartbeat_s=0.5))
+    async with running(settings) as node:
+        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
+        deadline = time.monotonic() + 10
+        while len(node.store.serving) < PARTITIONS:
+            assert time.monotonic() < deadline, "shards not served"
+            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        base = f"http://127.0.0.1:{node.port}"
+        hub = node.store.watch
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s1", "data": {"n": 0}})) as resp:
+                assert resp.status == 201
+            async with http.head(f"{base}/v1/sessions/s1/watch") as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+            assert hub.watchers == 0
+            async with http.get(f"{base}/v1/sessions/s1/watch") as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+                (state,) = await take(resp, 1)
+                assert hub.watchers == 1
+                for n in (1, 2, 3):
+                    async with http.patch(f"{base}/v1/sessions/s1", data=orjson.dumps({"n": n})) as w:
+                        assert w.status == 200
+                changes = await take(resp, 3)
+            # the client went: the pump is cancelled and the watcher unsubscribed (the fast front
+            # at once, aiohttp when its next frame, at the latest a heartbeat, finds the connection closed)
+            deadline = time.monotonic() + 10
+            while hub.watchers:
+                assert time.monotonic() < deadline, "the watcher was not freed"
+                async with http.get(f"{base}/livez") as live:
+                    assert live.status == 200
+            # the ring (2) still holds 3 and 4: a resume after 2 is exact, from memory
+            async with http.get(f"{base}/v1/sessions/s1/watch", headers={"Last-Event-ID": changes[0].id}) as resp:
+                resumed = await take(resp, 2)
+            # no log to read (replication off): a resume past the ring is a reset
+            async with http.get(f"{base}/v1/sessions/s1/watch", headers={"Last-Event-ID": state.id}) as resp:
+                (reset,) = await take(resp, 1)
+            async with http.get(f"{base}/v1/sessions/nope/watch") as resp:
+                assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    assert (state.kind, state.version) == ("state", 1)
+    assert [(c.kind, c.version, c.data["data"]["n"]) for c in changes] == [("change", 2, 1), ("change", 3, 2),
+                                                                         ("change", 4, 3)]
+    assert [(c.kind, c.version) for c in resumed] == [("change", 3), ("change", 4)]
+    assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "history_gone", 4)
+    assert hub.resumed["memory"] == 1
