@@ -138,6 +138,7 @@ class Watched:
     ring: deque[Change]
     watchers: set[Watcher] = field(default_factory=set)
     idle_since: float = 0.0
+    life: int = 0  # of the session as last seen (a delete's change carries it)
 
 
 class WatchHub:
@@ -166,7 +167,8 @@ class WatchHub:
             return
         op = event["op"]
         kind = "change" if new is not None else ("expired" if op == "expire" else "deleted")
-        life = life_of(new) if new is not None else (w.ring[-1].life if w.ring else 0)
+        life = life_of(new) if new is not None else w.life
+        w.life = life
         change = Change(event["ver"], event["epoch"], kind, event,
                         None if new is None else live_keys(new, event["at"]), life)
         ring = w.ring
@@ -215,7 +217,7 @@ class WatchHub:
                 del self.pollers[sid]
 
     # -- watchers ------------------------------------------------------------------------
-    def subscribe(self, shard: int, sid: str) -> tuple[Watched, Watcher]:
+    def subscribe(self, shard: int, sid: str, life: int) -> tuple[Watched, Watcher]:
         limits = self.limits
         w = self.sessions.get(sid)
         if w is not None and len(w.watchers) >= limits.per_session:
@@ -228,6 +230,7 @@ class WatchHub:
                               retry_after_s=5, code="too_many_watchers")
         if w is None:
             w = self.sessions[sid] = Watched(shard, deque(maxlen=limits.ring_events))
+        w.life = life
         self.idle.pop(sid, None)
         watcher = Watcher(self, limits.buffer_events)
         w.watchers.add(watcher)
@@ -296,8 +299,8 @@ class Watch:
         """Subscribe and decide the first frames; synchronous (no change can slip between)."""
         state = self.shard.sessions.get(self.sid)
         assert state is not None  # the handler checked it
-        w, self.watcher = self.hub.subscribe(self.shard.id, self.sid)
         self.life = life_of(state)
+        w, self.watcher = self.hub.subscribe(self.shard.id, self.sid, self.life)
         current = state["version"]
         if position is None:
             self.first.append(self._state_frame("state", state))

@@ -60,6 +60,15 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
             # no log to read (replication off): a resume past the ring is a reset
             async with http.get(f"{base}/v1/sessions/s1/watch", headers={"Last-Event-ID": state.id}) as resp:
                 (reset,) = await take(resp, 1)
+            # watched, then deleted before any change: the stream says so, then ends
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s2"})) as resp:
+                assert resp.status == 201
+            async with http.get(f"{base}/v1/sessions/s2/watch") as resp:
+                await take(resp, 1)
+                async with http.delete(f"{base}/v1/sessions/s2") as gone:
+                    assert gone.status == 204
+                (deleted,) = await take(resp, 1)
+                assert await resp.content.read() == b""
             async with http.get(f"{base}/v1/sessions/nope/watch") as resp:
                 assert resp.status == 404 and (await resp.json())["error"] == "not_found"
     assert (state.kind, state.version) == ("state", 1)
@@ -68,3 +77,4 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
     assert [(c.kind, c.version) for c in resumed] == [("change", 3), ("change", 4)]
     assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "history_gone", 4)
     assert hub.resumed["memory"] == 1
+    assert (deleted.kind, deleted.version, deleted.data["event"]["op"]) == ("deleted", 2, "delete")
