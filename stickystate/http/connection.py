@@ -95,6 +95,11 @@ class ClientConnection(asyncio.Protocol):
         self._pump: asyncio.Task[None] | None = None  # a streamed answer's pump (cancelled when the client goes)
 
     @property
+    def streaming(self) -> bool:
+        """A streamed answer is being written (it ends when the connection closes)."""
+        return self._pump is not None
+
+    @property
     def idle(self) -> bool:
         return not self._answering and self._current is None and not self._queue
 

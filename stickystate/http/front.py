@@ -93,7 +93,7 @@ class Front:
         """Stop taking requests; let those in progress finish (up to timeout_s), then close."""
         self.closing = True
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle or conn.streaming:  # a stream never finishes by itself: its client resumes elsewhere
                 conn.close()
         deadline = time.monotonic() + timeout_s
         while self.connections and time.monotonic() < deadline:
