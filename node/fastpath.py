@@ -51,7 +51,7 @@ from stickystate.node.access import NodeAccess
 from stickystate.node.handlers import NodeHandlers
 from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
-from stickystate.node.watch import Watch
+from stickystate.node.watch_stream import Watch
 from stickystate.protocol import FAST_ROUTES, UNMETERED, error_body
 
 log = logging.getLogger("stickystate.node")

@@ -24,7 +24,8 @@ from stickystate.node import validate as v
 from stickystate.node.ops import Op, view
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore, WriteResult, fingerprint
-from stickystate.node.watch import Watch, parse_position
+from stickystate.node.watch import parse_position
+from stickystate.node.watch_stream import Watch
 from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER,
                                   IF_NONE_MATCH_HEADER, LAST_EVENT_ID_HEADER, OWNER_HEADER, PREFER_HEADER,
                                   PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER, SESSION_ID_HEADER, SESSION_ID_MESSAGE,
@@ -223,23 +224,12 @@ class NodeHandlers:
         tenant = request.headers.get(TENANT_HEADER)
         watch = Watch(self.store.watch, shard, sid, sid.split(":", 1)[1] if tenant else sid,
                       changes_only in ("1", "true"), self.store.clock,
-                      self._log_events if self.settings.replication else None)
+                      self.store.watch.log_reads if self.settings.replication else None)
         watch.open(position)
         watch.headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                          "X-Accel-Buffering": "no", **_headers(shard.id, shard.my_epoch, self.store, None)}
         return watch
 
-    async def _log_events(self, s: int, sid: str) -> list[dict[str, Any]]:
-        """Every retained event of ``sid`` (the /history read), after the shard's queue is in Kafka."""
-        await self.store.replicator.flush([s], timeout_s=self.settings.replicator.kafka_deadline_s)
-        out: list[dict[str, Any]] = []
-        after = -1
-        while True:
-            items, more = await self.store.history.read(s, sid, after, 1000)
-            out += items
-            if not more or not items:
-                return out
-            after = items[-1]["offset"]
 
     @client_facing
     async def history(self, request: HandlerRequest) -> Answer:

@@ -5,7 +5,9 @@ the client goes away; without a log, a resume past the ring is a reset, never a 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import orjson
@@ -78,3 +80,31 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
     assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "history_gone", 4)
     assert hub.resumed["memory"] == 1
     assert (deleted.kind, deleted.version, deleted.data["event"]["op"]) == ("deleted", 2, "delete")
+
+
+async def test_resumes_of_one_session_share_a_log_read_that_has_not_begun() -> None:
+    """node/watch.py SharedLogReads: a read joins only the resumes that came before it began."""
+    from stickystate.node.watch import SharedLogReads
+
+    began: list[tuple[int, str]] = []
+    release = asyncio.Event()
+
+    async def read(s: int, sid: str) -> list[dict[str, Any]]:
+        began.append((s, sid))
+        await release.wait()
+        return [{"read": len(began)}]
+
+    reads = SharedLogReads(read)
+    first = asyncio.create_task(reads(0, "a"))
+    while not began:
+        await asyncio.sleep(0)
+    # the first read has begun: these three wait for the next one, together
+    waiting = [asyncio.create_task(reads(0, "a")) for _ in range(3)]
+    other = asyncio.create_task(reads(1, "b"))  # another session: a read of its own
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(first, *waiting, other)
+    assert results[0] == [{"read": 1}]
+    assert results[1] == results[2] == results[3] and results[1] != results[0]
+    assert began[0] == (0, "a") and sorted(began[1:]) == [(0, "a"), (1, "b")]
+    assert (reads.reads, reads.shared) == (3, 2)
