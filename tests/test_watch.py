@@ -412,3 +412,25 @@ async def test_the_async_client_resumes_after_an_event_id_and_surfaces_resets(cl
     assert (state.kind, change.kind, change.version, change.session_data) == ("state", "change", 2, None)
     assert (again.kind, again.version, again.session_data) == ("change", 3, {"log": [1, 2]})
     assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "unknown_version", 3)
+
+
+async def test_a_position_whose_version_a_later_epoch_wrote_is_a_reset(cluster: LocalCluster) -> None:
+    """What a watcher holds after a lost `memory` write: version v as sent by the owner of
+    epoch E-1, while this owner's v was written at epoch E. Same version, other content:
+    a reset (cause `epoch`), never a resume. The same version as of epoch E resumes."""
+    base = cluster.router_url
+    sid = new_sid("w-epoch")
+    async with aiohttp.ClientSession() as http:
+        await create(http, base, sid)
+        await write(http, base, sid, "a")
+        await write(http, base, sid, "b")
+        async with http.get(watch_url(base, sid)) as resp:
+            (state,) = await take(resp, 1)
+        version, epoch, life = (int(p) for p in state.id.split(":"))
+        assert version == 3 and epoch == state.data["epoch"] >= 1
+        async with http.get(watch_url(base, sid), headers={"Last-Event-ID": f"2:{epoch - 1}:{life}"}) as resp:
+            (reset,) = await take(resp, 1)
+        async with http.get(watch_url(base, sid), headers={"Last-Event-ID": f"2:{epoch}:{life}"}) as resp:
+            (change,) = await take(resp, 1)
+    assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "epoch", 3)
+    assert (change.kind, change.version, change.data["data"]) == ("change", 3, {"log": ["a", "b"]})
