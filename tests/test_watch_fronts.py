@@ -71,6 +71,12 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
                     assert gone.status == 204
                 (deleted,) = await take(resp, 1)
                 assert await resp.content.read() == b""
+            # a session that expires: `expired`, then the end
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s3", "ttl_s": 0.5})) as resp:
+                assert resp.status == 201
+            async with http.get(f"{base}/v1/sessions/s3/watch") as resp:
+                (expired,) = (await take(resp, 2))[1:]
+                assert await resp.content.read() == b""
             async with http.get(f"{base}/v1/sessions/nope/watch") as resp:
                 assert resp.status == 404 and (await resp.json())["error"] == "not_found"
     assert (state.kind, state.version) == ("state", 1)
@@ -80,6 +86,7 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
     assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "history_gone", 4)
     assert hub.resumed["memory"] == 1
     assert (deleted.kind, deleted.version, deleted.data["event"]["op"]) == ("deleted", 2, "delete")
+    assert (expired.kind, expired.version, expired.data["event"]["op"]) == ("expired", 2, "expire")
 
 
 async def test_resumes_of_one_session_share_a_log_read_that_has_not_begun() -> None:
