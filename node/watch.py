@@ -75,17 +75,21 @@ def life_of(state: Session) -> int:
     return int(round(state["created_at"] * 1_000_000))
 
 
-@dataclass
 class Change:
-    """One change of a watched session, as the write path produced it."""
+    """One change of a watched session, as the write path produced it (made once per change
+    on the write path: a plain slotted class, its frames cache made by the first stream)."""
 
-    version: int
-    epoch: int  # of the event that wrote it
-    kind: str  # change | deleted | expired
-    event: Op
-    data: dict[str, Any] | None  # the data after it (None: deleted or expired)
-    life: int
-    frames: dict[tuple[bool, int], bytes] = field(default_factory=dict)  # (changes_only, sender epoch) -> frame
+    __slots__ = ("version", "epoch", "kind", "event", "data", "life", "frames")
+
+    def __init__(self, version: int, epoch: int, kind: str, event: Op, data: dict[str, Any] | None,
+                 life: int) -> None:
+        self.version = version
+        self.epoch = epoch  # of the event that wrote it
+        self.kind = kind  # change | deleted | expired
+        self.event = event
+        self.data = data  # the data after it (None: deleted or expired)
+        self.life = life
+        self.frames: dict[tuple[bool, int], bytes] | None = None  # (changes_only, sender epoch) -> frame
 
 
 def parse_position(raw: str) -> tuple[int, int | None, int | None] | None:
@@ -114,14 +118,19 @@ class Watcher:
     def push(self, change: Change) -> None:
         if self.overflowed:
             return
-        if len(self.buffer) >= self.limit:
-            self.buffer.clear()  # the owner does not wait: this watcher gets a reset instead
+        buffer = self.buffer
+        held = len(buffer)
+        if held >= self.limit:
+            buffer.clear()  # the owner does not wait: this watcher gets a reset instead
             self.overflowed = True
             self.hub.count_reset("overflow")  # counted now: the reset itself is sent when the watcher reads again
         else:
-            self.buffer.append(change)
-            if len(self.buffer) > self.hub.buffer_peak:
-                self.hub.buffer_peak = len(self.buffer)
+            buffer.append(change)
+            hub = self.hub
+            if held >= hub.buffer_peak:
+                hub.buffer_peak = held + 1
+            if held:
+                return  # not empty before: the stream was woken already
         self.wake.set()
 
     def end(self, cause: str) -> None:

@@ -109,6 +109,8 @@ class Watch:
     def _change_frame(self, c: Change) -> bytes:
         self.sent = c.version
         key = (self.changes_only, self.epoch)
+        if c.frames is None:
+            c.frames = {}
         out = c.frames.get(key)
         if out is None:
             event = {k: v for k, v in c.event.items() if k != "idem"}
