@@ -4,7 +4,8 @@ same machine); not a test, and its figures are this machine's.
 
 - store.write: NodeStore.write with replication off (serving_shard, apply, limits,
   commit), with and without an Idempotency-Key per write (the router adds one to every
-  write it forwards);
+  write it forwards), and with 10 watchers on every session (the watch hook: a change
+  into each watcher's buffer; the frames are made by the streams, not here);
 - standby replay + promotion: Shard.apply_record over a log of appends as a standby
   (the compact form), then unpack_all;
 - own_acked: the owner verifying its records from Kafka's acknowledgements, in batches.
@@ -27,6 +28,7 @@ from stickystate.node.ops import apply
 from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import Shard
 from stickystate.node.store import NodeStore
+from stickystate.node.watch import WatchLimits, life_of
 
 SESSIONS = 200
 ACK_BATCH = 50
@@ -56,8 +58,9 @@ def _log(ops: int) -> list[dict[str, Any]]:
     return out
 
 
-async def _store_writes(ops: int, rounds: int, idem: bool) -> list[float]:
-    store = NodeStore(NodeSettings(auth="open", replication=False, snapshot_every_events=0))
+async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) -> list[float]:
+    store = NodeStore(NodeSettings(auth="open", replication=False, snapshot_every_events=0,
+                                   watch=WatchLimits(buffer_events=ops * rounds, per_node=SESSIONS * 100)))
     await store.start()
     try:
         await store.assign(0, {s: store.me for s in range(store.partitions)}, {})
@@ -65,7 +68,10 @@ async def _store_writes(ops: int, rounds: int, idem: bool) -> list[float]:
             await asyncio.sleep(0.001)
         sids = [f"bench-{i}" for i in range(SESSIONS)]
         for sid in sids:
-            await store.write({"op": "create", "sid": sid, "data": {"m": []}, "ttl_s": 3600.0})
+            result = await store.write({"op": "create", "sid": sid, "data": {"m": []}, "ttl_s": 3600.0})
+            assert result.state is not None
+            for _ in range(watchers):  # subscribed, never read (node/watch.py: each change goes to their buffers)
+                store.watch.subscribe(result.shard, sid, life_of(result.state))
         out, k = [], 0
         for _ in range(rounds):
             batch = [{"op": "append", "sid": sids[i % SESSIONS], "field": "m",
@@ -124,6 +130,7 @@ def main() -> None:
     results = {
         "store.write": asyncio.run(_store_writes(args.ops, args.rounds, idem=False)),
         "store.write + idem key": asyncio.run(_store_writes(args.ops, args.rounds, idem=True)),
+        "store.write, 10 watchers": asyncio.run(_store_writes(args.ops, args.rounds, idem=False, watchers=10)),
         "standby replay + promote": _rounds(args.rounds, lambda: _standby_replay(log)),
         "own_acked (per record)": _rounds(args.rounds, lambda: _own_acked(log)),
     }

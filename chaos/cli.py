@@ -36,6 +36,7 @@ import orjson
 from stickystate.chaos import checker
 from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule,
                                         ScheduleConfig)
+from stickystate.chaos.watchers import Watchers, check as watch_check, summary_line as watch_summary
 from stickystate.chaos.workload import Workload, WorkloadConfig
 from stickystate.local_cluster import LocalCluster, http_json
 
@@ -150,6 +151,8 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     async with aiohttp.ClientSession(connector=connector) as http:
         workload = Workload(cluster.router_url, wcfg)
         await workload.setup(http)
+        watching = Watchers(cluster.router_url, [s.sid for s in workload.sessions])  # chaos/watchers.py
+        watching.start(http)
         print(f"chaos: {len(workload.sessions)} sessions created; workload {ns.duration_s:.0f}s, faults >= {ns.faults} "
               f"of {','.join(schedule.kinds)}, seed {ns.seed}", flush=True)
         wl_task = asyncio.create_task(workload.run(http), name="workload")
@@ -188,6 +191,8 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
               f"{len(workload.reads)} reads, {len(schedule.faults)} faults); settling ...", flush=True)
         settle = await _settle(cluster)
         final = await workload.read_all(http)
+        caught_up = await watching.caught_up(final, 60)
+        await watching.stop()
         settle2 = await _settle(cluster, 60)
 
     # raw records first: a failing checker still leaves everything needed to look into the run
@@ -203,6 +208,10 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     replay = checker.replay(records, partitions, watch)
     report = checker.check(sessions=workload.durability_of, appends=workload.appends, reads=workload.reads,
                            final=final, log=replay, faults=sched["faults"], partitions=partitions)
+    report["watch"] = watch_check(watching, workload.durability_of, workload.appends, caught_up)
+    if report["watch"]["failures"]:
+        report["failures"] += report["watch"]["failures"]
+        report["ok"] = False
     if partitions != cluster.partitions:
         report["failures"].append(f"topic has {partitions} partitions, cluster says {cluster.partitions}")
         report["ok"] = False
@@ -263,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster.stop()
     report["run"]["total_s"] = round(time.time() - t0, 1)
     text = checker.summary_text(report)
+    if "watch" in report:
+        text += "\n" + watch_summary(report["watch"])
     (out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
                                                    default=str))
     (out / "summary.txt").write_text(text + "\n")

@@ -15,7 +15,7 @@ import heapq
 from collections.abc import Callable, Iterable
 
 from stickystate.errors import StickyError
-from stickystate.node.ops import Session, apply
+from stickystate.node.ops import Op, Session, apply
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import DELETED, Shard
 from stickystate.node.tasks import cancel_and_wait
@@ -37,6 +37,7 @@ class Expiry:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.expired_total = 0
+        self.on_change: Callable[[int, Op, Session | None], None] | None = None  # the watch hub's (node/watch.py)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="expiry")
@@ -70,6 +71,8 @@ class Expiry:
         except (ReplicationError, StickyError):
             return False
         shard.commit(event, new)
+        if self.on_change is not None:
+            self.on_change(shard.id, event, new)
         self.expired_total += 1
         return True
 

@@ -44,12 +44,14 @@ from stickystate.http.aio import error_answer
 from stickystate.http.connection import FrontLimits, Incoming
 from stickystate.http.front import Front
 from stickystate.http.request import FastRequest, HandlerRequest
+from stickystate.http.stream import StreamSink, Streaming
 from stickystate.http.upstream import UpstreamPool
 from stickystate.http.wire import Answer, Reply, json_answer, new_request_id, render, reply_of
 from stickystate.node.access import NodeAccess
 from stickystate.node.handlers import NodeHandlers
 from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
+from stickystate.node.watch_stream import Watch
 from stickystate.protocol import FAST_ROUTES, UNMETERED, error_body
 
 log = logging.getLogger("stickystate.node")
@@ -92,7 +94,7 @@ class NodeFront(Front):
         self.access = access or NodeAccess(settings)
         self.max_body_bytes = settings.limits.max_body_bytes
 
-    async def answer(self, req: Incoming) -> Sequence[bytes]:
+    async def answer(self, req: Incoming) -> Sequence[bytes] | Streaming:
         """The bytes of the answer to ``req`` (never raises: a bug is a 500, not a hung connection)."""
         rid = _request_id(req.headers)
         if req.refusal is not None:
@@ -107,10 +109,12 @@ class NodeFront(Front):
             status = 500
             try:
                 reply = await self._handle(req, op, params, query)
-                status = reply.status
+                status = reply.status if isinstance(reply, Reply) else 200
             finally:
                 if op not in UNMETERED:
                     self.count(op, status, time.perf_counter() - started)
+            if isinstance(reply, Watch):
+                return streaming_of(reply, rid)
             return render(reply, req, rid)
         except Exception:
             log.exception("unhandled error", extra={"path": _path(req)})
@@ -118,7 +122,7 @@ class NodeFront(Front):
         finally:
             logs.request_id.reset(token)
 
-    async def _handle(self, req: Incoming, op: str, params: dict[str, str], query: str) -> Reply:
+    async def _handle(self, req: Incoming, op: str, params: dict[str, str], query: str) -> Reply | Watch:
         internal = authorization = api_key = None
         reserved = False
         for n, v in req.headers:  # one pass over the headers the access check reads
@@ -142,12 +146,31 @@ class NodeFront(Front):
         try:
             request: HandlerRequest = FastRequest(req, params, query, self.max_body_bytes)
             answer = await getattr(self.handlers, op)(request)
+            if isinstance(answer, Watch):
+                return answer
         except (StickyError, web.HTTPRequestEntityTooLarge) as exc:
             answer = error_answer(exc)
         except Exception:
             log.exception("unhandled error", extra={"path": _path(req)})
             return _reply(_INTERNAL)
         return _reply(answer)
+
+
+def streaming_of(watch: Watch, rid: bytes) -> Streaming:
+    """A watch as a streamed answer: its frames written as they come (stickystate/http/stream.py)."""
+
+    async def pump(sink: StreamSink) -> None:
+        try:
+            async for chunk in watch.frames():
+                sink.send(chunk)
+                await sink.drain()
+        finally:
+            watch.close()
+
+    out = Streaming(200, [(k.encode(), v.encode()) for k, v in watch.headers.items()], pump)
+    out.request_id = rid
+    out.discard = watch.close
+    return out
 
 
 _INTERNAL = json_answer({"error": "internal", "message": "internal error"}, 500)

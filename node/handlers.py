@@ -24,12 +24,19 @@ from stickystate.node import validate as v
 from stickystate.node.ops import Op, view
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore, WriteResult, fingerprint
+from stickystate.node.watch import parse_position
+from stickystate.node.watch_stream import Watch
 from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER,
-                                  OWNER_HEADER, PREFER_HEADER, PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER,
-                                  SESSION_ID_HEADER, SESSION_ID_MESSAGE, SHARD_HEADER, TENANT_HEADER)
+                                  IF_NONE_MATCH_HEADER, LAST_EVENT_ID_HEADER, OWNER_HEADER, PREFER_HEADER,
+                                  PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER, SESSION_ID_HEADER, SESSION_ID_MESSAGE,
+                                  SHARD_HEADER, TENANT_HEADER)
+
+LONG_POLL_MAX_S = 25.0  # below the router's request timeout (30 s): a long-poll answers before it gives up
+_WAIT_RE = re.compile(r"([0-9]|1[0-9]|2[0-4])(\.[0-9]{1,6})?|25(\.0{1,6})?")  # [0, 25] s, as docs/openapi.yaml
+_ETAG_RE = re.compile(r'(?:W/)?"?([0-9]{1,19})"?')
 
 
-Handler = Callable[["NodeHandlers", HandlerRequest], Awaitable[Answer]]
+Handler = Callable[["NodeHandlers", HandlerRequest], Awaitable[Any]]
 
 
 def client_facing(handler: Handler) -> Handler:
@@ -159,9 +166,70 @@ class NodeHandlers:
     @client_facing
     async def get(self, request: HandlerRequest) -> Answer:
         sid = self._sid(request)
+        wait = request.query.get("wait_s")
+        if wait is not None:
+            return await self._long_poll(request, sid, wait)
         shard, state = await self.store.read(sid)
         return json_answer(self._render(request, state, self.store.clock()), 200,
                            _headers(shard.id, shard.my_epoch, self.store, state["version"]))
+
+    async def _long_poll(self, request: HandlerRequest, sid: str, wait: str) -> Answer:
+        """``?wait_s=n`` with ``If-None-Match: "<version>"``: the session as soon as its
+        version is another, or 304 after n seconds (no If-None-Match: at once)."""
+        if not _WAIT_RE.fullmatch(wait):
+            raise BadRequest(f"wait_s must be a number of seconds in [0, {LONG_POLL_MAX_S:g}]", code="bad_query")
+        raw = request.headers.get(IF_NONE_MATCH_HEADER)
+        held = None
+        if raw is not None:
+            m = _ETAG_RE.fullmatch(raw.strip())
+            if m is None:
+                raise BadRequest('If-None-Match must be "<version>"', code="bad_if_none_match")
+            held = int(m.group(1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(wait)
+        while True:
+            shard, state = await self.store.read(sid)
+            headers = _headers(shard.id, shard.my_epoch, self.store, state["version"])
+            if state["version"] != held:
+                return json_answer(self._render(request, state, self.store.clock()), 200, headers)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Answer(304, headers, None)
+            hub = self.store.watch
+            fut = hub.next_change(sid)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                hub.forget_poll(sid, fut)
+
+    @client_facing
+    async def watch(self, request: HandlerRequest) -> Answer | Watch:
+        """Open a watch (node/watch.py): the caller streams ``Watch.frames``, then ``close``s it."""
+        sid = self._sid(request)
+        changes_only = request.query.get("changes_only", "0")
+        if changes_only not in ("0", "1", "true", "false"):
+            raise BadRequest("changes_only must be 1, 0, true or false", code="bad_query")
+        position = None
+        last = request.headers.get(LAST_EVENT_ID_HEADER)
+        if last is not None:
+            position = parse_position(last)
+            if position is None:
+                raise BadRequest("Last-Event-ID must be <version> or <version>:<epoch>:<life>",
+                                 code="bad_last_event_id")
+        elif request.query.get("after_version") is not None:
+            position = (_int_param(request, "after_version", 0, 0, 2**62), None, None)
+        shard, state = await self.store.read(sid)
+        tenant = request.headers.get(TENANT_HEADER)
+        watch = Watch(self.store.watch, shard, sid, sid.split(":", 1)[1] if tenant else sid,
+                      changes_only in ("1", "true"), self.store.clock,
+                      self.store.watch.log_reads if self.settings.replication else None)
+        watch.open(position)
+        watch.headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                         "X-Accel-Buffering": "no", **_headers(shard.id, shard.my_epoch, self.store, None)}
+        return watch
+
 
     @client_facing
     async def history(self, request: HandlerRequest) -> Answer:

@@ -19,8 +19,9 @@ from aiohttp import web
 
 from stickystate import logs
 from stickystate.errors import BadRequest
-from stickystate.http.aio import add_route, answering, error_response, errors_middleware, json_response, \
-    without_server_header
+from stickystate.http.aio import add_route, answering, as_response, error_response, errors_middleware, \
+    json_response, without_server_header
+from stickystate.http.wire import Answer
 from stickystate.node import validate as v
 from stickystate.node.access import NodeAccess
 from stickystate.node.handlers import NodeHandlers
@@ -122,6 +123,33 @@ class NodeEndpoints:
                               "draining": self.store.draining}, 200 if ready else 503)
 
 
+def streaming(handlers: NodeHandlers) -> Any:
+    """The watch route on aiohttp (``--fast-path off``, and HEAD relayed by the fast front):
+    the same handler and frames as the fast front's (node/fastpath.py ``streaming_of``)."""
+
+    async def watch(request: web.Request) -> web.StreamResponse:
+        opened = await handlers.watch(request)
+        if isinstance(opened, Answer):
+            return as_response(opened)
+        headers = {**opened.headers, REQUEST_ID_HEADER: logs.request_id.get() or ""}
+        if request.method == "HEAD":
+            opened.close()
+            return web.Response(status=200, headers=headers)
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.force_close()  # the stream ends with the connection, as on the fast front
+        try:
+            await resp.prepare(request)
+            async for chunk in opened.frames():
+                await resp.write(chunk)  # raises once the client is gone: at the latest at the next heartbeat
+        except ConnectionResetError:
+            pass
+        finally:
+            opened.close()
+        return resp
+
+    return watch
+
+
 def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.Application:
     store = store or NodeStore(settings)
     metrics = NodeMetrics(store)
@@ -139,7 +167,9 @@ def build_app(settings: NodeSettings, store: NodeStore | None = None) -> web.App
     handlers = app[HANDLERS] = NodeHandlers(store, settings)
     endpoints = NodeEndpoints(store, settings, metrics)
     for route in routes_of(NODE):
-        if route.forwarded:
+        if route.stream:
+            add_route(app, route, streaming(handlers))
+        elif route.forwarded:
             add_route(app, route, answering(getattr(handlers, route.op)))
         else:
             add_route(app, route, getattr(endpoints, route.op))

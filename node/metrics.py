@@ -86,5 +86,19 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("stickystate_snapshot_tail_events",
                                 "Change events after the last checkpoint, summed over owned shards (what a rebuild replays)",
                                 value=snaps.tail_events())
+        hub = st.watch
+        yield GaugeMetricFamily("stickystate_watchers", "Open watch streams on this node", value=hub.watchers)
+        yield GaugeMetricFamily("stickystate_watch_buffer_peak_events",
+                                "Most changes any watcher's buffer has held (bounded by --watch-buffer-events)",
+                                value=hub.buffer_peak)
+        resets = CounterMetricFamily("stickystate_watch_resets", "Resets sent to watchers, by cause", labels=["cause"])
+        for cause, value in hub.resets.items():
+            resets.add_metric([cause], value)
+        yield resets
+        resumed = CounterMetricFamily("stickystate_watch_resumes", "Exact resumes of a watch, by where the changes "
+                                      "came from (memory: the ring; log: the partition)", labels=["source"])
+        for source, value in hub.resumed.items():
+            resumed.add_metric([source], value)
+        yield resumed
         yield GaugeMetricFamily("stickystate_ready", "1 when the node is ready to serve", value=1.0 if st.ready else 0.0)
         yield GaugeMetricFamily("stickystate_scrape_timestamp_seconds", "Time of this scrape", value=time.time())

@@ -62,6 +62,7 @@ class Ownership:
         self.kafka_deadline_s = kafka_deadline_s
         self._acquire_tasks: dict[int, asyncio.Task[None]] = {}
         self._assign_lock = asyncio.Lock()
+        self.on_lost: Callable[[int], None] | None = None  # our ownership of a shard ended (node/watch.py)
         self.recoveries: deque[dict[str, Any]] = deque(maxlen=256)  # recent, for /internal/status
         self.recoveries_total = 0
         self.recovery_events_total = 0
@@ -142,6 +143,8 @@ class Ownership:
 
     def _forget(self, s: int, shard: Shard | None = None) -> None:
         """Our ownership of ``s`` ended (or never started): nothing of it is due any more."""
+        if self.on_lost is not None:
+            self.on_lost(s)
         if shard is None:
             shard = self.roles.shards.get(s)
         if shard is not None:

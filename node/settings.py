@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stickystate.node.validate import DURABILITIES, Limits
+from stickystate.node.watch import WatchLimits
 from stickystate.replicator.settings import ReplicatorSettings
 
 
@@ -28,6 +29,7 @@ class NodeSettings:
     snapshot_every_events: int = 100  # a session is snapshotted after this many changes (0: never)
     snapshot_max_age_s: float = 30.0  # ... or at the latest this long after its first unsnapshotted change
     limits: Limits = field(default_factory=Limits)
+    watch: WatchLimits = field(default_factory=WatchLimits)
     replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import Shard
 from stickystate.node.snapshotting import Snapshotting
 from stickystate.node.verification import OwnerVerification, StallGuard
+from stickystate.node.watch import SharedLogReads, WatchHub
 from stickystate.node.writes import WriteResult, Writes, fingerprint
 from stickystate.replicator.follower import Follower
 from stickystate.replicator.history import HistoryReader
@@ -73,6 +74,11 @@ class NodeStore:
                                    settings.recovery_timeout_s, rep.kafka_deadline_s)
         self.writes = Writes(self.roles, self.stall, self.verification, self.expiry, replicating, self.follower,
                              self.me, clock, settings.limits, settings.hold_timeout_s, rep.kafka_deadline_s)
+        # Watchers: told of every change, and of every shard this node stops owning.
+        self.watch = WatchHub(settings.watch)
+        self.watch.log_reads = SharedLogReads(self._watch_log)
+        self.writes.on_change = self.expiry.on_change = self.watch.changed
+        self.ownership.on_lost = self.watch.shard_lost
         # The request path, bound once: a call costs what it did before the split.
         self.serving_shard = self.writes.serving_shard
         self.read = self.writes.read
@@ -81,6 +87,19 @@ class NodeStore:
         self.assign = self.ownership.assign
         self.draining = False  # advertised to the router: move my shards away
         self.last_probe = 0.0  # monotonic time of the router's last status probe
+
+    async def _watch_log(self, s: int, sid: str) -> list[dict[str, Any]]:
+        """A resume's read (node/watch.py): every retained event of ``sid`` as /history reads
+        them, after the shard's queued changes are in Kafka."""
+        await self.replicator.flush([s], timeout_s=self.settings.replicator.kafka_deadline_s)
+        out: list[dict[str, Any]] = []
+        after = -1
+        while True:
+            items, more = await self.history.read(s, sid, after, 1000)
+            out += items
+            if not more or not items:
+                return out
+            after = items[-1]["offset"]
 
     # the follower's and the producer's callbacks (the parts are made after the clients)
     def _on_records(self, s: int, records: Sequence[Any]) -> None:
@@ -158,6 +177,7 @@ class NodeStore:
 
     async def stop(self) -> None:
         self.roles.refusing = self.draining = True
+        self.watch.close_all()
         await self.ownership.stop()
         await self.bootstraps.stop()
         await self.snapshotting.stop()
@@ -192,4 +212,5 @@ class NodeStore:
             "sessions": sum(len(roles.shards[s].sessions) for s in roles.serving),
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.ownership.recoveries),
+            "watch": self.watch.status(),
         }

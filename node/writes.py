@@ -68,6 +68,7 @@ class Writes:
         self.limits = limits
         self.hold_timeout_s = hold_timeout_s
         self.kafka_deadline_s = kafka_deadline_s
+        self.on_change: Callable[[int, Op, Session | None], None] | None = None  # the watch hub's (node/watch.py)
 
     async def serving_shard(self, sid: str) -> Shard:
         """The shard of ``sid`` if we serve it (waits while it is being acquired); NotOwner
@@ -149,6 +150,8 @@ class Writes:
         except ReplicationError as exc:
             raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
         shard.commit(event, new, size)
+        if self.on_change is not None:
+            self.on_change(shard.id, event, new)
         if new is not None and current is None:
             self.expiry.schedule(new)
         status = 201 if op["op"] == "create" or (op["op"] == "replace" and current is None) else (

@@ -24,12 +24,15 @@ from collections.abc import Sequence
 from stickystate import logs
 from stickystate.http.connection import FrontLimits, Incoming
 from stickystate.http.front import Front
+from stickystate.http.stream import Streaming
 from stickystate.http.upstream import UpstreamPool
 from stickystate.http.wire import Reply, error_reply, new_request_id, render
 from stickystate.auth import Gate
+from stickystate.protocol import STREAM_PATHS
 from stickystate.router.forward import Forwarder, HeaderScan, as_str, is_session_request, prepare
 from stickystate.router.metrics import RouterMetrics
 from stickystate.router.settings import RouterSettings
+from stickystate.router.streams import StreamForwarder
 
 log = logging.getLogger("stickystate.router")
 
@@ -46,8 +49,9 @@ class RelayFront(Front):
         self.gate = gate
         self.forwarder = forwarder
         self.metrics = metrics
+        self.streams = StreamForwarder(settings, forwarder.cluster, metrics, forwarder.internal_lines)
 
-    async def answer(self, req: Incoming) -> Sequence[bytes]:
+    async def answer(self, req: Incoming) -> Sequence[bytes] | Streaming:
         """The bytes of the answer to ``req``."""
         if req.refusal is not None:
             return render(req.refusal, req, HeaderScan(req.headers).request_id or new_request_id())
@@ -60,6 +64,10 @@ class RelayFront(Front):
             if not is_session_request(method, req.target):
                 return render(await self.relay_local(req, rid), req, rid)
             reply = await self._forward(req, scan, rid)
+            if isinstance(reply, Streaming):
+                self.count(method.decode("latin-1"), reply.status, time.perf_counter() - started)
+                reply.request_id = rid
+                return reply
             self.count(method.decode("latin-1"), reply.status, time.perf_counter() - started)
             return render(reply, req, rid)
         except Exception:
@@ -68,7 +76,7 @@ class RelayFront(Front):
         finally:
             logs.request_id.reset(token)
 
-    async def _forward(self, req: Incoming, scan: HeaderScan, rid: bytes) -> Reply:
+    async def _forward(self, req: Incoming, scan: HeaderScan, rid: bytes) -> Reply | Streaming:
         tenant, refusal = self.gate.admit(as_str(scan.authorization), as_str(scan.api_key), time.monotonic())
         if refusal is not None:
             if refusal.status == 429:
@@ -79,4 +87,6 @@ class RelayFront(Front):
                       internal_lines=self.forwarder.internal_lines, partitions=self.settings.partitions)
         if isinstance(out, Reply):
             return out
+        if req.method == b"GET" and STREAM_PATHS.match(b"GET", req.target.split(b"?", 1)[0]) is not None:
+            return await self.streams.open(out)  # piped as it comes (router/streams.py)
         return await self.forwarder.forward(out)

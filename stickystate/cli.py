@@ -17,6 +17,7 @@ def _node(ns: argparse.Namespace) -> None:
     from stickystate.node.server import serve
     from stickystate.node.settings import NodeSettings
     from stickystate.node.validate import Limits
+    from stickystate.node.watch import WatchLimits
     from stickystate.replicator.settings import ReplicatorSettings
     from stickystate import logs
 
@@ -36,7 +37,10 @@ def _node(ns: argparse.Namespace) -> None:
                             api_keys=tuple(load_keys(ns.api_keys_file, ns.api_keys).items()),
                             rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
                             snapshot_every_events=ns.snapshot_every_events,
-                            snapshot_max_age_s=ns.snapshot_max_age_s)
+                            snapshot_max_age_s=ns.snapshot_max_age_s,
+                            watch=WatchLimits(per_session=ns.watch_max_per_session, per_node=ns.watch_max_per_node,
+                                              buffer_events=ns.watch_buffer_events, ring_events=ns.watch_ring_events,
+                                              heartbeat_s=ns.watch_heartbeat_s))
     # What the imports made (modules, classes, functions: ~45k objects) lives as long as the
     # process: keep it out of the cyclic GC's full passes, which otherwise walk it every
     # time and hold every request in flight (the router does the same, router/server.py).

@@ -95,6 +95,12 @@ NODE = [
     Option("rate_limit_rps", float, 1000.0, "requests per second per tenant of direct clients (0 = unlimited); "
            "over it: 429"),
     Option("rate_limit_burst", float, 2000.0, "burst size of that per-tenant rate limit"),
+    Option("watch_max_per_session", int, 100, "watchers one session may have on this node; over it: 429"),
+    Option("watch_max_per_node", int, 10_000, "watchers this node serves; over it: 503"),
+    Option("watch_buffer_events", int, 1000, "changes buffered per watcher that does not keep up; "
+           "over it the buffer is dropped and the watcher gets a reset"),
+    Option("watch_ring_events", int, 128, "recent changes kept per watched session, to resume from memory"),
+    Option("watch_heartbeat_s", float, 15.0, "a comment line on every watch stream this often"),
     Option("log_level", str, "info", "log level"),
 ]
 

@@ -40,6 +40,8 @@ EPOCH_HEADER = "X-Stickystate-Epoch"
 RETRIES_HEADER = "X-Stickystate-Retries"  # the router retried the request on another node
 REPLAYED_HEADER = "Idempotent-Replayed"
 PREFERENCE_APPLIED_HEADER = "Preference-Applied"
+LAST_EVENT_ID_HEADER = "Last-Event-ID"  # SSE: where a watch resumes (node/watch.py)
+IF_NONE_MATCH_HEADER = "If-None-Match"  # long-poll: the version the client holds
 # Only the router (holding the internal secret) may set these on a request to a node:
 SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # the id the router generated for a create
 TENANT_HEADER = "X-Stickystate-Tenant"  # the authenticated tenant: namespaces every session id
@@ -113,6 +115,9 @@ class Route:
     the shard's owner, to which the router forwards it. ``fast``: the node's httptools
     front answers it itself (node/fastpath.py), else it relays it to the node's aiohttp
     app. ``open``: no credentials needed. ``metered``: counted in the request metrics.
+    ``stream``: the answer is a stream (``text/event-stream``), not a whole body: every
+    front writes it as it comes (stickystate/http/stream.py) and the router pipes it
+    instead of buffering it (router/streams.py).
     """
 
     method: str
@@ -123,10 +128,11 @@ class Route:
     fast: bool = False
     open: bool = False
     metered: bool = True
+    stream: bool = False
 
 
-def _session(method: str, path: str, op: str, fast: bool = True) -> Route:
-    return Route(method, path, op, frozenset({NODE, ROUTER}), forwarded=True, fast=fast)
+def _session(method: str, path: str, op: str, fast: bool = True, stream: bool = False) -> Route:
+    return Route(method, path, op, frozenset({NODE, ROUTER}), forwarded=True, fast=fast, stream=stream)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -138,6 +144,8 @@ ROUTES: tuple[Route, ...] = (
     _session("GET", "/v1/sessions/{sid}/meta", "meta"),
     # reads Kafka (a scan of the partition): not on the fast front
     _session("GET", "/v1/sessions/{sid}/history", "history", fast=False),
+    # a change feed (SSE): answered by the fast front (the aiohttp app with --fast-path off)
+    _session("GET", "/v1/sessions/{sid}/watch", "watch", stream=True),
     _session("POST", "/v1/sessions/{sid}/lists/{field}", "append"),
     _session("PUT", "/v1/sessions/{sid}/keys/{key}", "set_key"),
     _session("DELETE", "/v1/sessions/{sid}/keys/{key}", "delete_key"),
@@ -153,6 +161,7 @@ OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
 # The session routes' path templates: a node serves these to clients holding an API key too.
 SESSION_PATHS = frozenset(r.path for r in ROUTES if r.forwarded)
 UNMETERED = frozenset(r.op for r in ROUTES if not r.metered)
+STREAM_OPS = frozenset(r.op for r in ROUTES if r.stream)
 
 
 def routes_of(server: str) -> tuple[Route, ...]:
@@ -218,6 +227,9 @@ class RouteMatcher:
 
 
 FAST_ROUTES = RouteMatcher(tuple(r for r in ROUTES if r.fast), _FAST_SEGMENT, refuse_dots=True, head_as_get=False)
+# The streamed routes, as the router matches them (it pipes their answers).
+STREAM_PATHS = RouteMatcher(tuple(r for r in ROUTES if r.stream), _ANY_SEGMENT, refuse_dots=False,
+                            head_as_get=False)
 # The router checks ids itself (and refuses "." and ".." with a 400 of its own).
 FORWARDED_ROUTES = RouteMatcher(tuple(r for r in ROUTES if r.forwarded), _ANY_SEGMENT, refuse_dots=False,
                                 head_as_get=True)

@@ -58,6 +58,13 @@ def test_quick_chaos_run_loses_no_log_acknowledged_append_and_keeps_order(
     assert not any(k.startswith("kafka") for k in kinds), "the shared broker must not be restarted"
     assert rep["log"]["records"] > rep["appends"]["acknowledged"]["log"]
     assert rep["log_vs_router"]["compared"] == rep["workload"]["sessions"]
+    # every session was watched through the faults: nothing acknowledged at `log` went unseen,
+    # no duplicate, no silent gap (resets are allowed: announced, with their cause)
+    watch = rep["watch"]
+    assert watch["watchers"] == rep["workload"]["sessions"] and watch["events"] > 0, summary
+    assert watch["lost"]["log"] == 0 and watch["duplicates"] == 0 and watch["order_violations"] == 0, summary
+    assert watch["caught_up"], summary
+    assert watch["streams"] > watch["watchers"], summary  # the faults ended streams and they resumed
     assert rep["failover"]["samples"] > 0
     assert proc.returncode == 0, f"{summary}\n{output[-2000:]}"
 

@@ -15,7 +15,8 @@ from stickystate.client.errors import (ApiError, BadRequest, Conflict, NotFound,
                                        RateLimited, ServerError, StickyStateError, TooLarge, TransportError,
                                        Unauthorized, Unavailable)
 from stickystate.client.sync import Client
+from stickystate.client.watch import WatchEvent
 
 __all__ = ["ApiError", "AsyncClient", "BadRequest", "Client", "ClusterMap", "Conflict", "NotFound", "NotOwner",
            "PreconditionFailed", "RateLimited", "RetryPolicy", "ServerError", "StickyStateError", "TooLarge",
-           "TransportError", "Unauthorized", "Unavailable"]
+           "TransportError", "Unauthorized", "Unavailable", "WatchEvent"]

@@ -17,6 +17,7 @@ import aiohttp
 
 from stickystate.client.core import Call, ClientCore, Response, RetryPolicy, Target, raise_for
 from stickystate.client.errors import PreconditionFailed
+from stickystate.client.watch import READ_TIMEOUT_S, SseParser, WatchCursor, WatchEvent
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -113,6 +114,62 @@ class AsyncClient:
             if page.get("next_after") is None:
                 return
             after = int(page["next_after"])
+
+    async def watch(self, sid: str, *, changes_only: bool = False,
+                    last_event_id: str | None = None) -> AsyncIterator[WatchEvent]:
+        """The session's changes as they happen (``GET /v1/sessions/{id}/watch``): ``state``
+        first (or, with ``last_event_id``, what followed it), then a ``change`` per change;
+        a ``reset`` when the server cannot give the changes after a position exactly; ends
+        after ``deleted``/``expired``. When a stream ends otherwise (failover, handoff), it
+        reopens by itself with the last event's id, after the server's ``retry:``. Stop
+        with ``break`` (or ``aclose()``)."""
+        cursor = WatchCursor(last_event_id)
+        while not cursor.done:
+            resp = await self._open_stream(self._core.watch(sid, cursor.last_id, changes_only))
+            cursor.streams += 1
+            parser = SseParser()
+            try:
+                async for chunk in resp.content.iter_any():
+                    for event in parser.feed(chunk):
+                        cursor.seen(event)
+                        yield event
+                    if cursor.done:
+                        break
+            except _TRANSPORT_ERRORS:
+                pass  # the stream broke: resume
+            finally:
+                resp.close()
+            if not cursor.done:
+                await asyncio.sleep(cursor.reconnect_delay_s(parser))
+
+    async def _open_stream(self, call: Call) -> aiohttp.ClientResponse:
+        """A 200 stream for ``call``, with the same attempts as any call (421s, failover)."""
+        core = self._core
+        if core.map_wanted(time.monotonic()):
+            await self._refresh()
+        attempts = core.attempts(call, time.monotonic())
+        while True:
+            target = attempts.target()
+            attempts.sent()
+            try:
+                resp = await self._session().request(
+                    call.method, target.base + call.path, headers=call.headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=attempts.timeout_s(time.monotonic()),
+                                                  sock_read=READ_TIMEOUT_S))
+                if resp.status == 200:
+                    return resp
+                async with resp:
+                    body = await resp.read()
+                step = attempts.answered(target, Response(resp.status, resp.headers, body), time.monotonic())
+            except _TRANSPORT_ERRORS as exc:
+                step = attempts.failed(target, exc, time.monotonic())
+            if step.done:
+                raise_for(step)
+                raise AssertionError("unreachable: a stream opens with 200 only")
+            if step.refresh:
+                await self._refresh()
+            if step.delay_s > 0:
+                await asyncio.sleep(step.delay_s)
 
     async def cluster(self) -> dict[str, Any]:
         """A router's ``/v1/cluster`` (and the client's map is refreshed from it)."""

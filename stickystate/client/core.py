@@ -39,7 +39,7 @@ import orjson
 from stickystate.client.errors import BadRequest, TransportError, error_of
 from stickystate.protocol import (API_KEY_HEADER, AUTHORIZATION_HEADER, CLIENT_KEY_PREFIX, DURABILITY_HEADER,
                                   IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_KEY_MESSAGE, IDEMPOTENCY_KEY_RE, IF_MATCH_HEADER,
-                                  JSON_CONTENT_TYPE, KEY_RE, OWNER_HEADER, PREFER_HEADER, REQUEST_ID_HEADER,
+                                  JSON_CONTENT_TYPE, KEY_RE, LAST_EVENT_ID_HEADER, OWNER_HEADER, PREFER_HEADER, REQUEST_ID_HEADER,
                                   RETRY_KEY_PREFIXES, SESSION_ID_MESSAGE, SESSION_ID_RE, key_message, shard_of)
 
 __all__ = ["Attempts", "Call", "ClientCore", "ClusterMap", "RetryPolicy", "Step", "Target"]
@@ -312,6 +312,15 @@ class ClientCore:
 
     def delete(self, sid: str, **opts: Any) -> Call:
         return self.session_call("DELETE", f"/v1/sessions/{sid}", sid, write=True, **opts)
+
+    def watch(self, sid: str, last_event_id: str | None, changes_only: bool) -> Call:
+        """Open (or resume, after ``last_event_id``) a watch: stickystate/client/watch.py."""
+        call = self.session_call("GET", f"/v1/sessions/{sid}/watch", sid,
+                                 query={"changes_only": 1 if changes_only else None})
+        call.headers["Accept"] = "text/event-stream"
+        if last_event_id:
+            call.headers[LAST_EVENT_ID_HEADER] = last_event_id
+        return call
 
     # -- one call's attempts ------------------------------------------------------------------
     def attempts(self, call: Call, now: float) -> Attempts:

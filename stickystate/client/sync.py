@@ -16,6 +16,7 @@ import urllib3
 
 from stickystate.client.core import Call, ClientCore, Response, RetryPolicy, Target, raise_for
 from stickystate.client.errors import PreconditionFailed
+from stickystate.client.watch import READ_TIMEOUT_S, SseParser, WatchCursor, WatchEvent
 
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 
@@ -96,6 +97,63 @@ class Client:
             if page.get("next_after") is None:
                 return
             after = int(page["next_after"])
+
+    def watch(self, sid: str, *, changes_only: bool = False,
+              last_event_id: str | None = None) -> Iterator[WatchEvent]:
+        """The session's changes as they happen (``GET /v1/sessions/{id}/watch``): ``state``
+        first (or, with ``last_event_id``, what followed it), then a ``change`` per change;
+        a ``reset`` when the server cannot give the changes after a position exactly; ends
+        after ``deleted``/``expired``. When a stream ends otherwise (failover, handoff), it
+        reopens by itself with the last event's id, after the server's ``retry:``. Close
+        the iterator (or break out of the loop) to stop."""
+        cursor = WatchCursor(last_event_id)
+        while not cursor.done:
+            resp = self._open_stream(self._core.watch(sid, cursor.last_id, changes_only))
+            cursor.streams += 1
+            parser = SseParser()
+            try:
+                while not cursor.done:
+                    chunk = resp.read1(65536)
+                    if not chunk:
+                        break
+                    for event in parser.feed(chunk):
+                        cursor.seen(event)
+                        yield event
+            except _TRANSPORT_ERRORS:
+                pass  # the stream broke: resume
+            finally:
+                resp.close()
+            if not cursor.done:
+                time.sleep(cursor.reconnect_delay_s(parser))
+
+    def _open_stream(self, call: Call) -> urllib3.BaseHTTPResponse:
+        """A 200 stream for ``call``, with the same attempts as any call (421s, failover)."""
+        core = self._core
+        if core.map_wanted(time.monotonic()):
+            self._refresh()
+        attempts = core.attempts(call, time.monotonic())
+        while True:
+            target = attempts.target()
+            attempts.sent()
+            try:
+                resp = self._http.request(
+                    call.method, target.base + call.path, headers=call.headers, retries=False, redirect=False,
+                    preload_content=False,
+                    timeout=urllib3.Timeout(connect=attempts.timeout_s(time.monotonic()), read=READ_TIMEOUT_S))
+                if resp.status == 200:
+                    return resp
+                body = resp.read()
+                resp.release_conn()
+                step = attempts.answered(target, Response(resp.status, resp.headers, body), time.monotonic())
+            except _TRANSPORT_ERRORS as exc:
+                step = attempts.failed(target, exc, time.monotonic())
+            if step.done:
+                raise_for(step)
+                raise AssertionError("unreachable: a stream opens with 200 only")
+            if step.refresh:
+                self._refresh()
+            if step.delay_s > 0:
+                time.sleep(step.delay_s)
 
     def cluster(self) -> dict[str, Any]:
         """A router's ``/v1/cluster`` (and the client's map is refreshed from it)."""

@@ -14,6 +14,7 @@ answers before it are out. The front (stickystate/http/front.py) answers each re
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -22,10 +23,13 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from stickystate.http.stream import Streaming
 from stickystate.http.wire import Header, Reply, error_reply
 
 if TYPE_CHECKING:
     from stickystate.http.front import Front
+
+log = logging.getLogger("stickystate.http")
 
 MAX_PIPELINE = 32  # requests read ahead of the one being answered before reading pauses
 LINGER_S = 2.0  # after a last answer, how long to keep reading (and dropping) what the client still sends
@@ -88,6 +92,12 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False
         self._answering = False  # the serving task is working on the queue's first request
         self._waiting: asyncio.Future[None] | None = None  # the serving task waits for a request
+        self._pump: asyncio.Task[None] | None = None  # a streamed answer's pump (cancelled when the client goes)
+
+    @property
+    def streaming(self) -> bool:
+        """A streamed answer is being written (it ends when the connection closes)."""
+        return self._pump is not None
 
     @property
     def idle(self) -> bool:
@@ -103,6 +113,8 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = True
         self._queue.clear()  # nobody to answer; an exchange in progress finishes on its own
         self.front.connections.discard(self)
+        if self._pump is not None:
+            self._pump.cancel()
         for fut in (self._writable, self._waiting):
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -112,6 +124,9 @@ class ClientConnection(asyncio.Protocol):
         self._stopped = True
         self._eof = True
         self._current = None
+        if self._pump is not None:
+            self._pump.cancel()  # a streamed answer: the client that ends its side is gone
+            return False
         if not self._answering and not self._queue:
             return False  # the transport closes
         if self._queue:
@@ -291,8 +306,13 @@ class ClientConnection(asyncio.Protocol):
                 req = self._queue[0]
                 data = await self.front.answer(req)
                 if self._lost or self.transport.is_closing():  # type: ignore[union-attr] # gone, or closed by drain()
+                    if isinstance(data, Streaming) and data.discard is not None:
+                        data.discard()
                     break
                 self._queue.popleft()
+                if isinstance(data, Streaming):
+                    await self._stream(data, req)
+                    break
                 self.transport.writelines(data)  # type: ignore[union-attr]
                 if not req.keep_alive:
                     self._close_after_answer()
@@ -306,6 +326,35 @@ class ClientConnection(asyncio.Protocol):
             self._task = None
             self._waiting = None
             self._answering = False
+
+    # -- streamed answers (stickystate/http/stream.py) ----------------------------------
+    def send(self, data: bytes) -> None:
+        if not self._lost and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("client gone")
+        if self._writable is not None:
+            await self._writable
+            if self._lost:
+                raise ConnectionResetError("client gone")
+
+    async def _stream(self, answer: Streaming, req: Incoming) -> None:
+        """Write a streamed answer's head, run its pump, then close: the body ends with the
+        connection. Nothing after it on this connection is answered."""
+        self._stopped = True
+        self._queue.clear()
+        self.send(answer.head())
+        self._pump = asyncio.get_running_loop().create_task(answer.pump(self))
+        try:
+            await asyncio.wait({self._pump})
+            failed = None if self._pump.cancelled() else self._pump.exception()
+            if failed is not None and not isinstance(failed, ConnectionError):
+                log.error("stream failed", exc_info=failed)
+        finally:
+            self._pump = None
+            self.close()
 
     def _close_after_answer(self) -> None:
         """Half-close, then linger: closing while the client's unread bytes (the rest of a

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from stickystate.http.connection import ClientConnection, FrontLimits, Incoming
+from stickystate.http.stream import Streaming
 from stickystate.http.upstream import UpstreamError, UpstreamPool
 from stickystate.http.wire import Reply, error_reply
 from stickystate.protocol import HOP_BY_HOP
@@ -50,7 +51,7 @@ class Front:
         # prometheus children per (label, status): labels() per request is a lookup and a lock
         self._counted: dict[tuple[str, int], tuple[Any, Any]] = {}
 
-    async def answer(self, req: Incoming) -> Sequence[bytes]:
+    async def answer(self, req: Incoming) -> Sequence[bytes] | Streaming:
         """The bytes of the answer to ``req``; must not raise."""
         raise NotImplementedError
 
@@ -92,7 +93,7 @@ class Front:
         """Stop taking requests; let those in progress finish (up to timeout_s), then close."""
         self.closing = True
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle or conn.streaming:  # a stream never finishes by itself: its client resumes elsewhere
                 conn.close()
         deadline = time.monotonic() + timeout_s
         while self.connections and time.monotonic() < deadline:

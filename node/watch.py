@@ -1,0 +1,328 @@
+"""Watching a session: its changes in version order, as Server-Sent Events, resumable
+(asyncio, no aiohttp; the fronts write the frames, node/handlers.py opens the watch).
+
+``WatchHub`` is the node's registry of watched sessions. The write path calls
+``changed`` once per change (node/writes.py, node/expiry.py: one dict lookup for a
+session nobody watches); ownership calls ``shard_lost`` when the node stops owning a
+shard, which ends its streams (the client resumes on the new owner, through the router or
+straight there). Per watched session the hub keeps a ring of its last changes (resume from
+memory); a session whose last watcher left keeps its ring for a while (``LINGER_S``,
+at most ``MAX_IDLE`` such sessions) so a reconnecting client resumes from memory too.
+
+The stream (node/watch_stream.py ``Watch.frames``): ``retry:`` (with jitter), then ``state`` (the session), or
+for a resume the changes after the client's position, or ``reset`` (the full state) when
+they cannot be given exactly; then one ``change`` per change, ``deleted``/``expired`` and
+the end. A comment line every ``heartbeat_s``.
+
+Positions (SSE ``id:``) are ``<version>:<epoch>:<life>``: the version, the epoch of
+the owner that sent it (it held that version then), and the session's lifetime
+(``created_at`` in microseconds: a deleted and re-created id starts again at version 1).
+A resume is exact iff this owner holds the same content at that version: same
+lifetime, version not newer than the current one, and the event that wrote it has an
+epoch not above the sender's (an owner of epoch E held every version written under
+epochs <= E that the log kept; a version written after E by a later owner means E's
+was lost, e.g. a ``memory`` write lost in a crash). Otherwise ``reset``, with its cause.
+A bare version (``after_version=n`` or ``Last-Event-ID: n``) is taken as of this owner's
+epoch and the current lifetime.
+
+Where the changes after a position come from: the ring, else the log (the ``/history``
+read of the shard's partition, replayed with the same ``apply`` as any replica to give
+each version's data), else (retention removed them, the lifetime's start is gone) a
+``reset``. The watcher is subscribed before the log is read, so nothing falls between.
+
+A watcher never slows the owner: ``changed`` only appends to each watcher's bounded
+buffer; on overflow the buffer is emptied and the watcher gets a ``reset`` with the
+state as it is when it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stickystate.errors import TooManyRequests, Unavailable
+from stickystate.node.ops import Op, Session, live_keys
+
+_POSITION = re.compile(r"[0-9]{1,19}(:[0-9]{1,19}:[0-9]{1,19})?")  # as docs/openapi.yaml (ASCII digits only)
+LINGER_S = 120.0  # a session's ring is kept this long after its last watcher left
+MAX_IDLE = 1000  # at most this many such sessions (least recently watched dropped first)
+RESET_CAUSES = ("lifetime", "unknown_version", "epoch", "history_gone", "overflow")
+LogReader = Callable[[int, str], Awaitable[list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    per_session: int = 100
+    per_node: int = 10_000
+    buffer_events: int = 1000
+    ring_events: int = 128
+    heartbeat_s: float = 15.0
+    retry_ms: int = 2000
+
+    def __post_init__(self) -> None:
+        if min(self.per_session, self.per_node, self.buffer_events, self.ring_events, self.retry_ms) < 1:
+            raise ValueError("watch limits must be >= 1")
+        if self.heartbeat_s <= 0:
+            raise ValueError("watch_heartbeat_s must be > 0")
+
+
+def life_of(state: Session) -> int:
+    return int(round(state["created_at"] * 1_000_000))
+
+
+class Change:
+    """One change of a watched session, as the write path produced it (made once per change
+    on the write path: a plain slotted class, its frames cache made by the first stream)."""
+
+    __slots__ = ("version", "epoch", "kind", "event", "data", "life", "frames")
+
+    def __init__(self, version: int, epoch: int, kind: str, event: Op, data: dict[str, Any] | None,
+                 life: int) -> None:
+        self.version = version
+        self.epoch = epoch  # of the event that wrote it
+        self.kind = kind  # change | deleted | expired
+        self.event = event
+        self.data = data  # the data after it (None: deleted or expired)
+        self.life = life
+        self.frames: dict[tuple[bool, int], bytes] | None = None  # (changes_only, sender epoch) -> frame
+
+
+def parse_position(raw: str) -> tuple[int, int | None, int | None] | None:
+    """``<version>[:<epoch>:<life>]`` -> (version, epoch, life); None if malformed."""
+    if _POSITION.fullmatch(raw.strip()) is None:
+        return None
+    parts = raw.strip().split(":")
+    if len(parts) == 1:
+        return int(parts[0]), None, None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+class Watcher:
+    """One stream's bounded buffer of changes."""
+
+    __slots__ = ("limit", "buffer", "overflowed", "ended", "wake", "hub")
+
+    def __init__(self, hub: WatchHub, limit: int) -> None:
+        self.hub = hub
+        self.limit = limit
+        self.buffer: deque[Change] = deque()
+        self.overflowed = False
+        self.ended: str | None = None
+        self.wake = asyncio.Event()
+
+    def push(self, change: Change) -> None:
+        if self.overflowed:
+            return
+        buffer = self.buffer
+        held = len(buffer)
+        if held >= self.limit:
+            buffer.clear()  # the owner does not wait: this watcher gets a reset instead
+            self.overflowed = True
+            self.hub.count_reset("overflow")  # counted now: the reset itself is sent when the watcher reads again
+        else:
+            buffer.append(change)
+            hub = self.hub
+            if held >= hub.buffer_peak:
+                hub.buffer_peak = held + 1
+            if held:
+                return  # not empty before: the stream was woken already
+        self.wake.set()
+
+    def end(self, cause: str) -> None:
+        self.ended = cause
+        self.wake.set()
+
+
+@dataclass
+class Watched:
+    shard: int
+    ring: deque[Change]
+    watchers: set[Watcher] = field(default_factory=set)
+    idle_since: float = 0.0
+    life: int = 0  # of the session as last seen (a delete's change carries it)
+
+
+class WatchHub:
+    def __init__(self, limits: WatchLimits) -> None:
+        self.limits = limits
+        self.sessions: dict[str, Watched] = {}
+        self.idle: OrderedDict[str, float] = OrderedDict()
+        self.pollers: dict[str, list[asyncio.Future[None]]] = {}  # long-polls waiting for a change
+        self.watchers = 0
+        self.buffer_peak = 0  # the most changes any watcher's buffer held (never above buffer_events)
+        self.resets: dict[str, int] = dict.fromkeys(RESET_CAUSES, 0)
+        self.resumed: dict[str, int] = {"memory": 0, "log": 0}  # exact resumes, by where the changes came from
+        self.opened_total = 0
+        self.refused_total = 0
+        self.log_reads: SharedLogReads | None = None  # the handlers', for the status
+
+    # -- the write path's hook ------------------------------------------------------------
+    def changed(self, shard: int, event: Op, new: Session | None) -> None:
+        sid = event["sid"]
+        polls = self.pollers.pop(sid, None)
+        if polls is not None:
+            for fut in polls:
+                if not fut.done():
+                    fut.set_result(None)
+        w = self.sessions.get(sid)
+        if w is None:
+            return
+        op = event["op"]
+        kind = "change" if new is not None else ("expired" if op == "expire" else "deleted")
+        life = life_of(new) if new is not None else w.life
+        w.life = life
+        change = Change(event["ver"], event["epoch"], kind, event,
+                        None if new is None else live_keys(new, event["at"]), life)
+        ring = w.ring
+        if ring and (ring[-1].life != life or ring[-1].version != change.version - 1):
+            ring.clear()  # a new lifetime (or a gap): the ring holds one contiguous run
+        if new is None:
+            ring.clear()
+        else:
+            ring.append(change)
+        for watcher in w.watchers:
+            watcher.push(change)
+
+    def shard_lost(self, shard: int) -> None:
+        """No longer the owner: its streams end (clients resume on the new owner)."""
+        for sid in [sid for sid, w in self.sessions.items() if w.shard == shard]:
+            w = self.sessions.pop(sid)
+            self.idle.pop(sid, None)
+            for watcher in w.watchers:
+                watcher.end("shard_moved")
+        # (long-polls find the shard gone when their wait ends: a 421, which the router retries)
+
+    def close_all(self, cause: str = "node_stopping") -> None:
+        for w in self.sessions.values():
+            for watcher in w.watchers:
+                watcher.end(cause)
+        self.sessions.clear()
+        self.idle.clear()
+        for polls in self.pollers.values():
+            for fut in polls:
+                if not fut.done():
+                    fut.set_result(None)
+        self.pollers.clear()
+
+    # -- long-poll -----------------------------------------------------------------------
+    def next_change(self, sid: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pollers.setdefault(sid, []).append(fut)
+        return fut
+
+    def forget_poll(self, sid: str, fut: asyncio.Future[None]) -> None:
+        polls = self.pollers.get(sid)
+        if polls is not None:
+            if fut in polls:
+                polls.remove(fut)
+            if not polls:
+                del self.pollers[sid]
+
+    # -- watchers ------------------------------------------------------------------------
+    def subscribe(self, shard: int, sid: str, life: int) -> tuple[Watched, Watcher]:
+        limits = self.limits
+        w = self.sessions.get(sid)
+        if w is not None and len(w.watchers) >= limits.per_session:
+            self.refused_total += 1
+            raise TooManyRequests(f"this session has {limits.per_session} watchers already (watch_max_per_session)",
+                                  retry_after_s=5, code="too_many_watchers")
+        if self.watchers >= limits.per_node:
+            self.refused_total += 1
+            raise Unavailable(f"this node has {limits.per_node} watchers already (watch_max_per_node)",
+                              retry_after_s=5, code="too_many_watchers")
+        if w is None:
+            w = self.sessions[sid] = Watched(shard, deque(maxlen=limits.ring_events))
+        w.life = life
+        self.idle.pop(sid, None)
+        watcher = Watcher(self, limits.buffer_events)
+        w.watchers.add(watcher)
+        self.watchers += 1
+        self.opened_total += 1
+        return w, watcher
+
+    def unsubscribe(self, sid: str, watcher: Watcher) -> None:
+        self.watchers -= 1
+        w = self.sessions.get(sid)
+        if w is None or watcher not in w.watchers:
+            return
+        w.watchers.discard(watcher)
+        if not w.watchers:
+            now = time.monotonic()
+            w.idle_since = now
+            self.idle[sid] = now
+            while self.idle:
+                oldest, since = next(iter(self.idle.items()))
+                if len(self.idle) <= MAX_IDLE and now - since < LINGER_S:
+                    break
+                self.idle.popitem(last=False)
+                gone = self.sessions.get(oldest)
+                if gone is not None and not gone.watchers:
+                    del self.sessions[oldest]
+
+    def count_reset(self, cause: str) -> None:
+        self.resets[cause] = self.resets.get(cause, 0) + 1
+
+    def status(self) -> dict[str, Any]:
+        return {"watchers": self.watchers, "sessions": len(self.sessions), "buffer_peak": self.buffer_peak,
+                "log_reads": self.log_reads.reads if self.log_reads else 0,
+                "log_reads_shared": self.log_reads.shared if self.log_reads else 0,
+                "buffer_limit": self.limits.buffer_events, "resets": dict(self.resets),
+                "resumed": dict(self.resumed),
+                "opened_total": self.opened_total, "refused_total": self.refused_total}
+
+
+class SharedLogReads:
+    """Resumes that need the log: one read at a time per node (each scans a partition, as
+    ``/history`` does), and the resumes of one session waiting for it share one read. A
+    resume joins a read only until that read begins (before it flushes the shard's queue
+    and takes the partition's end), so every joined watcher was subscribed before the read
+    began and misses nothing between the read's end and its buffer. After a failover, the
+    watchers of a session resuming together cost one scan, not one each."""
+
+    def __init__(self, read: LogReader) -> None:
+        self.read = read
+        self._pending: dict[tuple[int, str], asyncio.Future[list[dict[str, Any]]]] = {}
+        self._lock = asyncio.Lock()
+        self.reads = 0
+        self.shared = 0
+
+    async def __call__(self, s: int, sid: str) -> list[dict[str, Any]]:
+        key = (s, sid)
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = self._pending[key] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._run(key, fut))
+        else:
+            self.shared += 1
+        return await asyncio.shield(fut)
+
+    async def _run(self, key: tuple[int, str], fut: asyncio.Future[list[dict[str, Any]]]) -> None:
+        fut.add_done_callback(_retrieved)
+        try:
+            async with self._lock:
+                self._forget(key, fut)  # from here on, a new resume waits for the next read
+                self.reads += 1
+                result = await self.read(*key)
+        except asyncio.CancelledError:
+            self._forget(key, fut)
+            fut.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every resume that shares the read
+            self._forget(key, fut)
+            fut.set_exception(exc)
+            return
+        fut.set_result(result)
+
+    def _forget(self, key: tuple[int, str], fut: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if self._pending.get(key) is fut:
+            del self._pending[key]
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # its waiters may all have gone: not an unretrieved exception

@@ -1,0 +1,215 @@
+"""One watch stream: opened in one synchronous step (subscribed to the hub, first frames
+decided), then its Server-Sent Events until the session goes, the shard moves, or the
+client leaves. node/watch.py says what the events and positions mean; the fronts
+(node/fastpath.py, node/http.py) write the frames."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from stickystate.errors import StickyError
+from stickystate.node.ops import Op, Session, apply, live_keys, view
+from stickystate.node.watch import Change, LogReader, Watcher, WatchHub, life_of
+
+
+# -- frames --------------------------------------------------------------------------------
+def frame(kind: str, position: str, body: dict[str, Any]) -> bytes:
+    return b"".join((b"id: ", position.encode(), b"\nevent: ", kind.encode(), b"\ndata: ", orjson.dumps(body),
+                     b"\n\n"))
+
+
+class Watch:
+    """One stream: open synchronously (``open``: subscribed, first frames decided), then
+    ``frames`` until the session goes, the shard moves, or the client leaves."""
+
+    def __init__(self, hub: WatchHub, shard: Any, sid: str, public_id: str, changes_only: bool,
+                 clock: Callable[[], float], log_reader: LogReader | None) -> None:
+        self.hub = hub
+        self.shard = shard  # node/shard.py Shard (owned): current state for resets
+        self.sid = sid
+        self.public_id = public_id
+        self.changes_only = changes_only
+        self.clock = clock
+        self.log_reader = log_reader
+        self.epoch: int = shard.my_epoch
+        self.watcher: Watcher | None = None
+        self.sent = 0  # last version sent
+        self.life = 0
+        self.first: list[bytes] = []
+        self.headers: dict[str, str] = {}  # of the answer (set by the handler)
+        self.from_log: int | None = None  # resume: the position to read the log from
+        self.check_epoch: int | None = None  # resume: the sender's epoch the writer of from_log must not exceed
+
+    def open(self, position: tuple[int, int | None, int | None] | None) -> None:
+        """Subscribe and decide the first frames; synchronous (no change can slip between)."""
+        state = self.shard.sessions.get(self.sid)
+        assert state is not None  # the handler checked it
+        self.life = life_of(state)
+        w, self.watcher = self.hub.subscribe(self.shard.id, self.sid, self.life)
+        current = state["version"]
+        if position is None:
+            self.first.append(self._state_frame("state", state))
+            return
+        version, epoch, life = position
+        epoch = self.epoch if epoch is None else epoch
+        life = self.life if life is None else life
+        cause = None
+        if life != self.life:
+            cause = "lifetime"
+        elif version > current:
+            cause = "unknown_version"
+        elif epoch > self.epoch:
+            cause = "epoch"
+        if cause is not None:
+            self.first.append(self._reset(state, cause))
+            return
+        ring = [c for c in w.ring if c.life == self.life]
+        by_version = {c.version: c for c in ring}
+        held = epoch == self.epoch or (version in by_version and by_version[version].epoch <= epoch)
+        complete = version == current or (version + 1 in by_version and ring[-1].version == current)
+        if held and complete:
+            self.hub.resumed["memory"] += 1
+            self.sent = version
+            for c in ring:
+                if c.version > version:
+                    self.first.append(self._change_frame(c))
+            return
+        if self.log_reader is None:
+            self.first.append(self._reset(state, "history_gone"))
+            return
+        self.from_log, self.check_epoch = version, (None if held else epoch)
+        self.sent = version
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.hub.unsubscribe(self.sid, self.watcher)
+            self.watcher = None
+
+    # -- frames -------------------------------------------------------------------------
+    def _position(self, version: int, life: int | None = None) -> str:
+        return f"{version}:{self.epoch}:{self.life if life is None else life}"
+
+    def _state_frame(self, kind: str, state: Session, **extra: Any) -> bytes:
+        self.sent = state["version"]
+        session = view(state, self.clock())
+        session["id"] = self.public_id
+        return frame(kind, self._position(state["version"]),
+                     {"epoch": self.epoch, "version": state["version"], "session": session, **extra})
+
+    def _reset(self, state: Session, cause: str, counted: bool = False) -> bytes:
+        if not counted:
+            self.hub.count_reset(cause)
+        return self._state_frame("reset", state, cause=cause)
+
+    def _change_frame(self, c: Change) -> bytes:
+        self.sent = c.version
+        key = (self.changes_only, self.epoch)
+        if c.frames is None:
+            c.frames = {}
+        out = c.frames.get(key)
+        if out is None:
+            event = {k: v for k, v in c.event.items() if k != "idem"}
+            event["sid"] = self.public_id
+            body: dict[str, Any] = {"epoch": self.epoch, "version": c.version, "prev_version": c.version - 1,
+                                    "event": event}
+            if c.kind == "change" and not self.changes_only:
+                body["data"] = c.data
+            out = c.frames[key] = frame(c.kind, self._position(c.version, c.life), body)
+        return out
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        watcher = self.watcher
+        assert watcher is not None
+        limits = self.hub.limits
+        retry = int(limits.retry_ms * random.uniform(0.5, 1.5))
+        yield b"retry: %d\n\n" % retry
+        for f in self.first:
+            yield f
+        self.first = []
+        if self.from_log is not None:
+            for f in await self._from_log():
+                yield f
+        while True:
+            if watcher.ended is not None:
+                yield b": end " + watcher.ended.encode() + b"\n\n"
+                return
+            if watcher.overflowed:
+                watcher.overflowed = False
+                state = self.shard.sessions.get(self.sid)
+                if state is None or life_of(state) != self.life:
+                    return  # gone meanwhile: its delete was in the dropped buffer; a resume answers 404
+                yield self._reset(state, "overflow", counted=True)
+                continue
+            if watcher.buffer:
+                c = watcher.buffer.popleft()
+                if c.version <= self.sent and c.life == self.life:
+                    continue
+                if c.life != self.life:
+                    return  # another lifetime began (its delete ended this one's stream)
+                yield self._change_frame(c)
+                if c.kind != "change":
+                    return
+                continue
+            watcher.wake.clear()
+            try:
+                async with asyncio.timeout(limits.heartbeat_s):
+                    await watcher.wake.wait()
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+
+    async def _from_log(self) -> list[bytes]:
+        """The changes after ``from_log`` read from the log, or a reset."""
+        assert self.log_reader is not None and self.from_log is not None
+        after, check = self.from_log, self.check_epoch
+        self.from_log = None
+        try:
+            events = await self.log_reader(self.shard.id, self.sid)
+        except (StickyError, asyncio.TimeoutError, OSError):
+            events = []
+        state = self.shard.sessions.get(self.sid)
+        if state is None or self.watcher is None or self.watcher.ended is not None:
+            return []
+        # the current lifetime: events after the last delete/expire, from its first version
+        start = 0
+        for i, event in enumerate(events):
+            if event["op"] in ("delete", "expire"):
+                start = i + 1
+        lifetime = events[start:]
+        if not lifetime or lifetime[0]["ver"] != 1 or int(round(lifetime[0]["at"] * 1_000_000)) != self.life:
+            return [self._reset(state, "history_gone")]
+        out: list[tuple[int, int, Op, Session]] = []
+        current: Session | None = None
+        writer: dict[int, int] = {}
+        for event in lifetime:
+            try:
+                current, _ = apply(current, event, event["at"])
+            except StickyError:
+                return [self._reset(state, "history_gone")]
+            assert current is not None
+            writer[event["ver"]] = event["epoch"]
+            if event["ver"] > after:
+                out.append((event["ver"], event["epoch"], event, current))
+        if after and (after not in writer or (check is not None and writer[after] > check)):
+            return [self._reset(state, "epoch" if after in writer else "history_gone")]
+        if not out and after < state["version"] and not self.watcher.buffer:
+            return [self._reset(state, "history_gone")]
+        frames = []
+        last = after
+        for version, epoch, event, st in out:
+            if version != last + 1:
+                return [self._reset(state, "history_gone")]
+            frames.append(self._change_frame(Change(version, epoch, "change", event, live_keys(st, event["at"]),
+                                                    self.life)))
+            last = version
+        buffered = self.watcher.buffer
+        if buffered and buffered[0].version > last + 1 and buffered[0].life == self.life:
+            return [self._reset(state, "history_gone")]  # the log stopped short of what is live
+        if not buffered and last < state["version"]:
+            return [self._reset(state, "history_gone")]
+        self.hub.resumed["log"] += 1
+        return frames

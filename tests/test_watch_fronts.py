@@ -1,0 +1,117 @@
+"""Both of a node's fronts stream a watch the same way (no Kafka: replication off): the
+fast front (node/fastpath.py, stickystate/http/stream.py) and the aiohttp app
+(``--fast-path off``, node/http.py). The stream's frames, HEAD, and the watcher freed when
+the client goes away; without a log, a resume past the ring is a reset, never a gap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from stickystate.node.server import running
+from stickystate.node.settings import NodeSettings
+from stickystate.node.watch import WatchLimits
+from stickystate.replicator.settings import ReplicatorSettings
+from tests.watching import take
+
+PARTITIONS = 4
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-front", "aiohttp"])
+async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_goes(fast_path: bool) -> None:
+    settings = NodeSettings(auth="open", port=0, fast_path=fast_path, replication=False,
+                            replicator=ReplicatorSettings(partitions=PARTITIONS),
+                            watch=WatchLimits(ring_events=2, heartbeat_s=0.5))
+    async with running(settings) as node:
+        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
+        deadline = time.monotonic() + 10
+        while len(node.store.serving) < PARTITIONS:
+            assert time.monotonic() < deadline, "shards not served"
+            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        base = f"http://127.0.0.1:{node.port}"
+        hub = node.store.watch
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s1", "data": {"n": 0}})) as resp:
+                assert resp.status == 201
+            async with http.head(f"{base}/v1/sessions/s1/watch") as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+            assert hub.watchers == 0
+            async with http.get(f"{base}/v1/sessions/s1/watch") as resp:
+                assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+                (state,) = await take(resp, 1)
+                assert hub.watchers == 1
+                for n in (1, 2, 3):
+                    async with http.patch(f"{base}/v1/sessions/s1", data=orjson.dumps({"n": n})) as w:
+                        assert w.status == 200
+                changes = await take(resp, 3)
+            # the client went: the pump is cancelled and the watcher unsubscribed (the fast front
+            # at once, aiohttp when its next frame, at the latest a heartbeat, finds the connection closed)
+            deadline = time.monotonic() + 10
+            while hub.watchers:
+                assert time.monotonic() < deadline, "the watcher was not freed"
+                async with http.get(f"{base}/livez") as live:
+                    assert live.status == 200
+            # the ring (2) still holds 3 and 4: a resume after 2 is exact, from memory
+            async with http.get(f"{base}/v1/sessions/s1/watch", headers={"Last-Event-ID": changes[0].id}) as resp:
+                resumed = await take(resp, 2)
+            # no log to read (replication off): a resume past the ring is a reset
+            async with http.get(f"{base}/v1/sessions/s1/watch", headers={"Last-Event-ID": state.id}) as resp:
+                (reset,) = await take(resp, 1)
+            # watched, then deleted before any change: the stream says so, then ends
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s2"})) as resp:
+                assert resp.status == 201
+            async with http.get(f"{base}/v1/sessions/s2/watch") as resp:
+                await take(resp, 1)
+                async with http.delete(f"{base}/v1/sessions/s2") as gone:
+                    assert gone.status == 204
+                (deleted,) = await take(resp, 1)
+                assert await resp.content.read() == b""
+            # a session that expires: `expired`, then the end
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s3", "ttl_s": 0.5})) as resp:
+                assert resp.status == 201
+            async with http.get(f"{base}/v1/sessions/s3/watch") as resp:
+                (expired,) = (await take(resp, 2))[1:]
+                assert await resp.content.read() == b""
+            async with http.get(f"{base}/v1/sessions/nope/watch") as resp:
+                assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    assert (state.kind, state.version) == ("state", 1)
+    assert [(c.kind, c.version, c.data["data"]["n"]) for c in changes] == [("change", 2, 1), ("change", 3, 2),
+                                                                         ("change", 4, 3)]
+    assert [(c.kind, c.version) for c in resumed] == [("change", 3), ("change", 4)]
+    assert (reset.kind, reset.data["cause"], reset.version) == ("reset", "history_gone", 4)
+    assert hub.resumed["memory"] == 1
+    assert (deleted.kind, deleted.version, deleted.data["event"]["op"]) == ("deleted", 2, "delete")
+    assert (expired.kind, expired.version, expired.data["event"]["op"]) == ("expired", 2, "expire")
+
+
+async def test_resumes_of_one_session_share_a_log_read_that_has_not_begun() -> None:
+    """node/watch.py SharedLogReads: a read joins only the resumes that came before it began."""
+    from stickystate.node.watch import SharedLogReads
+
+    began: list[tuple[int, str]] = []
+    release = asyncio.Event()
+
+    async def read(s: int, sid: str) -> list[dict[str, Any]]:
+        began.append((s, sid))
+        await release.wait()
+        return [{"read": len(began)}]
+
+    reads = SharedLogReads(read)
+    first = asyncio.create_task(reads(0, "a"))
+    while not began:
+        await asyncio.sleep(0)
+    # the first read has begun: these three wait for the next one, together
+    waiting = [asyncio.create_task(reads(0, "a")) for _ in range(3)]
+    other = asyncio.create_task(reads(1, "b"))  # another session: a read of its own
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(first, *waiting, other)
+    assert results[0] == [{"read": 1}]
+    assert results[1] == results[2] == results[3] and results[1] != results[0]
+    assert began[0] == (0, "a") and sorted(began[1:]) == [(0, "a"), (1, "b")]
+    assert (reads.reads, reads.shared) == (3, 2)
