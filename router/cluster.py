@@ -62,6 +62,9 @@ class Cluster:
             node.down = loop.create_future()
             node.down.set_result(None)  # not healthy until a probe answers
         await self._probe_all()
+        # A restarted router: the nodes hold the previous router's generation, and refuse an
+        # assignment older than theirs; continue from the highest one they report.
+        self.generation = max([self.generation] + [n.generation for n in self.nodes.values()])
         await self.rebalance()
         self._task = asyncio.create_task(self._run(), name="cluster-health")
 

@@ -50,7 +50,7 @@ class RouterSettings:
         if self.auth not in ("keys", "open"):
             raise ValueError("auth must be 'keys' or 'open'")
         if self.auth == "keys" and not self.api_keys:
-            raise ValueError("auth=keys needs API keys (--api-keys key=tenant,... or --api-keys-file), "
+            raise ValueError("auth=keys needs API keys (STICKYSTATE_API_KEYS=key=tenant,... or --api-keys-file), "
                              "or --auth open for local development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
