@@ -822,6 +822,9 @@ def summary_text(rep: dict[str, Any]) -> str:
     if stop:
         L.append(f"SIGSTOP (pause -> first success per affected session): p50 {stop['p50_s']}s, p99 {stop['p99_s']}s, "
                  f"max {stop['max_s']}s, samples {stop['samples']}")
+    for kind, d in sorted(rep.get("detection", {}).items()):
+        L.append(f"detection [{kind}] (fault -> router declares the node down): p50 {d['p50_s']}s, max {d['max_s']}s, "
+                 f"noticed {d['noticed']}, ended before noticed {d['unnoticed']}")
     ff = rep.get("false_failovers")
     if ff is not None:
         L.append(f"false failovers (a node declared down that no fault hit): {ff['count']} "

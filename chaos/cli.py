@@ -233,6 +233,7 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     router_log = cluster.procs["router"].log_path
     events = failovers.node_down_events(router_log.read_bytes().splitlines() if router_log.exists() else [])
     report["false_failovers"] = failovers.false_failovers(events, sched["faults"], end=time.time())
+    report["detection"] = failovers.detection(events, sched["faults"])
     if report["false_failovers"]["count"]:
         report.setdefault("warnings", []).append(f"{report['false_failovers']['count']} false failovers")
 

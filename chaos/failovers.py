@@ -50,3 +50,28 @@ def false_failovers(events: list[dict[str, Any]], faults: list[dict[str, Any]], 
                           "fault of the schedule had hit at that time",
             "node_down_events": len(events), "expected": len(events) - len(false), "count": len(false),
             "examples": false[:20]}
+
+
+def detection(events: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per node fault kind: fault -> the router's first ``node down`` for its target (before
+    the target was back). A pause that ended before the router noticed counts as
+    ``unnoticed``: its sessions waited the pause out instead."""
+    out: dict[str, Any] = {}
+    for kind in NODE_KINDS:
+        times, unnoticed = [], 0
+        for f in faults:
+            if f.get("kind") != kind or not f.get("t_fault"):
+                continue
+            back = f.get("t_recover") or float("inf")
+            hits = [e["t"] for e in events if e["node"] == f["target"] and f["t_fault"] <= e["t"] <= back + 0.05]
+            if hits:
+                times.append(min(hits) - f["t_fault"])
+            else:
+                unnoticed += 1
+        if times or unnoticed:
+            times.sort()
+            out[kind] = {"noticed": len(times), "unnoticed": unnoticed,
+                         "p50_s": round(times[len(times) // 2], 3) if times else None,
+                         "max_s": round(times[-1], 3) if times else None}
+    return out
+

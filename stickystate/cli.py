@@ -58,7 +58,9 @@ def _router(ns: argparse.Namespace) -> None:
     logs.setup(ns.log_level, node="router")
     settings = RouterSettings(host=ns.host, port=ns.port, nodes=parse_nodes(ns.nodes), partitions=ns.partitions,
                               standbys=ns.standbys, health_interval_s=ns.health_interval_s,
-                              health_failures_to_dead=ns.health_failures_to_dead, auth=ns.auth,
+                              health_failures_to_dead=ns.health_failures_to_dead,
+                              detector_threshold=ns.detector_threshold, detector_min_std_s=ns.detector_min_std_s,
+                              detector_pause_s=ns.detector_pause_s, auth=ns.auth,
                               api_keys=tuple(keys.items()), internal_secret=secret,
                               rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst)
     _install_uvloop()

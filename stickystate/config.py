@@ -112,8 +112,13 @@ ROUTER = [
            "cluster nodes as id=url,..."),
     Option("partitions", int, 64, "shard count; must match the nodes' --partitions"),
     Option("standbys", int, 1, "standby replicas per shard (0..nodes-1; more is clamped)"),
-    Option("health_interval_s", float, 0.25, "health check period"),
-    Option("health_failures_to_dead", int, 3, "missed checks before a node is declared dead"),
+    Option("health_interval_s", float, 0.1, "health check period (a probe this long after the last one ended)"),
+    Option("health_failures_to_dead", int, 3, "failed checks in a row (refused, error, 1 s timeout) before a "
+           "node is declared dead"),
+    Option("detector_threshold", float, 8.0, "phi accrual failure detector: a silent node is declared dead when "
+           "phi (-log10 of the chance that an answer is still this late) reaches this"),
+    Option("detector_min_std_s", float, 0.1, "floor of the standard deviation of a node's answer intervals"),
+    Option("detector_pause_s", float, 0.2, "silence always tolerated on top of a node's mean answer interval"),
     Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
     Option("api_keys_file", str, "", "file of 'key tenant' lines (mode 0600), merged with "
            "STICKYSTATE_API_KEYS=key=tenant,... (keys of at least 16 characters)"),
