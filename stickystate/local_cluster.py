@@ -289,12 +289,14 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
         print(f"{time.strftime('%H:%M:%S')} up: {text}", flush=True)
 
     supervisor: Supervisor | None = None
-    stop = {"now": False}
+    stop = {"now": False, "stopping": False}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
         if supervisor is not None:
             supervisor.stop()
+        elif not stop["stopping"]:
+            raise KeyboardInterrupt  # still starting: cluster.start() stops what it started
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -310,7 +312,10 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
         supervisor = Supervisor(cluster_children(cluster, policy), say)
         if not stop["now"]:
             supervisor.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        stop["stopping"] = True  # a second Ctrl-C must not interrupt the stopping
         if supervisor is not None:
             supervisor.stop()
         say("stopping ...")

@@ -208,3 +208,15 @@ def test_up_restarts_a_killed_broker_and_loses_no_acknowledged_write(
             after = doc["next_after"]
         assert set(values) <= seen, (sid, sorted(set(values) - seen))
     stop_cleanly(up)
+
+
+def test_ctrl_c_while_up_is_still_starting_leaves_no_process(tmp_path: Path, up_factory: list[Up]) -> None:
+    """No broker at all (an address nothing listens on): the nodes never get ready, up waits;
+    Ctrl-C then stops what it started instead of waiting out its start-up deadline."""
+    up = Up(tmp_path / "run", "--kafka-bootstrap", "127.0.0.1:9", "--partitions", PARTITIONS)
+    up_factory.append(up)
+    wait_for(lambda: len(descendants(up.proc.pid)) >= 4, 60, "up to start the nodes and the router")
+    children = descendants(up.proc.pid)
+    assert up.interrupt(timeout_s=60) == 0, up.output()
+    assert "up: stopped." in up.output()
+    wait_for(lambda: not any(alive(pid) for pid in children), 30, "every child of up to exit")
