@@ -203,12 +203,13 @@ class Supervisor:
                 self.out(f"{child.name} restarted (pid {child.pid()})")
                 return
             decision = child.budget.decide(1, self.clock())  # a failed start counts as a failure
+            why = (str(error).splitlines() or [type(error).__name__])[0]  # the log has the rest
             if not decision.restart:
                 child.state = "down"
-                self.out(f"{child.name} failed to start ({error}); {decision.reason}; the rest keep running "
+                self.out(f"{child.name} failed to start ({why}); {decision.reason}; the rest keep running "
                          f"(log: {child.log})")
                 return
-            self.out(f"{child.name} failed to start ({error}); trying again in {decision.delay_s:g} s "
+            self.out(f"{child.name} failed to start ({why}); trying again in {decision.delay_s:g} s "
                      f"({decision.reason})")
             delay_s = decision.delay_s
 

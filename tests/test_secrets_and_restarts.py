@@ -178,3 +178,26 @@ def test_no_restart_starts_after_stop() -> None:
     sup.join(10)  # the pending restart's thread has ended...
     assert len(crasher.procs) == 1  # ...without starting anything
     crasher.procs[-1].wait()
+
+
+def test_a_child_that_fails_to_start_is_retried_then_given_up_on() -> None:
+    crasher = Script("import sys; sys.exit(2)")
+    crasher.start()
+    starts: list[int] = []
+
+    def broken_start() -> None:
+        starts.append(1)
+        raise RuntimeError("broker not ready after 90s\n(long diagnostics)")
+
+    child = crasher.child("kafka", RestartPolicy(backoff_s=0.01, backoff_max_s=0.02, max_restarts=3, window_s=60))
+    child.start = broken_start
+    sup, lines, thread = supervise([child])
+    try:
+        wait_for(lambda: child.state == "down", 30, f"kafka to be given up on: {lines}")
+    finally:
+        sup.stop()
+        thread.join(10)
+        sup.join(10)
+    assert len(starts) == 3  # restarts 1..3; the fourth decision is the crash loop
+    assert sum("kafka failed to start (broker not ready after 90s); trying again" in line for line in lines) == 2
+    assert "giving up" in lines[-1] and "(long diagnostics)" not in "".join(lines)
