@@ -11,8 +11,8 @@ much later) widens its own distribution and so gets more time, instead of being 
 over for being busy. ``min_std_s`` and ``acceptable_pause_s`` bound how quick it can get.
 
 With the defaults, a node probed every 0.1 s that answers within a few milliseconds is
-suspected about 0.83 s after its last answer (phi 8 is about 5.3 standard deviations past
-the mean: 0.1 s + the 0.2 s pause + 5.3 x the 0.1 s floor).
+suspected about 0.57 s after its last answer (phi 8 is about 5.3 standard deviations past
+the mean: 0.1 s + the 0.1 s pause + 5.3 x the 0.07 s floor).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def phi(elapsed_s: float, mean_s: float, std_s: float) -> float:
 class PhiAccrual:
     threshold: float = 8.0
     window: int = 200  # intervals kept
-    min_std_s: float = 0.1
-    acceptable_pause_s: float = 0.2
+    min_std_s: float = 0.07
+    acceptable_pause_s: float = 0.1
     first_interval_s: float = 0.1  # assumed until two heartbeats were seen (std: a quarter of it)
     intervals: deque[float] = field(default_factory=deque)
     last: float | None = None

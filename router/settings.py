@@ -28,8 +28,8 @@ class RouterSettings:
     health_failures_to_dead: int = 3  # failed checks (refused, error, timeout) in a row: down
     # Silence: the phi accrual failure detector (router/detector.py) over each node's answers
     detector_threshold: float = 8.0
-    detector_min_std_s: float = 0.1
-    detector_pause_s: float = 0.2
+    detector_min_std_s: float = 0.07
+    detector_pause_s: float = 0.1
     rejoin_after_s: float = 1.0  # a node declared down is up again after answering every probe this long
     request_timeout_s: float = 30.0
     max_attempts: int = 6

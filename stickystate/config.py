@@ -117,8 +117,8 @@ ROUTER = [
            "node is declared dead"),
     Option("detector_threshold", float, 8.0, "phi accrual failure detector: a silent node is declared dead when "
            "phi (-log10 of the chance that an answer is still this late) reaches this"),
-    Option("detector_min_std_s", float, 0.1, "floor of the standard deviation of a node's answer intervals"),
-    Option("detector_pause_s", float, 0.2, "silence always tolerated on top of a node's mean answer interval"),
+    Option("detector_min_std_s", float, 0.07, "floor of the standard deviation of a node's answer intervals"),
+    Option("detector_pause_s", float, 0.1, "silence always tolerated on top of a node's mean answer interval"),
     Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
     Option("api_keys_file", str, "", "file of 'key tenant' lines (mode 0600), merged with "
            "STICKYSTATE_API_KEYS=key=tenant,... (keys of at least 16 characters)"),
