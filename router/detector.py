@@ -39,6 +39,7 @@ class PhiAccrual:
     min_std_s: float = 0.07
     acceptable_pause_s: float = 0.1
     first_interval_s: float = 0.1  # assumed until two heartbeats were seen (std: a quarter of it)
+    min_samples: int = 10  # judge nobody before this many intervals were learned (start-up is busy)
     intervals: deque[float] = field(default_factory=deque)
     last: float | None = None
     _sum: float = 0.0
@@ -87,7 +88,7 @@ class PhiAccrual:
         return phi(now - self.last, mean + self.acceptable_pause_s, max(std, self.min_std_s))
 
     def suspect(self, now: float) -> bool:
-        return self.phi(now) >= self.threshold
+        return len(self.intervals) >= self.min_samples and self.phi(now) >= self.threshold
 
     def silence_s(self, now: float) -> float:
         return 0.0 if self.last is None else now - self.last

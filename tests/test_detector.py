@@ -52,11 +52,18 @@ def test_a_busy_node_with_irregular_answers_gets_more_time() -> None:
 
 
 def test_before_two_answers_the_first_interval_estimate_is_used() -> None:
-    d = PhiAccrual(first_interval_s=0.1)
+    d = PhiAccrual(first_interval_s=0.1, min_samples=0)
     assert d.phi(5.0) == 0.0  # never heard from: nothing to judge
     d.heartbeat(10.0)
     assert d.stats() == (0.1, 0.025)
-    assert d.suspect(11.0) and not d.suspect(10.5)
+    assert d.suspect(11.0) and not d.suspect(10.4)
+
+
+def test_nobody_is_judged_before_enough_intervals_were_learned() -> None:
+    d, last = fed([0.1] * 9)
+    assert d.phi(last + 5) > d.threshold and not d.suspect(last + 5)
+    d.heartbeat(last + 0.1)
+    assert d.suspect(last + 5)
 
 
 def test_forgetting_and_excusing_silence() -> None:
