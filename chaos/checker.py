@@ -818,6 +818,17 @@ def summary_text(rep: dict[str, Any]) -> str:
     L.append(f"failover (fault -> first success per affected session): p50 {f['p50_s']}s, p99 {f['p99_s']}s, "
              f"samples {f['samples']}, never {f['never']}; node faults only: p50 {nf['p50_s']}s, "
              f"p99 {nf['p99_s']}s")
+    stop = f["per_kind"].get("sigstop")
+    if stop:
+        L.append(f"SIGSTOP (pause -> first success per affected session): p50 {stop['p50_s']}s, p99 {stop['p99_s']}s, "
+                 f"max {stop['max_s']}s, samples {stop['samples']}")
+    for kind, d in sorted(rep.get("detection", {}).items()):
+        L.append(f"detection [{kind}] (fault -> router declares the node down): p50 {d['p50_s']}s, max {d['max_s']}s, "
+                 f"noticed {d['noticed']}, ended before noticed {d['unnoticed']}")
+    ff = rep.get("false_failovers")
+    if ff is not None:
+        L.append(f"false failovers (a node declared down that no fault hit): {ff['count']} "
+                 f"(router 'node down' events {ff['node_down_events']}, expected {ff['expected']})")
     for pf in f["per_fault"]:
         L.append(f"    {pf['fault']:<24} hold {pf['hold_s']:>5}s shards {pf['shards']:>3} sessions "
                  f"{pf['affected_sessions']:>3}: p50 {pf['p50_s']}s p99 {pf['p99_s']}s max {pf['max_s']}s; "

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from stickystate.chaos import checker
+from stickystate.chaos import checker, failovers
 from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule,
                                         ScheduleConfig)
 from stickystate.chaos.watchers import Watchers, check as watch_check, summary_line as watch_summary
@@ -230,6 +230,12 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     report["faults"] = sched["faults"]
     report["schedule_events"] = sched["events"]
     report["faults_injected"] = len(schedule.faults)
+    router_log = cluster.procs["router"].log_path
+    events = failovers.node_down_events(router_log.read_bytes().splitlines() if router_log.exists() else [])
+    report["false_failovers"] = failovers.false_failovers(events, sched["faults"], end=time.time())
+    report["detection"] = failovers.detection(events, sched["faults"])
+    if report["false_failovers"]["count"]:
+        report.setdefault("warnings", []).append(f"{report['false_failovers']['count']} false failovers")
 
     return report
 

@@ -39,7 +39,7 @@ class NodeSettings:
             raise ValueError("auth must be 'keys' or 'open'")
         if self.auth == "keys" and len(self.internal_secret) < 16:
             raise ValueError("auth=keys needs an internal secret of at least 16 characters "
-                             "(--internal-secret / STICKYSTATE_INTERNAL_SECRET), or --auth open for local development")
+                             "(STICKYSTATE_INTERNAL_SECRET or --internal-secret-file), or --auth open for local development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
         if self.snapshot_every_events < 0:

@@ -3,8 +3,8 @@
 The router is the placement authority: it computes the placement (router/placement.py)
 over the nodes it sees healthy and tells every node which shards it owns and follows
 (``POST /internal/assign`` with a generation number). When a node dies (a connection
-error, or ``health_failures_to_dead`` missed checks) its shards move to the next nodes
-on the ring. Nodes losing shards are told first (they stop serving them and flush
+error, ``health_failures_to_dead`` failed checks, or silence the failure detector finds
+too long for that node, router/detector.py) its shards move to the next nodes on the ring. Nodes losing shards are told first (they stop serving them and flush
 their replication queue), then the nodes gaining them (they claim and rebuild from
 the log). While that runs, ``settled()`` holds requests instead of failing them.
 """
@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from stickystate.router.detector import PhiAccrual
 from stickystate.router.placement import Placement
 from stickystate.router.settings import RouterSettings
 
@@ -35,6 +36,11 @@ class NodeView:
     generation: int = -1
     last_seen: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
+    detector: PhiAccrual = field(default_factory=PhiAccrual)
+    probe: asyncio.Task[None] | None = field(default=None, repr=False)  # at most one in flight
+    next_probe: float = 0.0
+    was_down: bool = False  # declared down since the router started: rejoins only once stable
+    ok_since: float | None = None  # the first of the answers in a row so far
     # Resolved while the node is not healthy; in-flight requests race against it.
     # Created by Cluster.start() on the running loop.
     down: asyncio.Future[None] = field(init=False, repr=False)
@@ -43,13 +49,17 @@ class NodeView:
 class Cluster:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.nodes = {nid: NodeView(nid, url) for nid, url in settings.nodes}
+        self.nodes = {nid: NodeView(nid, url, detector=PhiAccrual(
+            threshold=settings.detector_threshold, min_std_s=settings.detector_min_std_s,
+            acceptable_pause_s=settings.detector_pause_s, first_interval_s=settings.health_interval_s))
+            for nid, url in settings.nodes}
         self.placement = Placement((), settings.partitions, settings.standbys)
         self.generation = 0
         self._settled = asyncio.Event()
         self._lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._rebalance_wanted = asyncio.Event()
         self.internal_headers = {"X-Stickystate-Internal": settings.internal_secret} if settings.internal_secret else {}
         self.failovers_total = 0
@@ -62,14 +72,19 @@ class Cluster:
             node.down = loop.create_future()
             node.down.set_result(None)  # not healthy until a probe answers
         await self._probe_all()
+        # A restarted router: the nodes hold the previous router's generation, and refuse an
+        # assignment older than theirs; continue from the highest one they report.
+        self.generation = max([self.generation] + [n.generation for n in self.nodes.values()])
         await self.rebalance()
-        self._task = asyncio.create_task(self._run(), name="cluster-health")
+        self._task = asyncio.create_task(self._run(), name="cluster-rebalance")
+        self._watch_task = asyncio.create_task(self._watch(), name="cluster-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [t for t in (self._task, self._watch_task, *(n.probe for n in self.nodes.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = self._watch_task = None
 
     # -- what the forwarder uses -----------------------------------------------------
     def owner(self, shard: int) -> NodeView | None:
@@ -86,6 +101,9 @@ class Cluster:
             log.warning("node down", extra={"peer": node.id, "reason": reason})
             node.healthy = False
             node.failures = self.settings.health_failures_to_dead
+            node.detector.forget_last()
+            node.was_down = True
+            node.ok_since = None
             if not node.down.done():
                 node.down.set_result(None)
             self.failovers_total += 1
@@ -122,14 +140,18 @@ class Cluster:
             status = None
         if status is None:
             node.failures += 1
+            node.ok_since = None
             if node.healthy and node.failures >= self.settings.health_failures_to_dead:
                 self.mark_dead(node, "health checks missed")
             return
         node.failures = 0
         node.last_seen = time.monotonic()
+        node.detector.heartbeat(node.last_seen)
         node.status = status
         node.generation = int(status.get("generation", -1))
-        if not node.healthy and not status.get("draining"):
+        if node.ok_since is None:
+            node.ok_since = node.last_seen
+        if not node.healthy and not status.get("draining") and self._stable(node):
             log.info("node up", extra={"peer": node.id})
             node.healthy = True
             if node.down.done():
@@ -140,8 +162,43 @@ class Cluster:
         elif node.healthy and node.generation != self.generation:
             self._rebalance_wanted.set()  # restarted, or missed an assignment
 
+    def _stable(self, node: NodeView) -> bool:
+        """A node declared down comes back once it has answered every probe for
+        ``rejoin_after_s``: a node that falls silent again at once (paused again, or busy in
+        bursts) does not make its shards move back and forth while a handover is running."""
+        return not node.was_down or node.last_seen - (node.ok_since or node.last_seen) >= self.settings.rejoin_after_s
+
     async def _probe_all(self) -> None:
         await asyncio.gather(*(self._probe(n) for n in self.nodes.values()))
+
+    async def _watch(self) -> None:
+        """Probe each node every ``health_interval_s`` (one probe in flight per node, so a node
+        that hangs delays nobody else's checks) and declare down a healthy node whose silence
+        the detector finds too long."""
+        tick = min(0.05, self.settings.health_interval_s)
+        last_tick = time.monotonic()
+        for node in self.nodes.values():
+            node.detector.watch_from(last_tick)
+        while True:
+            now = time.monotonic()
+            stall = now - last_tick - tick
+            last_tick = now
+            for node in self.nodes.values():
+                if stall > 0.05:  # our own loop ran late: not the nodes' silence
+                    node.detector.excuse(stall)
+                if node.probe is None and now >= node.next_probe:
+                    node.probe = asyncio.create_task(self._probe_once(node), name=f"probe-{node.id}")
+                if node.healthy and node.detector.suspect(now):
+                    self.mark_dead(node, f"no answer for {node.detector.silence_s(now):.2f}s "
+                                         f"(phi {node.detector.phi(now):.1f})")
+            await asyncio.sleep(tick)
+
+    async def _probe_once(self, node: NodeView) -> None:
+        try:
+            await self._probe(node)
+        finally:
+            node.probe = None
+            node.next_probe = time.monotonic() + self.settings.health_interval_s
 
     async def _run(self) -> None:
         while True:
@@ -149,9 +206,6 @@ class Cluster:
                 await asyncio.wait_for(self._rebalance_wanted.wait(), self.settings.health_interval_s)
             except asyncio.TimeoutError:
                 pass
-            if self._rebalance_wanted.is_set():
-                await self.rebalance()
-            await self._probe_all()
             if self._rebalance_wanted.is_set():
                 await self.rebalance()
 
@@ -192,6 +246,15 @@ class Cluster:
             await asyncio.gather(*(self._assign(n, payload) for n in group))
 
     async def _assign(self, node: NodeView, payload: bytes) -> None:
+        """Push an assignment; give up on it as soon as the node is declared down meanwhile
+        (a paused node would hold the whole rebalance for the request's timeout)."""
+        post = asyncio.ensure_future(self._post_assign(node, payload))
+        await asyncio.wait({post, node.down}, return_when=asyncio.FIRST_COMPLETED)
+        if not post.done():
+            post.cancel()
+            await asyncio.gather(post, return_exceptions=True)
+
+    async def _post_assign(self, node: NodeView, payload: bytes) -> None:
         assert self._http is not None
         try:
             async with self._http.post(f"{node.url}/internal/assign", data=payload,

@@ -23,9 +23,14 @@ class RouterSettings:
     nodes: tuple[tuple[str, str], ...] = ()
     partitions: int = 64
     standbys: int = 1  # clamped to nodes-1 by the placement
-    health_interval_s: float = 0.25
-    health_timeout_s: float = 0.5
-    health_failures_to_dead: int = 3
+    health_interval_s: float = 0.1  # a probe (GET /internal/status) this long after the last one ended
+    health_timeout_s: float = 1.0  # a probe unanswered this long counts as a failed check
+    health_failures_to_dead: int = 3  # failed checks (refused, error, timeout) in a row: down
+    # Silence: the phi accrual failure detector (router/detector.py) over each node's answers
+    detector_threshold: float = 8.0
+    detector_min_std_s: float = 0.07
+    detector_pause_s: float = 0.1
+    rejoin_after_s: float = 1.0  # a node declared down is up again after answering every probe this long
     request_timeout_s: float = 30.0
     max_attempts: int = 6
     settle_timeout_s: float = 20.0
@@ -47,10 +52,12 @@ class RouterSettings:
             raise ValueError("standbys must be >= 0 (more than nodes-1 is clamped)")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError("health interval and timeout must be > 0")
+        if self.detector_threshold <= 0 or self.detector_min_std_s <= 0 or self.detector_pause_s < 0:
+            raise ValueError("detector threshold and min std must be > 0, the pause >= 0")
         if self.auth not in ("keys", "open"):
             raise ValueError("auth must be 'keys' or 'open'")
         if self.auth == "keys" and not self.api_keys:
-            raise ValueError("auth=keys needs API keys (--api-keys key=tenant,... or --api-keys-file), "
+            raise ValueError("auth=keys needs API keys (STICKYSTATE_API_KEYS=key=tenant,... or --api-keys-file), "
                              "or --auth open for local development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")

@@ -2,7 +2,8 @@
 the router and the nodes: both authenticate clients the same way.
 
 Keys come from a file (one ``key tenant`` pair per line, ``#`` comments) or from
-``STICKYSTATE_API_KEYS`` (``key=tenant,key2=tenant2``). A request's tenant namespaces
+``STICKYSTATE_API_KEYS`` (``key=tenant,key2=tenant2``), never from the command line
+(``stickystate/credentials.py`` reads them). A request's tenant namespaces
 every session id it names: the node stores ``<tenant>:<id>``, so one tenant can never
 name another's session, whatever id it chooses (tenant names contain no ``:``).
 
@@ -20,7 +21,6 @@ import hmac
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 
@@ -46,15 +46,6 @@ def parse_keys(text: str, *, sep: str) -> dict[str, str]:
         if not TENANT_RE.fullmatch(tenant):
             raise AuthConfigError(f"tenant {tenant!r} must be 1-32 characters of [A-Za-z0-9._-]")
         keys[key] = tenant
-    return keys
-
-
-def load_keys(file: str = "", inline: str = "") -> dict[str, str]:
-    keys: dict[str, str] = {}
-    if file:
-        keys.update(parse_keys(Path(file).read_text(), sep=" "))
-    if inline:
-        keys.update(parse_keys(inline, sep="="))
     return keys
 
 

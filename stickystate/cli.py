@@ -13,7 +13,6 @@ from stickystate.config import Option
 
 
 def _node(ns: argparse.Namespace) -> None:
-    from stickystate.auth import load_keys
     from stickystate.node.server import serve
     from stickystate.node.settings import NodeSettings
     from stickystate.node.validate import Limits
@@ -21,6 +20,7 @@ def _node(ns: argparse.Namespace) -> None:
     from stickystate.replicator.settings import ReplicatorSettings
     from stickystate import logs
 
+    secret, keys = _secrets(ns)
     logs.setup(ns.log_level, node=ns.node_id)
     rep = ReplicatorSettings(kafka_bootstrap=ns.kafka_bootstrap, changes_topic=ns.changes_topic,
                              snapshots_topic=ns.snapshots_topic, changes_retention_ms=ns.changes_retention_ms,
@@ -33,8 +33,7 @@ def _node(ns: argparse.Namespace) -> None:
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
                             replication=ns.replication, fast_path=ns.fast_path, auth=ns.auth,
-                            internal_secret=ns.internal_secret,
-                            api_keys=tuple(load_keys(ns.api_keys_file, ns.api_keys).items()),
+                            internal_secret=secret, api_keys=tuple(keys.items()),
                             rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
                             snapshot_every_events=ns.snapshot_every_events,
                             snapshot_max_age_s=ns.snapshot_max_age_s,
@@ -51,20 +50,50 @@ def _node(ns: argparse.Namespace) -> None:
 
 
 def _router(ns: argparse.Namespace) -> None:
-    from stickystate.auth import load_keys
     from stickystate.router.server import serve
     from stickystate.router.settings import RouterSettings, parse_nodes
     from stickystate import logs
 
+    secret, keys = _secrets(ns)
     logs.setup(ns.log_level, node="router")
-    keys = load_keys(ns.api_keys_file, ns.api_keys)
     settings = RouterSettings(host=ns.host, port=ns.port, nodes=parse_nodes(ns.nodes), partitions=ns.partitions,
                               standbys=ns.standbys, health_interval_s=ns.health_interval_s,
-                              health_failures_to_dead=ns.health_failures_to_dead, auth=ns.auth,
-                              api_keys=tuple(keys.items()), internal_secret=ns.internal_secret,
+                              health_failures_to_dead=ns.health_failures_to_dead,
+                              detector_threshold=ns.detector_threshold, detector_min_std_s=ns.detector_min_std_s,
+                              detector_pause_s=ns.detector_pause_s, auth=ns.auth,
+                              api_keys=tuple(keys.items()), internal_secret=secret,
                               rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst)
     _install_uvloop()
     asyncio.run(serve(settings))
+
+
+def _secrets(ns: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """The internal secret and the API keys, from the environment or 0600 files only."""
+    from stickystate import credentials
+
+    try:
+        return credentials.internal_secret(ns.internal_secret_file), credentials.api_keys(ns.api_keys_file)
+    except credentials.SecretError as exc:
+        sys.exit(f"stickystate {ns.command}: error: {exc}")
+
+
+class _Refused(argparse.Action):
+    """A flag that used to take a secret on the command line: refused, saying what to do instead.
+    It takes an optional value so that the refusal (and not "expected one argument") is what the
+    user sees whatever the value looks like; the value itself is never printed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from stickystate.credentials import refused_flag_message
+
+        parser.error(refused_flag_message(self.dest))
+
+
+def _refuse_secret_flags(parser: argparse.ArgumentParser) -> None:
+    from stickystate.credentials import REFUSED_FLAGS
+
+    for flag in REFUSED_FLAGS:
+        parser.add_argument(flag, dest=flag, nargs="?", action=_Refused, help=argparse.SUPPRESS)
 
 
 def _up(ns: argparse.Namespace) -> None:
@@ -72,13 +101,22 @@ def _up(ns: argparse.Namespace) -> None:
 
     sys.exit(run_local_cluster(nodes=ns.node_count, base_port=ns.base_port, kafka_port=ns.kafka_port,
                                kafka_bootstrap=ns.kafka_bootstrap, data_dir=ns.data_dir,
-                               partitions=ns.partitions, standbys=ns.standbys, brokers=ns.brokers))
+                               partitions=ns.partitions, standbys=ns.standbys, brokers=ns.brokers,
+                               restart=ns.restart))
 
 
 def _kafka(ns: argparse.Namespace) -> None:
     from stickystate import kafka_local
 
     kafka_local.main(["--data-dir", ns.data_dir, "--port", str(ns.kafka_port)])
+
+
+def _restart_mode(value: str) -> str:
+    from stickystate.supervisor import MODES
+
+    if value not in MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODES)}")
+    return value
 
 
 def _install_uvloop() -> None:
@@ -99,6 +137,9 @@ UP = [
     Option("data_dir", str, ".run", "where the local broker keeps its data and logs"),
     Option("partitions", int, 64, "shards (partitions of the changes topic)"),
     Option("standbys", int, 1, "standby replicas per shard"),
+    Option("restart", _restart_mode, "on-failure", "when a node, the router or the broker exits: on-failure "
+           "restarts it if it failed (non-zero exit or a signal), always also after a clean exit, no never; "
+           "backoff 0.5 s doubling to 8 s, giving up after 5 restarts in 60 s"),
 ]
 
 
@@ -110,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_up)
     p = sub.add_parser("node", help="run one node")
     config.add_options(p, config.NODE + config.KAFKA)
+    _refuse_secret_flags(p)
     p.set_defaults(func=_node)
     p = sub.add_parser("router", help="run the router")
     config.add_options(p, config.ROUTER)
+    _refuse_secret_flags(p)
     p.set_defaults(func=_router)
     p = sub.add_parser("kafka", help="run only a local Kafka broker (KRaft) in the foreground")
     config.add_options(p, [Option("kafka_port", int, 9092, "broker port"),

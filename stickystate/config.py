@@ -89,9 +89,10 @@ NODE = [
            "relaying the rest to the aiohttp app; off: aiohttp serves the port"),
     Option("auth", str, "keys", "keys: the internal secret (routers, peers) or a client's API key on every request; "
            "open: clients need no key (the open cluster's one namespace; local dev)"),
-    Option("internal_secret", str, "", "the cluster's internal secret (at least 16 characters)"),
-    Option("api_keys", str, "", "API keys of clients that call the node directly, as key=tenant,... (as the router's)"),
-    Option("api_keys_file", str, "", "file of 'key tenant' lines (as the router's)"),
+    Option("internal_secret_file", str, "", "file holding the cluster's internal secret (at least 16 characters; "
+           "mode 0600), or set STICKYSTATE_INTERNAL_SECRET; never on the command line"),
+    Option("api_keys_file", str, "", "file of 'key tenant' lines of clients that call the node directly (mode 0600; "
+           "as the router's), merged with STICKYSTATE_API_KEYS=key=tenant,..."),
     Option("rate_limit_rps", float, 1000.0, "requests per second per tenant of direct clients (0 = unlimited); "
            "over it: 429"),
     Option("rate_limit_burst", float, 2000.0, "burst size of that per-tenant rate limit"),
@@ -111,12 +112,18 @@ ROUTER = [
            "cluster nodes as id=url,..."),
     Option("partitions", int, 64, "shard count; must match the nodes' --partitions"),
     Option("standbys", int, 1, "standby replicas per shard (0..nodes-1; more is clamped)"),
-    Option("health_interval_s", float, 0.25, "health check period"),
-    Option("health_failures_to_dead", int, 3, "missed checks before a node is declared dead"),
+    Option("health_interval_s", float, 0.1, "health check period (a probe this long after the last one ended)"),
+    Option("health_failures_to_dead", int, 3, "failed checks in a row (refused, error, 1 s timeout) before a "
+           "node is declared dead"),
+    Option("detector_threshold", float, 8.0, "phi accrual failure detector: a silent node is declared dead when "
+           "phi (-log10 of the chance that an answer is still this late) reaches this"),
+    Option("detector_min_std_s", float, 0.07, "floor of the standard deviation of a node's answer intervals"),
+    Option("detector_pause_s", float, 0.1, "silence always tolerated on top of a node's mean answer interval"),
     Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
-    Option("api_keys", str, "", "API keys as key=tenant,... (keys of at least 16 characters)"),
-    Option("api_keys_file", str, "", "file of 'key tenant' lines"),
-    Option("internal_secret", str, "", "the cluster's internal secret, sent to the nodes"),
+    Option("api_keys_file", str, "", "file of 'key tenant' lines (mode 0600), merged with "
+           "STICKYSTATE_API_KEYS=key=tenant,... (keys of at least 16 characters)"),
+    Option("internal_secret_file", str, "", "file holding the cluster's internal secret, sent to the nodes "
+           "(mode 0600), or set STICKYSTATE_INTERNAL_SECRET; never on the command line"),
     Option("rate_limit_rps", float, 1000.0, "requests per second per tenant (0 = unlimited); over it: 429"),
     Option("rate_limit_burst", float, 2000.0, "burst size of the per-tenant rate limit"),
     Option("log_level", str, "info", "log level"),

@@ -211,6 +211,11 @@ class LocalKafka:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def returncode(self) -> int | None:
+        """The broker's exit code (-N: killed by signal N); None while it runs or when stopped."""
+        proc = self._proc  # no lock: the supervisor polls this while another thread may be starting us
+        return proc.poll() if proc is not None else None
+
     def server_properties(self) -> dict[str, object]:
         props: dict[str, object] = {
             "process.roles": "broker,controller",

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stickystate import credentials
 from stickystate.kafka_cluster import LocalKafkaCluster
 from stickystate.kafka_local import LocalKafka
 
@@ -57,6 +58,10 @@ class Proc:
     def pid(self) -> int:
         assert self.popen is not None
         return self.popen.pid
+
+    def returncode(self) -> int | None:
+        """The exit code (-N: killed by signal N); None while it runs or before it started."""
+        return None if self.popen is None else self.popen.poll()
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -153,20 +158,22 @@ class LocalCluster:
         self.wait_ready(timeout_s)
 
     def _base_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("KAFKA_BOOTSTRAP", None)
+        """The children's environment: ours, with the cluster's secrets instead of any we have.
+        Secrets travel only here (readable by their owner alone), never in argv, which `ps`
+        and /proc/<pid>/cmdline show every user of the machine (stickystate/credentials.py)."""
+        env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP" and k not in credentials.ALL_ENV}
         env["PYTHONUNBUFFERED"] = "1"
+        env[credentials.SECRET_ENV] = self.internal_secret
+        env[credentials.KEYS_ENV] = self.api_keys
         return env
 
     def _make_node(self, nid: str) -> Proc:
-        # Nodes authenticate direct clients as the router does: same auth mode, same API
-        # keys (through the environment: keys stay out of argv, which `ps` shows anyone).
-        env = self._base_env() | {"STICKYSTATE_API_KEYS": self.api_keys} | self.node_env
+        # Nodes authenticate direct clients as the router does: same auth mode, same API keys.
+        env = self._base_env() | self.node_env
         port = self.node_ports[int(nid[1:]) - 1]
         args = [sys.executable, "-m", "stickystate.cli", "node", "--node-id", nid, "--port", str(port),
                 "--kafka-bootstrap", self.kafka_bootstrap, "--partitions", str(self.partitions),
-                "--changes-topic", self.topic, "--auth", self.auth if self.internal_secret else "open",
-                "--internal-secret", self.internal_secret]
+                "--changes-topic", self.topic, "--auth", self.auth if self.internal_secret else "open"]
         proc = Proc(nid, args, env, self.data_dir / f"{nid}.log")
         self.procs[nid] = proc
         return proc
@@ -176,7 +183,7 @@ class LocalCluster:
         spec = ",".join(f"{nid}={self.node_url(nid)}" for nid in self.node_ids())
         args = [sys.executable, "-m", "stickystate.cli", "router", "--port", str(self.router_port),
                 "--nodes", spec, "--partitions", str(self.partitions), "--standbys", str(self.standbys),
-                "--auth", self.auth, "--api-keys", self.api_keys, "--internal-secret", self.internal_secret]
+                "--auth", self.auth]
         proc = Proc("router", args, env, self.data_dir / "router.log")
         self.procs["router"] = proc
         return proc
@@ -228,6 +235,9 @@ class LocalCluster:
         self.stopped.discard(nid)
         self._make_node(nid).start()
 
+    def start_router(self) -> None:
+        self._make_router().start()
+
     def restart_node(self, nid: str) -> None:
         self.procs[nid].stop()
         self.start_node(nid)
@@ -256,41 +266,59 @@ class LocalCluster:
 
 
 def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_bootstrap: str, data_dir: str,
-                      partitions: int, standbys: int, brokers: int = 1) -> int:
-    data = Path(data_dir)
+                      partitions: int, standbys: int, brokers: int = 1, restart: str = "on-failure") -> int:
+    """``stickystate up``: start the cluster, supervise it (stickystate/supervisor.py) until
+    SIGINT/SIGTERM, then stop everything."""
     import secrets
 
+    from stickystate.supervisor import RestartPolicy, Supervisor, cluster_children
+
+    policy = RestartPolicy(mode=restart)
+    data = Path(data_dir)
     # Local development: the router is open (no API keys; it says so loudly in its log),
-    # the nodes are not (a fresh random internal secret, known only to the router).
+    # the nodes are not: an internal secret known only to the router (STICKYSTATE_INTERNAL_SECRET
+    # if set, else a fresh random one), handed to the children through their environment only.
+    secret = os.environ.get(credentials.SECRET_ENV) or secrets.token_urlsafe(24)
     cluster = LocalCluster(data, nodes=nodes, router_port=base_port,
                            node_ports=[base_port + 1 + i for i in range(nodes)],
                            kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
-                           partitions=partitions, standbys=standbys, auth="open",
-                           internal_secret=secrets.token_urlsafe(24), brokers=brokers)
-    stop = {"now": False}
+                           partitions=partitions, standbys=standbys, auth="open", internal_secret=secret,
+                           brokers=brokers, topic=os.environ.get("STICKYSTATE_CHANGES_TOPIC") or "changes")
+
+    def say(text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} up: {text}", flush=True)
+
+    supervisor: Supervisor | None = None
+    stop = {"now": False, "stopping": False}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
+        if supervisor is not None:
+            supervisor.stop()
+        elif not stop["stopping"]:
+            raise KeyboardInterrupt  # still starting: cluster.start() stops what it started
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not kafka_bootstrap:
-            print(f"starting Kafka (KRaft, {brokers} broker{'s' if brokers > 1 else ''}) on 127.0.0.1:{kafka_port}"
-                  + (" and free ports" if brokers > 1 else "") + " ...", flush=True)
+            say(f"starting Kafka (KRaft, {brokers} broker{'s' if brokers > 1 else ''}) on 127.0.0.1:{kafka_port}"
+                + (" and free ports" if brokers > 1 else "") + " ...")
         cluster.start()
-        print(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/", flush=True)
-        print(f"router: {cluster.router_url}  (auth: open, for local development)", flush=True)
-        print("Ctrl-C stops everything.", flush=True)
-        while not stop["now"]:
-            for name, proc in cluster.procs.items():
-                if not proc.alive():
-                    print(f"{name} exited (code {proc.popen.returncode if proc.popen else '?'}); see "
-                          f"{proc.log_path}", flush=True)
-                    stop["now"] = True
-            time.sleep(0.5)
+        say(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/")
+        say(f"router: {cluster.router_url}  (auth: open, for local development)")
+        pids = ", ".join(f"{c.name} {c.pid()}" for c in cluster_children(cluster, policy))
+        say(f"pids: {pids}; --restart {policy.mode}. Ctrl-C stops everything.")
+        supervisor = Supervisor(cluster_children(cluster, policy), say)
+        if not stop["now"]:
+            supervisor.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        print("stopping ...", flush=True)
+        stop["stopping"] = True  # a second Ctrl-C must not interrupt the stopping
+        if supervisor is not None:
+            supervisor.stop()
+        say("stopping ...")
         cluster.stop()
-        print("stopped.", flush=True)
+        say("stopped.")
     return 0

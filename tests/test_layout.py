@@ -63,6 +63,7 @@ def test_the_walk_sees_a_bare_import(tmp_path: Path) -> None:
 SHARED = ("stickystate.protocol", "stickystate.errors", "stickystate.auth", "stickystate.logs", "stickystate.http")
 # Tools and entry points, above everything they start or measure.
 ABOVE = ("stickystate.bench", "stickystate.chaos", "stickystate.cli", "stickystate.local_cluster",
+         "stickystate.credentials", "stickystate.supervisor",
          "stickystate.kafka_local", "stickystate.kafka_cluster", "stickystate.kafka_jars", "stickystate.java_runtime",
          "stickystate.config",
          "stickystate.client", "stickystate.langgraph")
