@@ -17,9 +17,10 @@ with those keys:
   the session's snapshot tombstone; the idempotency records of the session are dropped.
   Tombstones the queue refused are retried every second;
 - the ``#roll`` record: compaction never touches a partition's active segment, and
-  Kafka rolls it only on an append; an owner appends a small ``#roll`` record to a
-  ``keys`` partition whose last tombstone is older than the compaction lag, so the
-  bound holds on an idle partition too.
+  Kafka rolls it only on an append; the owner of a shard appends a small ``#roll``
+  record to its ``keys`` partition once a tombstone read there (live or at load, so
+  also after a restart) is older than the compaction lag with no ``#roll`` after it, so
+  the bound holds on an idle partition too.
 
 With encryption off (``master`` None) records are plaintext and erasure is the delete
 event alone (README "Encryption and erasure").
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -41,7 +42,7 @@ from stickystate.node.shard import Shard
 from stickystate.node.tasks import cancel_and_wait
 from stickystate.replicator.errors import ReplicationError
 from stickystate.replicator.follower import Follower
-from stickystate.replicator.keys import Codec, KeyErased, KeyNotRead, KeyRing, Tampered, key_record_key
+from stickystate.replicator.keys import ROLL_KEY, Codec, KeyErased, KeyNotRead, KeyRing, Tampered, key_record_key
 from stickystate.replicator.producer import Replicator
 from stickystate.replicator.scan import SharedConsumer, scan
 from stickystate.replicator.settings import ReplicatorSettings
@@ -49,28 +50,25 @@ from stickystate.replicator.snapshots import session_key
 
 log = logging.getLogger("stickystate.node")
 
-ROLL_KEY = b"#roll"
-
 __all__ = ["Erasure", "KeyErased", "KeyNotRead", "Tampered"]
 
 
 class Erasure:
     def __init__(self, settings: ReplicatorSettings, master: crypto.MasterKeys | None, replicator: Replicator,
-                 roles: ShardRoles, me: str, clock: Callable[[], float] = time.monotonic) -> None:
+                 roles: ShardRoles, me: str) -> None:
         self.settings = settings
         self.replicator = replicator
         self.roles = roles
         self.me = me
-        self.clock = clock
         self.ring = KeyRing(master, on_erased=self._on_erased) if master is not None else None
         self.codec = Codec(self.ring)
         self.follower = Follower(settings, f"stickystate-{me}-keys", self._on_key_records, topic=settings.keys_topic)
         self._reader = SharedConsumer(settings, f"stickystate-{me}-keys-load")
         self._pending: dict[tuple[int, str], asyncio.Future[None]] = {}  # keys being written
         self._retry: list[tuple[int, bytes, str]] = []  # (shard, key, topic) tombstones the queue refused
-        self._tombstoned_at: dict[int, float] = {}  # shard -> monotonic time of its oldest unrolled tombstone
         self._task: asyncio.Task[None] | None = None
         self.keys_written_total = 0
+        self.rolls_total = 0
         self.erased_total = 0
         self.skipped_erased_total = 0  # records read whose key is gone
         self.refused_total = 0  # records that failed authentication
@@ -110,7 +108,6 @@ class Erasure:
         if self.ring is not None:
             self.follower.unfollow(s)
             self.ring.drop_shard(s)
-        self._tombstoned_at.pop(s, None)
 
     def _on_key_records(self, s: int, records: Sequence[Any]) -> None:
         assert self.ring is not None
@@ -184,23 +181,23 @@ class Erasure:
             except ReplicationError:
                 self._retry.extend(tombstones[i:])
                 return
-            if topic == self.settings.keys_topic:
-                self._tombstoned_at.setdefault(s, time.monotonic())
 
     def _roll_due(self) -> None:
-        lag_s = self.settings.keys_compaction_lag_ms / 1000
-        now = time.monotonic()
-        for s, since in list(self._tombstoned_at.items()):
-            if now - since <= lag_s:
-                continue
-            if s not in self.roles.serving:
-                del self._tombstoned_at[s]
+        """Owned shards whose keys partition has a tombstone older than the lag and no
+        ``#roll`` after it: append one (read back, it clears the mark)."""
+        if self.ring is None:
+            return
+        due_ms = time.time() * 1000 - self.settings.keys_compaction_lag_ms
+        for s in sorted(self.roles.serving):
+            keys = self.ring.shards.get(s)
+            if keys is None or keys.unrolled_since_ms is None or keys.unrolled_since_ms > due_ms:
                 continue
             try:
                 self.replicator.enqueue(s, ROLL_KEY, b"", topic=self.settings.keys_topic)
             except ReplicationError:
                 return
-            del self._tombstoned_at[s]
+            keys.unrolled_since_ms = None
+            self.rolls_total += 1
 
     async def _loop(self) -> None:
         while True:

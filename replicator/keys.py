@@ -54,6 +54,9 @@ class Tampered(events.BadEvent):
     """A sealed record failed authentication, or a plaintext record where only sealed ones may be."""
 
 
+ROLL_KEY = b"#roll"  # a record that only makes Kafka roll the active segment (node/erasure.py)
+
+
 def key_record_key(sid: str, gen: int) -> bytes:
     return f"{sid}@{gen}".encode()
 
@@ -81,6 +84,8 @@ class ShardKeys:
     position: int = 0  # next offset of the keys partition to read
     erased: set[tuple[str, int]] = field(default_factory=set)  # erased here, tombstone not read back yet
     by_koff: dict[int, tuple[str, int]] = field(default_factory=dict)  # keys offset -> (sid, gen) of a live key
+    # timestamp (ms) of the oldest tombstone read with no "#roll" record after it (node/erasure.py)
+    unrolled_since_ms: int | None = None
 
 
 OnErased = Callable[[int, str], None]
@@ -136,9 +141,13 @@ class KeyRing:
             keys.position = max(keys.position, rec.offset + 1)
             parsed = parse_key_record_key(rec.key)
             if parsed is None:
+                if rec.key == ROLL_KEY:
+                    keys.unrolled_since_ms = None
                 continue
             sid, gen = parsed
             if rec.value is None:
+                if keys.unrolled_since_ms is None:
+                    keys.unrolled_since_ms = getattr(rec, "timestamp", 0) or 0
                 keys.erased.discard((sid, gen))
                 gone = keys.keys.pop((sid, gen), None)
                 if gone is not None:
