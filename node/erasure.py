@@ -81,6 +81,8 @@ class Erasure:
         if self.ring is None:
             return
         await self.follower.start()
+        async with self._reader.use():
+            pass  # started now, not by the first shard load (a consumer's start costs a metadata round)
         self._task = asyncio.create_task(self._loop(), name="erasure")
 
     async def stop(self) -> None:

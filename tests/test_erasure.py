@@ -26,7 +26,7 @@ from stickystate.replicator.keys import parse_key_record_key
 from stickystate.replicator.settings import ReplicatorSettings
 from tests.helpers import Api, log_barrier, read_partition, read_records, wait_for, wait_until
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]  # each starts its own cluster, most restart every node
 
 FAST_SNAPSHOTS = {"STICKYSTATE_SNAPSHOT_MAX_AGE_S": "1", "STICKYSTATE_SNAPSHOT_EVERY_EVENTS": "2",
                   "STICKYSTATE_KEYS_COMPACTION_LAG_MS": "4000"}
