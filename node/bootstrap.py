@@ -62,10 +62,11 @@ class Bootstraps:
         shard = shards.get(s)
         if shard is None:
             return
-        loaded = await self.reader.load(s, self.recovery_timeout_s, opener=None)
-        # The shard's data keys after its snapshots: every snapshot read has its key in the log by now.
-        await self.erasure.load(s)
-        snapshots = self.erasure.open_snapshots(s, loaded.raw)
+        # The shard's snapshots and its data keys, read side by side (node/erasure.py reads the
+        # keys again if a snapshot names one further than it read).
+        loaded, _ = await asyncio.gather(self.reader.load(s, self.recovery_timeout_s, opener=None),
+                                         self.erasure.load(s))
+        snapshots = await self.erasure.open_snapshots(s, loaded.raw)
         start = await self.reader.changes_start(s)
         if start > loaded.replay_from:
             raise RuntimeError(

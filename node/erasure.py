@@ -100,7 +100,7 @@ class Erasure:
         async with self._reader.use() as consumer:
             tp = TopicPartition(self.settings.keys_topic, s)
             end = (await consumer.end_offsets([tp]))[tp]
-            records = [rec async for rec in scan(consumer, tp, end)]
+            records = [rec async for rec in scan(consumer, tp, end)] if end else []
         self.ring.drop_shard(s)
         self.ring.apply(s, records)
         self.ring.shard(s).position = end
@@ -122,18 +122,38 @@ class Erasure:
         if shard is not None:
             shard.erase(sid)
 
-    def open_snapshots(self, s: int, raw: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-        """Decode loaded snapshots; those whose key is erased are dropped, forged ones refused."""
-        out = {}
-        for sid, value in raw.items():
-            try:
-                out[sid] = self.codec.decode_snapshot(s, sid, value)
-            except KeyErased:
-                self.skipped_erased_total += 1
-            except (KeyNotRead, Tampered, ValueError) as exc:
-                self.refused_total += 1
-                log.error("snapshot refused", extra={"shard": s, "sid": sid, "error": str(exc)})
+    async def open_snapshots(self, s: int, raw: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+        """Decode loaded snapshots; those whose key is erased are dropped, forged ones refused.
+
+        The keys partition is read alongside the snapshots (node/bootstrap.py): a snapshot
+        of a session created meanwhile names a key further than was read, and the keys are
+        read again once (a session's key is in ``keys`` before its first event, so before
+        any snapshot of it)."""
+        out: dict[str, dict[str, Any]] = {}
+        for attempt in (1, 2):
+            unread = False
+            for sid, value in raw.items():
+                if sid in out:
+                    continue
+                try:
+                    out[sid] = self.codec.decode_snapshot(s, sid, value)
+                except KeyErased:
+                    self.skipped_erased_total += 1
+                except KeyNotRead as exc:
+                    if attempt == 1:
+                        unread = True
+                        continue
+                    self._refuse_snapshot(s, sid, exc)
+                except (Tampered, ValueError) as exc:
+                    self._refuse_snapshot(s, sid, exc)
+            if not unread:
+                break
+            await self.load(s)
         return out
+
+    def _refuse_snapshot(self, s: int, sid: str, exc: Exception) -> None:
+        self.refused_total += 1
+        log.error("snapshot refused", extra={"shard": s, "sid": sid, "error": str(exc)})
 
     # -- the owner ---------------------------------------------------------------------
     async def ensure_key(self, s: int, sid: str) -> None:
