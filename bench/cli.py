@@ -19,7 +19,7 @@ from pathlib import Path
 from stickystate.bench.runner import MAIN_SYSTEMS, MIXES, SYSTEMS, Config, Runner, log
 
 DEFAULT_SYSTEMS = ["redis-naive", "redis-atomic", "client-side", "router", "direct", "direct-raw", "direct-log",
-                   "direct-repl-off"]
+                   "direct-plain", "direct-repl-off"]
 # offered rates (requests/s) swept in order until the system saturates; shared by every
 # system so p99 can be compared at equal rates
 DEFAULT_RATES = [200, 400, 650, 1000, 1300, 1600, 2000, 2500, 3200, 4000, 5000, 6500, 8000, 10000, 13000, 16000,

@@ -117,10 +117,40 @@ def summarize(doc: dict[str, Any], pct: str = "p99") -> dict[str, dict[str, Any]
                 "gen_cpu_pct_max": max(s["generator"]["cpu_pct_max_proc"] for s in steps),
                 "gen_cpu_us_per_ok": _median([s["generator"].get("cpu_us_per_ok") for s in steps]),
                 "gen_cpu_pct_at_slo": best["generator"]["cpu_pct"] if best else None,
+                "node_cpu_us_per_ok": _median([node_cpu_us_per_ok(s) for s in steps]),
                 "machine_busy_at_slo": best["cpu_pct"].get("machine_busy_pct") if best else None,
                 "steps": len(steps),
             }
     return out
+
+
+def node_cpu_us_per_ok(step: dict[str, Any]) -> float | None:
+    """The nodes' CPU (all node processes) per answered request in a step, microseconds."""
+    nodes = step.get("cpu_pct", {}).get("nodes")
+    rate = step.get("achieved_rate")
+    return None if nodes is None or not rate else 1e4 * nodes / rate
+
+
+def encryption_cost(doc: dict[str, Any], mix: str) -> tuple[float | None, float | None, float | None]:
+    """Node CPU per request with encryption (direct-raw) and without (direct-plain), medians
+    over the ladder rates both kept up with in this run (whatever the latency: CPU per
+    request is what is compared), and the relative extra cost."""
+    def kept_up(step: dict[str, Any] | None) -> bool:
+        return step is not None and step["achieved_rate"] >= 0.95 * step["target_rate"] and step["error_rate"] <= 0.001
+
+    on, off = [], []
+    for step in _steps(doc, "direct-raw", mix):
+        other = _step_at(doc, "direct-plain", mix, step["target_rate"])
+        if step.get("phase") != "sweep" or not kept_up(step) or not kept_up(other):
+            continue
+        a, b = node_cpu_us_per_ok(step), node_cpu_us_per_ok(other) if other else None
+        if a is not None and b is not None:
+            on.append(a)
+            off.append(b)
+    if not on:
+        return None, None, None
+    m_on, m_off = _median(on), _median(off)
+    return m_on, m_off, None if not m_on or not m_off else m_on / m_off - 1.0
 
 
 def _step_at(doc: dict[str, Any], system: str, mix: str, rate: float) -> dict[str, Any] | None:
@@ -197,6 +227,10 @@ def targets(doc: dict[str, Any], mix: str = HEADLINE_MIX, pct: str = "p99") -> l
     cost = None if not off or mem is None else 1.0 - mem / off
     add("cost of replication (Durability: memory) vs replication off, throughput at the SLO",
         f"{_f(mem)}/s vs {_f(off)}/s", cost, "<= 0.20 (20%)", None if cost is None else cost <= 0.20)
+    enc, plain, extra = encryption_cost(doc, mix)
+    add("cost of encryption at rest: node CPU per request, direct-raw (sealed) vs direct-plain (--encryption off), "
+        "median over the rates both kept up with", f"{_f(enc, 1)} us vs {_f(plain, 1)} us", extra, "<= 0.05 (5%)",
+        None if extra is None else extra <= 0.05)
     client_cpu = summ.get("direct", {}).get("gen_cpu_us_per_ok")
     raw_cpu = summ.get("direct-raw", {}).get("gen_cpu_us_per_ok")
     add("(information) the Python client's own cost: load generator CPU per request, direct (AsyncClient) vs "

@@ -9,6 +9,8 @@ load generator) uses the machine's cores:
               Python client, ``AsyncClient``), direct-raw (the load generator's own
               placement-aware raw HTTP), direct-raw with ``Durability: log``
 - ``cluster-off`` nodes with ``STICKYSTATE_REPLICATION=off`` + router: direct-raw
+- ``cluster-plain`` nodes with ``STICKYSTATE_ENCRYPTION=off`` + router: direct-raw (what
+              sealing every record under its session's key costs: direct-plain vs direct-raw)
 
 Kafka (when needed) is started once, after the baselines ran, and shared by both
 clusters (each cluster gets its own topic).
@@ -38,7 +40,7 @@ class SystemDef:
     name: str
     label: str
     kind: str  # sticky | redis | client  (request shapes the generator builds)
-    env: str  # redis-naive | redis-atomic | client | cluster | cluster-off
+    env: str  # redis-naive | redis-atomic | client | cluster | cluster-off | cluster-plain
     via: str  # router | client (AsyncClient, straight to the owner) | direct (raw, straight to the owner) | server
     durability: str | None = None
 
@@ -53,11 +55,12 @@ SYSTEMS: dict[str, SystemDef] = {s.name: s for s in (
     SystemDef("client-side", "client-side state (whole history each turn)", "client", "client", "server"),
     SystemDef("direct-log", "straight to node, Durability: log", "sticky", "cluster", "direct", "log"),
     SystemDef("direct-repl-off", "straight to node, replication off", "sticky", "cluster-off", "direct"),
+    SystemDef("direct-plain", "straight to node, encryption off", "sticky", "cluster-plain", "direct"),
 )}
 MAIN_SYSTEMS = ("router", "direct", "direct-raw", "redis-naive", "redis-atomic", "client-side")
 # the replication cost: the same raw requests at three durabilities
-REPLICATION_SYSTEMS = ("direct-repl-off", "direct-raw", "direct-log")
-ENV_ORDER = ("redis-naive", "redis-atomic", "client", "cluster", "cluster-off")
+REPLICATION_SYSTEMS = ("direct-repl-off", "direct-raw", "direct-log", "direct-plain")
+ENV_ORDER = ("redis-naive", "redis-atomic", "client", "cluster", "cluster-plain", "cluster-off")
 
 # read fraction of each named mix; a "turn" reads the state and appends one message
 MIXES = {"write-heavy": 0.0, "read-heavy": 0.9, "mixed": 0.5}
@@ -391,7 +394,8 @@ class Runner:
             env = ServerEnv(name, group)
         else:
             bootstrap = self._ensure_kafka()
-            node_env = {"STICKYSTATE_REPLICATION": "off"} if name == "cluster-off" else {}
+            node_env = ({"STICKYSTATE_REPLICATION": "off"} if name == "cluster-off" else
+                        {"STICKYSTATE_ENCRYPTION": "off"} if name == "cluster-plain" else {})
             cluster = LocalCluster(self.logs / name, nodes=cfg.nodes, partitions=cfg.partitions,
                                    kafka_bootstrap=bootstrap, topic=f"bench-{uuid.uuid4().hex[:10]}",
                                    node_env=node_env)

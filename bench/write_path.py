@@ -8,7 +8,12 @@ same machine); not a test, and its figures are this machine's.
   into each watcher's buffer; the frames are made by the streams, not here);
 - standby replay + promotion: Shard.apply_record over a log of appends as a standby
   (the compact form), then unpack_all;
-- own_acked: the owner verifying its records from Kafka's acknowledgements, in batches.
+- own_acked: the owner verifying its records from Kafka's acknowledgements, in batches;
+- encode + decode of a turn's event, plaintext (encryption off) and sealed under the
+  session's data key (replicator/keys.py Codec): the owner encodes each event once, each
+  standby (and a rebuild) decodes it once; the difference is what encryption adds to a
+  turn's CPU across the cluster (with one standby), next to the whole turn's node CPU that
+  ``stickystate bench`` measures (direct-raw vs direct-plain).
 
     python -m stickystate.bench.write_path [--ops 10000] [--rounds 15]
 """
@@ -24,7 +29,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from stickystate import crypto
 from stickystate.node.ops import apply
+from stickystate.replicator.keys import Codec, KeyRing
 from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import Shard
 from stickystate.node.store import NodeStore
@@ -112,6 +119,22 @@ def _own_acked(log: list[dict[str, Any]]) -> float:
     return time.process_time() - t0
 
 
+def _codec_round_trip(log: list[dict[str, Any]], codec: Codec) -> float:
+    t0 = time.process_time()
+    for event in log:
+        value = codec.encode_change(0, event)
+        codec.decode_change(0, event["sid"].encode(), value)
+    return time.process_time() - t0
+
+
+def _sealing_codec() -> Codec:
+    ring = KeyRing(crypto.parse_master_keys(crypto.new_master_key_entry("bench")))
+    for i in range(SESSIONS):
+        ring.add(0, f"s{i}", i + 1, i, crypto.new_data_key())
+    ring.shard(0).position = SESSIONS
+    return Codec(ring)
+
+
 def _rounds(rounds: int, run: Callable[[], float]) -> list[float]:
     out = []
     for _ in range(rounds):
@@ -127,16 +150,19 @@ def main() -> None:
     args = ap.parse_args()
     logging.disable(logging.WARNING)  # "replication is OFF"
     log = _log(args.ops)
+    sealing = _sealing_codec()
     results = {
         "store.write": asyncio.run(_store_writes(args.ops, args.rounds, idem=False)),
         "store.write + idem key": asyncio.run(_store_writes(args.ops, args.rounds, idem=True)),
         "store.write, 10 watchers": asyncio.run(_store_writes(args.ops, args.rounds, idem=False, watchers=10)),
         "standby replay + promote": _rounds(args.rounds, lambda: _standby_replay(log)),
         "own_acked (per record)": _rounds(args.rounds, lambda: _own_acked(log)),
+        "event encode+decode plain": _rounds(args.rounds, lambda: _codec_round_trip(log, Codec(None))),
+        "event encode+decode sealed": _rounds(args.rounds, lambda: _codec_round_trip(log, sealing)),
     }
     for name, times in results.items():
         per_op = [t * 1e6 / args.ops for t in times]
-        print(f"{name:26s} median {statistics.median(per_op):6.2f} us  min {min(per_op):6.2f} us  "
+        print(f"{name:27s} median {statistics.median(per_op):6.2f} us  min {min(per_op):6.2f} us  "
               f"(CPU per op, {args.rounds} rounds of {args.ops})")
 
 

@@ -1,6 +1,8 @@
 """Independent checker of a chaos run.
 
-Shares no code path with recovery except ``replicator.events.decode``: it reads the whole
+Shares no code path with recovery except the wire format (``replicator.events.decode``,
+and ``replicator.keys.Codec`` to open sealed records with the run's master keys, the keys
+topic read whole: records of erased sessions are counted, not replayed): it reads the whole
 changes topic (every partition, from offset 0 to the end) with its own aiokafka
 consumer, applies the fencing rule with its own few lines (below, ``replay_partition``),
 rebuilds every session from the events that count, and compares that with
@@ -30,6 +32,7 @@ Reported:
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import zlib
 from array import array
@@ -43,6 +46,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from stickystate.chaos.workload import LIST_FIELD, Observation, compress_seqs, parse_items
 from stickystate.replicator.events import decode  # the one shared piece: the wire format
+from stickystate.replicator.keys import Codec, KeyErased
 
 CLAIM_KEY = b"#claim"  # "#" never occurs in a session id: no session can collide with it
 EXAMPLES = 20
@@ -192,19 +196,22 @@ def _fingerprint(ev: dict[str, Any]) -> tuple[Any, ...]:
             ev.get("key"), repr(ev.get("value")))
 
 
-def replay(records: list[Record], partitions: int, watch: set[str] | None = None) -> LogReplay:
+def replay(records: list[Record], partitions: int, watch: set[str] | None = None,
+           codec: Codec | None = None) -> LogReplay:
     """Apply the fencing rule to every partition; rebuild sessions. ``records`` sorted by
-    (partition, offset). ``watch``: session ids whose per-token event history is kept."""
+    (partition, offset). ``watch``: session ids whose per-token event history is kept.
+    ``codec``: opens sealed records (None: plaintext)."""
     out = LogReplay(partitions=partitions, records=len(records))
     by_part: dict[int, list[Record]] = defaultdict(list)
     for r in records:
         by_part[r.partition].append(r)
     for p, recs in sorted(by_part.items()):
-        replay_partition(p, recs, out, watch)
+        replay_partition(p, recs, out, watch, codec)
     return out
 
 
-def replay_partition(p: int, recs: list[Record], out: LogReplay, watch: set[str] | None) -> None:
+def replay_partition(p: int, recs: list[Record], out: LogReplay, watch: set[str] | None,
+                     codec: Codec | None = None) -> None:
     max_epoch = 0
     current: tuple[Any, Any] | None = None  # (epoch, node) of the latest effective claim
     fingerprints: dict[tuple[str, int], tuple[Any, ...]] = {}
@@ -214,8 +221,11 @@ def replay_partition(p: int, recs: list[Record], out: LogReplay, watch: set[str]
             out.anomaly("offset_order", partition=p, offset=r.offset)
         prev_offset = r.offset
         try:
-            ev = decode(r.value)
-        except ValueError as exc:
+            ev = decode(r.value) if codec is None else codec.decode_change(p, r.key, r.value)
+        except KeyErased:
+            out.stats["erased"] += 1  # its session was deleted or expired: its key is gone
+            continue
+        except (ValueError, LookupError) as exc:
             out.anomaly("undecodable", partition=p, offset=r.offset, error=str(exc))
             continue
         if ev.get("op") == "claim":
@@ -863,7 +873,7 @@ def dump_records(path: Any, records: list[Record]) -> None:
         for r in records:
             fh.write(orjson.dumps({"p": r.partition, "o": r.offset, "ts": r.timestamp,
                                    "k": None if r.key is None else r.key.decode("utf-8", "replace"),
-                                   "v": None if r.value is None else r.value.decode("utf-8", "replace")}) + b"\n")
+                                   "v64": None if r.value is None else base64.b64encode(r.value).decode()}) + b"\n")
 
 
 def load_records(path: Any) -> list[Record]:
@@ -873,8 +883,9 @@ def load_records(path: Any) -> list[Record]:
     with open(path, "rb") as fh:
         for line in fh:
             d = orjson.loads(line)
-            out.append(Record(d["p"], d["o"], None if d["k"] is None else d["k"].encode(),
-                              None if d["v"] is None else d["v"].encode(), d.get("ts", 0)))
+            value = (base64.b64decode(d["v64"]) if d["v64"] is not None else None) if "v64" in d else (
+                None if d["v"] is None else d["v"].encode())  # before sealed values: text
+            out.append(Record(d["p"], d["o"], None if d["k"] is None else d["k"].encode(), value, d.get("ts", 0)))
     return out
 
 
@@ -893,7 +904,13 @@ def recheck(out_dir: Any) -> dict[str, Any]:
     reads = [o for o in reads_all if o.kind == "read"]
     final = {o.sid: o for o in reads_all if o.kind == "final"}
     faults = orjson.loads((d / "faults.json").read_bytes())["faults"]
-    log = replay(load_records(d / "changes.jsonl"), partitions, set(sessions))
+    codec = None
+    if (d / "keys.jsonl").exists() and (d / "master.keys").exists():
+        from stickystate.crypto import load_master_keys_file
+        from stickystate.replicator.keys import offline_codec
+
+        codec = offline_codec(load_master_keys_file(d / "master.keys"), load_records(d / "keys.jsonl"), partitions)
+    log = replay(load_records(d / "changes.jsonl"), partitions, set(sessions), codec)
     return check(sessions=sessions, appends=appends, reads=reads, final=final, log=log, faults=faults,
                  partitions=partitions)
 

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import logging
 
+from stickystate.node.erasure import Erasure
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
 from stickystate.node.tasks import cancel_and_wait
@@ -23,8 +24,10 @@ log = logging.getLogger("stickystate.node")
 
 
 class Bootstraps:
-    def __init__(self, roles: ShardRoles, follower: Follower, reader: SnapshotReader, recovery_timeout_s: float) -> None:
+    def __init__(self, roles: ShardRoles, follower: Follower, reader: SnapshotReader, recovery_timeout_s: float,
+                 erasure: Erasure) -> None:
         self.roles = roles
+        self.erasure = erasure
         self.follower = follower
         self.reader = reader
         self.recovery_timeout_s = recovery_timeout_s
@@ -59,7 +62,11 @@ class Bootstraps:
         shard = shards.get(s)
         if shard is None:
             return
-        loaded = await self.reader.load(s, self.recovery_timeout_s)
+        # The shard's snapshots and its data keys, read side by side (node/erasure.py reads the
+        # keys again if a snapshot names one further than it read).
+        loaded, _ = await asyncio.gather(self.reader.load(s, self.recovery_timeout_s, opener=None),
+                                         self.erasure.load(s))
+        snapshots = await self.erasure.open_snapshots(s, loaded.raw)
         start = await self.reader.changes_start(s)
         if start > loaded.replay_from:
             raise RuntimeError(
@@ -68,14 +75,14 @@ class Bootstraps:
                 "(see README 'Snapshots and retention'); refusing to serve a partial state")
         if shards.get(s) is not shard:
             return  # dropped meanwhile
-        shard.load(loaded.epoch, loaded.node, loaded.replay_from, loaded.snapshots,
+        shard.load(loaded.epoch, loaded.node, loaded.replay_from, snapshots,
                    packed=s not in self.roles.recovering)
-        shard.loaded = {"snapshot_sessions": len(loaded.snapshots), "snapshot_records": loaded.records_read,
+        shard.loaded = {"snapshot_sessions": len(snapshots), "snapshot_records": loaded.records_read,
                         "snapshot_epoch": loaded.epoch, "replay_from": loaded.replay_from,
                         "snapshot_load_s": round(loaded.seconds, 4)}
         self.follower.follow(s, loaded.replay_from)
         log.info("shard bootstrapped from snapshots",
-                 extra={"shard": s, "snapshot_epoch": loaded.epoch, "sessions": len(loaded.snapshots),
+                 extra={"shard": s, "snapshot_epoch": loaded.epoch, "sessions": len(snapshots),
                         "snapshot_records": loaded.records_read, "replay_from": loaded.replay_from,
                         "duration_s": round(loaded.seconds, 4)})
 

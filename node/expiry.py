@@ -16,23 +16,25 @@ from collections.abc import Callable, Iterable
 
 from stickystate.errors import StickyError
 from stickystate.node.ops import Op, Session, apply
+from stickystate.node.erasure import Erasure
+from stickystate.node.ops import Session, apply
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import DELETED, Shard
 from stickystate.node.tasks import cancel_and_wait
 from stickystate.node.verification import StallGuard
-from stickystate.replicator import events
 from stickystate.replicator.errors import ReplicationError
 from stickystate.replicator.producer import Replicator
 
 
 class Expiry:
     def __init__(self, roles: ShardRoles, stall: StallGuard, replicator: Replicator | None, me: str,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], erasure: Erasure | None = None) -> None:
         self.roles = roles
         self.stall = stall
         self.replicator = replicator  # None: replication is off
         self.me = me
         self.clock = clock
+        self.erasure = erasure  # seals the event, erases the session's key (node/erasure.py)
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -67,12 +69,16 @@ class Expiry:
             new, event = apply(state, {"op": "expire", "sid": sid}, self.clock())
             event["node"], event["epoch"] = self.me, shard.my_epoch
             if self.replicator is not None:
-                self.replicator.enqueue(shard.id, sid.encode(), events.encode(event), meta=(sid, DELETED))
-        except (ReplicationError, StickyError):
+                assert self.erasure is not None
+                self.replicator.enqueue(shard.id, sid.encode(), self.erasure.codec.encode_change(shard.id, event),
+                                        meta=(sid, DELETED))
+        except (ReplicationError, StickyError, LookupError):
             return False
         shard.commit(event, new)
         if self.on_change is not None:
             self.on_change(shard.id, event, new)
+        if self.replicator is not None and self.erasure is not None:
+            self.erasure.erase(shard, sid)
         self.expired_total += 1
         return True
 

@@ -78,6 +78,13 @@ class IdempotencyCache:
         """The session is gone: its keys no longer go into a snapshot (their records age out)."""
         self.recent.pop(sid, None)
 
+    def erase(self, sid: str) -> None:
+        """The session is erased: drop its records (they may hold its state), but a
+        delete's (it holds none, and a retried delete answers as the first did)."""
+        self.recent.pop(sid, None)
+        for key in [k for k, entry in self.records.items() if k[0] == sid and entry[STATUS] != 204]:
+            del self.records[key]
+
     def of_session(self, sid: str) -> list[list[Any]]:
         """The session's recent keys as a snapshot keeps them: [key, fingerprint, status]."""
         out = []

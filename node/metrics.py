@@ -74,6 +74,13 @@ class _StoreCollector(Collector):
             ("snapshot_bytes", "Bytes of session snapshots handed to the producer", snaps.snapshot_bytes_total),
             ("snapshot_checkpoints", "Snapshot checkpoints written", snaps.checkpoints_total),
             ("follower_records", "Records read from Kafka by the follower", st.follower.records_total),
+            ("data_keys_written", "Data keys of new sessions written to the keys topic", st.erasure.keys_written_total),
+            ("sessions_erased", "Sessions erased (key and snapshot tombstoned) by delete or expiry",
+             st.erasure.erased_total),
+            ("records_skipped_erased", "Records read whose session's key is erased (not applied)",
+             st.erasure.skipped_erased_total),
+            ("records_refused", "Records refused: failed authentication, forged or undecodable (logged)",
+             st.erasure.refused_total + (st.erasure.ring.refused_total if st.erasure.ring is not None else 0)),
         )
         for name, help_text, value in counters:
             yield CounterMetricFamily(f"stickystate_{name}", help_text, value=value)

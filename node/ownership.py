@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stickystate.node.bootstrap import Bootstraps
+from stickystate.node.erasure import Erasure, KeyErased, KeyNotRead
 from stickystate.node.expiry import Expiry
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import Shard
@@ -42,13 +43,16 @@ from stickystate.replicator.producer import Replicator
 
 log = logging.getLogger("stickystate.node")
 
+KEY_WAIT_S = 15.0  # a record whose data key is not in the keys partition after this long is refused
+
 
 class Ownership:
     def __init__(self, roles: ShardRoles, me: str, clock: Callable[[], float], replicator: Replicator,
                  follower: Follower, bootstraps: Bootstraps, verification: OwnerVerification, expiry: Expiry,
                  snapshotting: Snapshotting, replication: bool, recovery_timeout_s: float,
-                 kafka_deadline_s: float) -> None:
+                 kafka_deadline_s: float, erasure: Erasure) -> None:
         self.roles = roles
+        self.erasure = erasure
         self.me = me
         self.clock = clock
         self.replicator = replicator
@@ -63,6 +67,7 @@ class Ownership:
         self._acquire_tasks: dict[int, asyncio.Task[None]] = {}
         self._assign_lock = asyncio.Lock()
         self.on_lost: Callable[[int], None] | None = None  # our ownership of a shard ended (node/watch.py)
+        self._key_waits: dict[int, tuple[int, float]] = {}  # shard -> (offset, since): waiting for its data key
         self.recoveries: deque[dict[str, Any]] = deque(maxlen=256)  # recent, for /internal/status
         self.recoveries_total = 0
         self.recovery_events_total = 0
@@ -140,6 +145,7 @@ class Ownership:
         self._forget(s, shard)
         if self.replication:
             self.follower.unfollow(s)
+            self.erasure.drop(s)
 
     def _forget(self, s: int, shard: Shard | None = None) -> None:
         """Our ownership of ``s`` ended (or never started): nothing of it is due any more."""
@@ -245,12 +251,34 @@ class Ownership:
         if shard is None:
             return
         now = time.monotonic()
+        decode = self.erasure.codec.decode_change
         for rec in records:
             try:
-                event = events.decode(rec.value)
-            except events.BadEvent as exc:
-                log.error("undecodable event", extra={"shard": s, "offset": rec.offset, "error": str(exc)})
-                shard.position = rec.offset + 1
+                event = decode(s, rec.key, rec.value)
+            except KeyErased:
+                self.erasure.skipped_erased_total += 1  # its session was erased: nothing to apply
+                shard.skip_record(rec.offset, now)
+                continue
+            except KeyNotRead as exc:
+                # Its data key is further in the keys partition than read yet: read this
+                # record again once the keys follower is past it (a fetch or two). A record
+                # naming a key that never comes (forged) is refused after KEY_WAIT_S.
+                blocked = self._key_waits.get(s)
+                if blocked is None or blocked[0] != rec.offset:
+                    self._key_waits[s] = (rec.offset, now)
+                elif now - blocked[1] > KEY_WAIT_S:
+                    del self._key_waits[s]
+                    self.erasure.refused_total += 1
+                    log.error("event refused: its data key never arrived",
+                              extra={"shard": s, "offset": rec.offset, "error": str(exc)})
+                    shard.skip_record(rec.offset, now)
+                    continue
+                self.follower.follow(s, rec.offset)
+                break
+            except events.BadEvent as exc:  # undecodable, or sealed records that fail authentication
+                self.erasure.refused_total += 1
+                log.error("event refused", extra={"shard": s, "offset": rec.offset, "error": str(exc)})
+                shard.skip_record(rec.offset, now)
                 continue
             outcome = shard.apply_record(rec.offset, event, self.me, now)
             if outcome == "fenced":
@@ -269,6 +297,7 @@ class Ownership:
         shard.reset()
         self.verification.release_waiters(s)
         self.follower.unfollow(s)
+        self.erasure.drop(s)
         self._forget(s, shard)
         if keep_following:
             self.bootstraps.start(s)

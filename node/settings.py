@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stickystate.crypto import MasterKeys
 from stickystate.node.validate import DURABILITIES, Limits
 from stickystate.node.watch import WatchLimits
 from stickystate.replicator.settings import ReplicatorSettings
@@ -28,6 +29,10 @@ class NodeSettings:
     rate_limit_burst: float = 2000.0
     snapshot_every_events: int = 100  # a session is snapshotted after this many changes (0: never)
     snapshot_max_age_s: float = 30.0  # ... or at the latest this long after its first unsnapshotted change
+    # Per-session encryption at rest (node/erasure.py): on needs master keys to start; off
+    # only when asked for explicitly (--encryption off)
+    encryption: bool = True
+    master_keys: MasterKeys | None = None
     limits: Limits = field(default_factory=Limits)
     watch: WatchLimits = field(default_factory=WatchLimits)
     replicator: ReplicatorSettings = field(default_factory=ReplicatorSettings)

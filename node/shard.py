@@ -83,6 +83,27 @@ class Shard:
             self.data_bytes += size
         self.idem.remember(event, new)
 
+    def erase(self, sid: str) -> None:
+        """The session's data key is gone (node/erasure.py): nothing of it stays in memory."""
+        self.data_bytes -= self.sizes.pop(sid, 0)
+        self.sessions.pop(sid, None)
+        if sid in self.packed.versions:
+            self.packed.drop(sid)
+        self.last_offset.pop(sid, None)
+        self.marks.floor.pop(sid, None)
+        self.idem.erase(sid)
+
+    def skip_record(self, offset: int, now: float) -> None:
+        """A record of the partition that is not applied (its session's key is erased, or it
+        was refused): the position moves past it, an own acknowledged record is verified."""
+        self.position = offset + 1
+        self.read_records += 1
+        acked = self.acks.acked
+        if acked:
+            meta = acked.pop(offset, None)
+            if meta is not None:
+                self.marks.own(offset, meta[0], meta[1], now)
+
     def apply_record(self, offset: int, event: Op, me: str, now: float) -> str:
         """Apply one record of the partition (``now``: monotonic time); returns what happened.
 

@@ -25,6 +25,7 @@ from stickystate.node.shard import Shard
 from stickystate.node.tasks import cancel_and_wait
 from stickystate.node.verification import StallGuard
 from stickystate.replicator.errors import ReplicationError
+from stickystate.replicator.keys import Codec
 from stickystate.replicator.producer import Replicator
 from stickystate.replicator.snapshots import (SnapshotReader, checkpoint_key, encode_checkpoint, encode_snapshot,
                                               parse_key, session_key)
@@ -35,7 +36,7 @@ log = logging.getLogger("stickystate.node")
 class Snapshotting:
     def __init__(self, roles: ShardRoles, stall: StallGuard, replicator: Replicator, reader: SnapshotReader,
                  me: str, clock: Callable[[], float], every_events: int, max_age_s: float,
-                 recovery_timeout_s: float) -> None:
+                 recovery_timeout_s: float, codec: Codec) -> None:
         self.roles = roles
         self.stall = stall
         self.replicator = replicator
@@ -46,6 +47,7 @@ class Snapshotting:
         self.every_events = every_events
         self.max_age_s = max_age_s
         self.recovery_timeout_s = recovery_timeout_s
+        self.codec = codec  # seals each snapshot under its session's data key
         self._full_due: set[int] = set()  # owned shards whose new epoch still needs its full snapshot set
         self._checkpointed: dict[int, tuple[int, int]] = {}  # shard -> (epoch, replay_from) of the last checkpoint
         self._cleanup_due: dict[int, asyncio.Future[int]] = {}  # shard -> first checkpoint of our epoch (its delivery)
@@ -86,7 +88,11 @@ class Snapshotting:
             self.tombstones_total += 1
             return
         offset = shard.last_offset.get(sid, shard.position - 1)
-        value = encode_snapshot(sid, state, offset, epoch, self.me, self.clock(), shard.idem.of_session(sid))
+        try:
+            value = self.codec.encode_snapshot(shard.id, sid, state["version"], encode_snapshot(
+                sid, state, offset, epoch, self.me, self.clock(), shard.idem.of_session(sid)))
+        except LookupError:
+            return  # its key is erased: the session is on its way out
         self.replicator.enqueue(shard.id, session_key(sid, epoch), value, topic=self.topic)
         self.snapshots_total += 1
         self.snapshot_bytes_total += len(value)
@@ -151,7 +157,7 @@ class Snapshotting:
     async def _cleanup(self, s: int, epoch: int | None) -> None:
         """Our epoch's first checkpoint is in the log: older epochs' records are not needed."""
         try:
-            loaded = await self.reader.load(s, self.recovery_timeout_s)
+            loaded = await self.reader.load(s, self.recovery_timeout_s, opener=None)
             shard = self.roles.shards.get(s)
             if epoch is None or loaded.epoch != epoch or shard is None or shard.my_epoch != epoch:
                 return

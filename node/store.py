@@ -13,6 +13,7 @@ that owns its state and its background task, started and stopped here:
                        ``StallGuard``: stall detection and re-verification
 - node/expiry.py       ``Expiry``: the TTL heap and its reaper
 - node/snapshotting.py ``Snapshotting``: snapshot rounds, full sets, checkpoints, cleanup
+- node/erasure.py      ``Erasure``: per-session data keys (the keys follower, the codec), erasure
 
 The store itself owns the Kafka clients (one producer, one follower, the history and
 snapshot readers: one each per process) and the node's lifecycle (drain, stop).
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stickystate.node.bootstrap import Bootstraps
+from stickystate.node.erasure import Erasure
 from stickystate.node.expiry import Expiry
 from stickystate.node.ownership import Ownership
 from stickystate.node.roles import ShardRoles
@@ -58,22 +60,26 @@ class NodeStore:
         rep = settings.replicator
         self.replicator = Replicator(rep, client_id=f"stickystate-{self.me}", on_acked=self._on_acked)
         self.follower = Follower(rep, client_id=f"stickystate-{self.me}-follower", on_records=self._on_records)
-        self.history = HistoryReader(rep, client_id=f"stickystate-{self.me}-history")
         self.snapshot_reader = SnapshotReader(rep, client_id=f"stickystate-{self.me}-snapshots")
         replicating = self.replicator if replication else None
         self.roles = ShardRoles(self.partitions)
+        self.erasure = Erasure(rep, settings.master_keys if settings.encryption else None, self.replicator,
+                               self.roles, self.me)
+        self.history = HistoryReader(rep, client_id=f"stickystate-{self.me}-history", codec=self.erasure.codec)
         self.verification = OwnerVerification(self.roles, self.follower)
         self.stall = StallGuard(self.roles, self.verification, self.follower, settings.hold_timeout_s)
-        self.expiry = Expiry(self.roles, self.stall, replicating, self.me, clock)
+        self.expiry = Expiry(self.roles, self.stall, replicating, self.me, clock, self.erasure)
         self.snapshotting = Snapshotting(self.roles, self.stall, self.replicator, self.snapshot_reader, self.me, clock,
                                          settings.snapshot_every_events, settings.snapshot_max_age_s,
-                                         settings.recovery_timeout_s)
-        self.bootstraps = Bootstraps(self.roles, self.follower, self.snapshot_reader, settings.recovery_timeout_s)
+                                         settings.recovery_timeout_s, self.erasure.codec)
+        self.bootstraps = Bootstraps(self.roles, self.follower, self.snapshot_reader, settings.recovery_timeout_s,
+                                     self.erasure)
         self.ownership = Ownership(self.roles, self.me, clock, self.replicator, self.follower, self.bootstraps,
                                    self.verification, self.expiry, self.snapshotting, replication,
-                                   settings.recovery_timeout_s, rep.kafka_deadline_s)
+                                   settings.recovery_timeout_s, rep.kafka_deadline_s, self.erasure)
         self.writes = Writes(self.roles, self.stall, self.verification, self.expiry, replicating, self.follower,
-                             self.me, clock, settings.limits, settings.hold_timeout_s, rep.kafka_deadline_s)
+                             self.me, clock, settings.limits, settings.hold_timeout_s, rep.kafka_deadline_s,
+                             self.erasure)
         # Watchers: told of every change, and of every shard this node stops owning.
         self.watch = WatchHub(settings.watch)
         self.watch.log_reads = SharedLogReads(self._watch_log)
@@ -144,8 +150,15 @@ class NodeStore:
             log.warning("replication is OFF: sessions are lost when this node stops")
             self.expiry.start()
             return
+        if self.settings.encryption and self.settings.master_keys is None:
+            raise RuntimeError("refusing to start: encryption is on and no master key is configured "
+                               "(--master-keys-file / STICKYSTATE_MASTER_KEYS, or --encryption off explicitly)")
+        if not self.settings.encryption:
+            log.warning("encryption is OFF: session data is stored in Kafka in plaintext and a delete "
+                        "does not erase its history")
         await ensure_topics(self.settings.replicator)
         await self.replicator.start()
+        await self.erasure.start()
         await self.follower.start()
         self.expiry.start()
         self.stall.start()
@@ -185,6 +198,7 @@ class NodeStore:
         await self.stall.stop()
         await self.verification.stop()
         if self.settings.replication:
+            await self.erasure.stop()
             await self.replicator.stop()
             await self.follower.stop()
             await self.history.stop()
@@ -213,4 +227,5 @@ class NodeStore:
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.ownership.recoveries),
             "watch": self.watch.status(),
+            "keys": self.erasure.status(),
         }

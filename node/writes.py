@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stickystate.errors import Conflict, NotFound, NotOwner, Unavailable
+from stickystate.node.erasure import Erasure
 from stickystate.node.expiry import Expiry
 from stickystate.node.idempotency import DELIVERY, EPOCH, FP, STATE, STATUS, IdempotencyCache
 from stickystate.node.ops import Op, Session, apply
@@ -29,7 +30,6 @@ from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import DELETED, Shard
 from stickystate.node.validate import Limits, check_precondition, check_state
 from stickystate.node.verification import OwnerVerification, StallGuard
-from stickystate.replicator import events
 from stickystate.replicator.errors import ReplicationError
 from stickystate.replicator.follower import Follower
 from stickystate.replicator.producer import Replicator
@@ -56,7 +56,7 @@ class WriteResult:
 class Writes:
     def __init__(self, roles: ShardRoles, stall: StallGuard, verification: OwnerVerification, expiry: Expiry,
                  replicator: Replicator | None, follower: Follower, me: str, clock: Callable[[], float],
-                 limits: Limits, hold_timeout_s: float, kafka_deadline_s: float) -> None:
+                 limits: Limits, hold_timeout_s: float, kafka_deadline_s: float, erasure: Erasure) -> None:
         self.roles = roles
         self.stall = stall
         self.verification = verification
@@ -69,6 +69,7 @@ class Writes:
         self.hold_timeout_s = hold_timeout_s
         self.kafka_deadline_s = kafka_deadline_s
         self.on_change: Callable[[int, Op, Session | None], None] | None = None  # the watch hub's (node/watch.py)
+        self.erasure = erasure  # seals events; a new session's key, a deleted one's erasure (node/erasure.py)
 
     async def serving_shard(self, sid: str) -> Shard:
         """The shard of ``sid`` if we serve it (waits while it is being acquired); NotOwner
@@ -114,8 +115,10 @@ class Writes:
     async def write(self, op: Op, *, if_match: int | str | None = None, idem: str | None = None,
                     request_fingerprint: str = "", appended_field: str | None = None) -> WriteResult:
         shard = await self.serving_shard(op["sid"])
-        # From here to the end: no await. Check, apply, hand over, install.
         sid = op["sid"]
+        if self.erasure.encrypting and self.replicator is not None and op["op"] in ("create", "replace"):
+            shard = await self._ensure_key(shard, sid)
+        # From here to the end: no await. Check, apply, hand over, install.
         if idem is not None:
             cached = shard.idem.records.get((sid, idem))
             if cached is not None:
@@ -144,14 +147,18 @@ class Writes:
         event["node"] = self.me
         event["epoch"] = epoch
         try:
-            delivery = (self.replicator.enqueue(shard.id, sid.encode(), events.encode(event),
+            delivery = (self.replicator.enqueue(shard.id, sid.encode(), self.erasure.codec.encode_change(shard.id, event),
                                                 meta=(sid, DELETED if new is None else new["version"]))
                         if self.replicator is not None else None)
         except ReplicationError as exc:
             raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
+        except LookupError as exc:  # no data key (erased meanwhile): nothing changed
+            raise Unavailable(str(exc), retry_after_s=1, code="replication_unavailable") from exc
         shard.commit(event, new, size)
         if self.on_change is not None:
             self.on_change(shard.id, event, new)
+        if new is None and self.replicator is not None:
+            self.erasure.erase(shard, sid)
         if new is not None and current is None:
             self.expiry.schedule(new)
         status = 201 if op["op"] == "create" or (op["op"] == "replace" and current is None) else (
@@ -162,6 +169,21 @@ class Writes:
             if delivery is not None:
                 delivery.add_done_callback(functools.partial(IdempotencyCache.settle, shard.idem, key))
         return WriteResult(status, new, shard.id, epoch, delivery)
+
+    async def _ensure_key(self, shard: Shard, sid: str) -> Shard:
+        """A write that may create ``sid``: its data key is in ``keys`` before its first event."""
+        state = shard.sessions.get(sid)
+        if state is not None and state["expires_at"] <= self.clock():
+            self.expiry.expire_now(shard, sid)  # its key is erased: a new session gets a new one
+            state = None
+        if state is None:
+            try:
+                await self.erasure.ensure_key(shard.id, sid)
+            except (ReplicationError, asyncio.TimeoutError) as exc:
+                raise Unavailable(f"could not store the session's data key: {exc!r}", retry_after_s=1,
+                                  code="replication_unavailable") from exc
+            shard = await self.serving_shard(sid)  # still ours after the await?
+        return shard
 
     async def confirm(self, result: WriteResult) -> None:
         """Durability ``log``: Kafka has the event and no takeover precedes it."""

@@ -26,8 +26,10 @@ OnRecords = Callable[[int, Sequence[Any]], None]
 
 
 class Follower:
-    def __init__(self, settings: ReplicatorSettings, client_id: str, on_records: OnRecords) -> None:
+    def __init__(self, settings: ReplicatorSettings, client_id: str, on_records: OnRecords,
+                 topic: str | None = None) -> None:
         self.settings = settings
+        self.topic = topic or settings.changes_topic  # another topic partitioned by shard: keys (node/erasure.py)
         self.client_id = client_id
         self.on_records = on_records
         self._wanted: dict[int, int | None] = {}  # shard -> offset to seek to (None: keep position)
@@ -89,7 +91,7 @@ class Follower:
 
     async def end_offsets(self, shards: Sequence[int]) -> dict[int, int]:
         assert self._consumer is not None
-        tps = [TopicPartition(self.settings.changes_topic, s) for s in shards]
+        tps = [TopicPartition(self.topic, s) for s in shards]
         ends = await self._consumer.end_offsets(tps)
         return {tp.partition: off for tp, off in ends.items()}
 
@@ -110,7 +112,7 @@ class Follower:
     def _apply_assignment(self) -> None:
         assert self._consumer is not None
         self._dirty.clear()
-        topic = self.settings.changes_topic
+        topic = self.topic
         self._consumer.assign([TopicPartition(topic, s) for s in sorted(self._wanted)])
         for shard, offset in list(self._wanted.items()):
             # After assign() positions are reset; put every partition where we were.
@@ -150,7 +152,7 @@ class Follower:
             # first offsets were removed by retention): take it for shards not being re-seeked.
             for shard, seek in self._wanted.items():
                 if seek is None:
-                    pos = _fetch_position(consumer, TopicPartition(self.settings.changes_topic, shard))
+                    pos = _fetch_position(consumer, TopicPartition(self.topic, shard))
                     if pos is not None and pos > self._positions.get(shard, 0):
                         self._positions[shard] = pos
             async with self._progress:

@@ -10,18 +10,25 @@ partition is bounded by the ``changes`` retention.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiokafka import TopicPartition
 
 from stickystate.replicator import events
+from stickystate.replicator.keys import Codec, KeyErased, KeyNotRead
 from stickystate.replicator.scan import SharedConsumer, scan
 from stickystate.replicator.settings import ReplicatorSettings
 
 
+log = logging.getLogger("stickystate.replicator")
+
+
 class HistoryReader:
-    def __init__(self, settings: ReplicatorSettings, client_id: str) -> None:
+    def __init__(self, settings: ReplicatorSettings, client_id: str, codec: Codec | None = None) -> None:
         self.settings = settings
+        # Opens sealed events; records whose key is erased are not in the trail (replicator/keys.py).
+        self.codec = codec or Codec(None)
         self._reader = SharedConsumer(settings, client_id)
 
     async def stop(self) -> None:
@@ -45,7 +52,13 @@ class HistoryReader:
                     continue
                 if rec.key != key:
                     continue
-                event = events.decode(rec.value)
+                try:
+                    event = self.codec.decode_change(shard, rec.key, rec.value)
+                except (KeyErased, KeyNotRead):
+                    continue  # erased: history answers nothing for it
+                except events.BadEvent as exc:
+                    log.error("event refused", extra={"shard": shard, "offset": rec.offset, "error": str(exc)})
+                    continue
                 if event.get("epoch") != epoch or event.get("node") != owner:
                     continue  # written by a fenced owner: replay ignores it, so does the trail
                 if event.get("ver", 0) <= last_ver:

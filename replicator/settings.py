@@ -10,6 +10,10 @@ class ReplicatorSettings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     changes_topic: str = "changes"
     snapshots_topic: str = ""  # "": "snapshots" next to "changes", else "<changes_topic>-snapshots"
+    keys_topic: str = ""  # "": "keys" next to "changes", else "<changes_topic>-keys" (replicator/keys.py)
+    # How long a deleted session's wrapped data key may stay on the broker's disk, about
+    # (README "Encryption and erasure"): the keys topic's max.compaction.lag.ms.
+    keys_compaction_lag_ms: int = 3_600_000
     changes_retention_ms: int = -1  # retention.ms of the changes topic when it is created (-1: forever)
     partitions: int = 64
     # Topics created by a node: replication factor (0: min(3, brokers in the cluster)) and
@@ -31,6 +35,13 @@ class ReplicatorSettings:
         if not self.snapshots_topic:
             derived = "snapshots" if self.changes_topic == "changes" else f"{self.changes_topic}-snapshots"
             object.__setattr__(self, "snapshots_topic", derived)
+        if not self.keys_topic:
+            object.__setattr__(self, "keys_topic",
+                               "keys" if self.changes_topic == "changes" else f"{self.changes_topic}-keys")
+        if len({self.changes_topic, self.snapshots_topic, self.keys_topic}) != 3:
+            raise ValueError("changes_topic, snapshots_topic and keys_topic must differ")
+        if self.keys_compaction_lag_ms < 1000:
+            raise ValueError("keys_compaction_lag_ms must be >= 1000")
         if self.snapshots_topic == self.changes_topic:
             raise ValueError("snapshots_topic must differ from changes_topic")
         if self.changes_retention_ms < -1 or self.changes_retention_ms == 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -40,6 +41,15 @@ from stickystate.replicator.scan import SharedConsumer, scan
 from stickystate.replicator.settings import ReplicatorSettings
 
 CHECKPOINT = "#checkpoint"
+
+# (sid, value) -> the decoded snapshot; with encryption it opens the sealed value
+# (replicator/keys.py Codec.decode_snapshot), and None (in choose) keeps the raw values
+Opener = Callable[[str, bytes], dict[str, Any]]
+
+
+def plain(sid: str, value: bytes) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(value)
+    return doc
 
 
 def session_key(sid: str, epoch: int) -> bytes:
@@ -80,13 +90,15 @@ class Loaded:
     node: str | None = None  # the checkpoint's writer = owner at ``replay_from``
     replay_from: int = 0
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # sid -> decoded snapshot record
+    raw: dict[str, bytes] = field(default_factory=dict)  # sid -> its value, when no opener decoded them
     records_read: int = 0
     other_epoch_keys: list[bytes] = field(default_factory=list)  # live keys of other epochs (to clean up)
     seconds: float = 0.0
 
 
-def choose(latest: dict[bytes, bytes | None], records_read: int = 0) -> Loaded:
-    """Pick the highest epoch with a checkpoint and decode that epoch's snapshots.
+def choose(latest: dict[bytes, bytes | None], records_read: int = 0, opener: Opener | None = plain) -> Loaded:
+    """Pick the highest epoch with a checkpoint and decode that epoch's snapshots
+    (``opener`` None: keep them raw in ``Loaded.raw``).
 
     ``latest`` maps each key to its last value in partition order (what compaction keeps).
     """
@@ -110,7 +122,10 @@ def choose(latest: dict[bytes, bytes | None], records_read: int = 0) -> Loaded:
         if key_epoch != epoch:
             out.other_epoch_keys.append(key)
         elif name != CHECKPOINT:
-            out.snapshots[name] = orjson.loads(value)
+            if opener is None:
+                out.raw[name] = value
+            else:
+                out.snapshots[name] = opener(name, value)
     return out
 
 
@@ -126,10 +141,10 @@ class SnapshotReader:
     async def stop(self) -> None:
         await self._reader.stop()
 
-    async def load(self, shard: int, timeout_s: float = 60.0) -> Loaded:
+    async def load(self, shard: int, timeout_s: float = 60.0, opener: Opener | None = plain) -> Loaded:
         started = time.monotonic()
         latest, n = await asyncio.wait_for(self._read(shard), timeout_s)
-        out = choose(latest, n)
+        out = choose(latest, n, opener)
         out.seconds = time.monotonic() - started
         return out
 

@@ -1,4 +1,4 @@
-"""Create the ``changes`` topic at start-up if it is missing, and check its shape."""
+"""Create the topics (``changes``, ``snapshots``, ``keys``) at start-up if they are missing, and check their shape."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def replication(settings: ReplicatorSettings, brokers: int) -> tuple[int, int]:
 
 
 def topic_specs(settings: ReplicatorSettings, min_isr: int = 1) -> dict[str, dict[str, str]]:
-    """Topic name -> configs, for the two topics a cluster needs (same partition count:
-    partition = shard in both). Never an unclean leader: it could drop acknowledged events."""
+    """Topic name -> configs, for the three topics a cluster needs (same partition count:
+    partition = shard in all). Never an unclean leader: it could drop acknowledged events."""
     safety = {"min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}
+    lag = str(settings.keys_compaction_lag_ms)
     return {
         settings.changes_topic: {"cleanup.policy": "delete", "retention.ms": str(settings.changes_retention_ms),
                                  **safety},
@@ -39,6 +40,15 @@ def topic_specs(settings: ReplicatorSettings, min_isr: int = 1) -> dict[str, dic
         settings.snapshots_topic: {"cleanup.policy": "compact", "segment.ms": "600000",
                                    "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "86400000",
                                    **safety},
+        # Compacted, and compacted soon: a tombstoned data key must leave the disk within a
+        # bound. max.compaction.lag.ms makes a record eligible for compaction at the latest
+        # this long after it was written, and rolls the active segment (never compacted) on
+        # the first append after that long (segment.ms the same, for brokers that roll only
+        # by it); the owners append a small "#roll" record when a tombstone would otherwise
+        # sit in an idle active segment (node/erasure.py). The tombstone itself (no secret)
+        # stays delete.retention.ms so a node reading the partition meanwhile sees it.
+        settings.keys_topic: {"cleanup.policy": "compact", "max.compaction.lag.ms": lag, "segment.ms": lag,
+                              "min.cleanable.dirty.ratio": "0.01", "delete.retention.ms": "86400000", **safety},
     }
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from stickystate import config
 from stickystate.config import Option
+
+if TYPE_CHECKING:
+    from stickystate.crypto import MasterKeys
 
 
 def _node(ns: argparse.Namespace) -> None:
@@ -22,8 +27,10 @@ def _node(ns: argparse.Namespace) -> None:
 
     secret, keys = _secrets(ns)
     logs.setup(ns.log_level, node=ns.node_id)
+    master = _master_keys(ns)
     rep = ReplicatorSettings(kafka_bootstrap=ns.kafka_bootstrap, changes_topic=ns.changes_topic,
                              snapshots_topic=ns.snapshots_topic, changes_retention_ms=ns.changes_retention_ms,
+                             keys_topic=ns.keys_topic, keys_compaction_lag_ms=ns.keys_compaction_lag_ms,
                              partitions=ns.partitions, replication_factor=ns.replication_factor,
                              min_insync_replicas=ns.min_insync_replicas,
                              queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s,
@@ -36,7 +43,7 @@ def _node(ns: argparse.Namespace) -> None:
                             internal_secret=secret, api_keys=tuple(keys.items()),
                             rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
                             snapshot_every_events=ns.snapshot_every_events,
-                            snapshot_max_age_s=ns.snapshot_max_age_s,
+                            snapshot_max_age_s=ns.snapshot_max_age_s, encryption=ns.encryption, master_keys=master,
                             watch=WatchLimits(per_session=ns.watch_max_per_session, per_node=ns.watch_max_per_node,
                                               buffer_events=ns.watch_buffer_events, ring_events=ns.watch_ring_events,
                                               heartbeat_s=ns.watch_heartbeat_s))
@@ -47,6 +54,27 @@ def _node(ns: argparse.Namespace) -> None:
     gc.freeze()
     _install_uvloop()
     asyncio.run(serve(settings))
+
+
+def _master_keys(ns: argparse.Namespace) -> MasterKeys | None:
+    """The node's master keys, or exit: encryption on without a key refuses to start."""
+    from stickystate import credentials, crypto
+
+    if not ns.encryption:
+        return None
+    try:
+        if ns.master_keys_file:
+            return crypto.load_master_keys_file(ns.master_keys_file)
+        from_env = os.environ.get(credentials.MASTER_KEYS_ENV, "")
+        if from_env:  # like the other secrets: the environment or a 0600 file, never argv
+            return crypto.parse_master_keys(from_env)
+    except (OSError, crypto.CryptoError) as exc:
+        sys.exit(f"stickystate node: master keys: {exc}")
+    if not ns.replication:
+        return None
+    sys.exit("stickystate node: refusing to start: encryption is on and no master key is configured. Give "
+             "--master-keys-file (or STICKYSTATE_MASTER_KEYS_FILE / STICKYSTATE_MASTER_KEYS), or --encryption off "
+             "to store sessions in plaintext (README 'Encryption and erasure')")
 
 
 def _router(ns: argparse.Namespace) -> None:

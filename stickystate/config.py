@@ -60,6 +60,10 @@ KAFKA = [
     Option("changes_topic", str, "changes", "Kafka topic of change events"),
     Option("snapshots_topic", str, "", "compacted Kafka topic of session snapshots "
            "(empty: 'snapshots', or '<changes-topic>-snapshots' for another changes topic)"),
+    Option("keys_topic", str, "", "compacted Kafka topic of the sessions' wrapped data keys "
+           "(empty: 'keys', or '<changes-topic>-keys' for another changes topic)"),
+    Option("keys_compaction_lag_ms", int, 3_600_000, "max.compaction.lag.ms (and segment.ms) of the keys topic "
+           "when it is created: about how long a deleted session's key may stay on the broker's disk"),
     Option("changes_retention_ms", int, -1, "retention.ms of the changes topic when it is created "
            "(-1: forever; see README 'Snapshots and retention' for the safe bound)"),
     Option("replication_factor", int, 0, "replication factor when creating the topics (0: min(3, brokers))"),
@@ -102,6 +106,10 @@ NODE = [
            "over it the buffer is dropped and the watcher gets a reset"),
     Option("watch_ring_events", int, 128, "recent changes kept per watched session, to resume from memory"),
     Option("watch_heartbeat_s", float, 15.0, "a comment line on every watch stream this often"),
+    Option("encryption", _onoff, True, "on|off: on seals every session record under its own data key "
+           "(needs master keys); off stores plaintext and a delete erases nothing (must be said explicitly)"),
+    Option("master_keys_file", str, "", "file of kid:base64 lines (256-bit keys; mode 0600; the last wraps new data "
+           "keys, all unwrap), or set STICKYSTATE_MASTER_KEYS=kid:base64,...; never on the command line"),
     Option("log_level", str, "info", "log level"),
 ]
 

@@ -5,7 +5,9 @@ A process's command line is readable by every user of the machine (``ps``,
 its owner. So the internal secret comes from ``STICKYSTATE_INTERNAL_SECRET`` or from
 ``--internal-secret-file PATH``, and API keys from ``STICKYSTATE_API_KEYS`` and/or
 ``--api-keys-file PATH``; a file that its group or others may read or write is refused.
-The old ``--internal-secret VALUE`` and ``--api-keys VALUE`` flags are refused with a
+The master keys of encryption (issue 14) come from ``STICKYSTATE_MASTER_KEYS`` or
+``--master-keys-file PATH`` the same way. The old ``--internal-secret VALUE`` and
+``--api-keys VALUE`` flags, and ``--master-keys VALUE``, are refused with a
 message saying how to pass the value instead (``cli.py``).
 """
 
@@ -22,12 +24,16 @@ SECRET_ENV = "STICKYSTATE_INTERNAL_SECRET"
 KEYS_ENV = "STICKYSTATE_API_KEYS"
 SECRET_FILE_ENV = "STICKYSTATE_INTERNAL_SECRET_FILE"
 KEYS_FILE_ENV = "STICKYSTATE_API_KEYS_FILE"
+MASTER_KEYS_ENV = "STICKYSTATE_MASTER_KEYS"
+MASTER_KEYS_FILE_ENV = "STICKYSTATE_MASTER_KEYS_FILE"
 #: Every variable that carries a secret or names a secret file (``up`` sets its own).
-ALL_ENV = (SECRET_ENV, KEYS_ENV, SECRET_FILE_ENV, KEYS_FILE_ENV)
+ALL_ENV = (SECRET_ENV, KEYS_ENV, SECRET_FILE_ENV, KEYS_FILE_ENV, MASTER_KEYS_ENV, MASTER_KEYS_FILE_ENV)
 
 REFUSED_FLAGS = {
     "--internal-secret": f"set {SECRET_ENV} or pass --internal-secret-file PATH (a file only its owner may read: chmod 600)",
     "--api-keys": f"set {KEYS_ENV}=key=tenant,... or pass --api-keys-file PATH (a file only its owner may read: chmod 600)",
+    "--master-keys": f"set {MASTER_KEYS_ENV}=kid:base64,... or pass --master-keys-file PATH (a file only its owner may "
+                     "read: chmod 600)",
 }
 
 

@@ -6,6 +6,7 @@ real processes they can kill -9, pause and restart.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -108,6 +109,9 @@ class LocalCluster:
     auth: str = "open"  # router: keys|open; nodes check internal_secret whenever it is set
     api_keys: str = ""  # key=tenant,...
     internal_secret: str = ""
+    # the nodes' master keys (kid:base64,...): made for each cluster unless given; "" with
+    # node_env STICKYSTATE_ENCRYPTION=off runs plaintext
+    master_keys: str = ""
     initial_nodes: int | None = None  # start only the first k nodes; the others can join later
     stopped: set[str] = field(default_factory=set)  # nodes stopped on purpose (not expected healthy)
     brokers: int = 1  # own Kafka: > 1 runs a replicated KRaft cluster (kafka_cluster.py)
@@ -118,6 +122,10 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.router_port:
             self.router_port = free_port()
+        if not self.master_keys:
+            from stickystate.crypto import new_master_key_entry
+
+            self.master_keys = new_master_key_entry("local-1")
         while len(self.node_ports) < self.nodes:
             self.node_ports.append(free_port())
 
@@ -168,8 +176,9 @@ class LocalCluster:
         return env
 
     def _make_node(self, nid: str) -> Proc:
-        # Nodes authenticate direct clients as the router does: same auth mode, same API keys.
-        env = self._base_env() | self.node_env
+        # Nodes authenticate direct clients as the router does: same auth mode, same API keys;
+        # the master keys (secret too) travel like the other secrets, in the environment only.
+        env = self._base_env() | {"STICKYSTATE_MASTER_KEYS": self.master_keys} | self.node_env
         port = self.node_ports[int(nid[1:]) - 1]
         args = [sys.executable, "-m", "stickystate.cli", "node", "--node-id", nid, "--port", str(port),
                 "--kafka-bootstrap", self.kafka_bootstrap, "--partitions", str(self.partitions),
@@ -279,7 +288,17 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
     # the nodes are not: an internal secret known only to the router (STICKYSTATE_INTERNAL_SECRET
     # if set, else a fresh random one), handed to the children through their environment only.
     secret = os.environ.get(credentials.SECRET_ENV) or secrets.token_urlsafe(24)
-    cluster = LocalCluster(data, nodes=nodes, router_port=base_port,
+    # A master key of its own, kept in the data directory (mode 0600) so that a restart on the
+    # same directory reads what it wrote; production supplies its own (README).
+    from stickystate.crypto import load_master_keys_file, new_master_key_entry, write_master_keys_file
+
+    data.mkdir(parents=True, exist_ok=True)
+    key_file = data / "master.keys"
+    if not key_file.exists():
+        write_master_keys_file(key_file, new_master_key_entry("local-1"))
+    master = load_master_keys_file(key_file)
+    master_spec = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in master.keys)
+    cluster = LocalCluster(data, nodes=nodes, router_port=base_port, master_keys=master_spec,
                            node_ports=[base_port + 1 + i for i in range(nodes)],
                            kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
                            partitions=partitions, standbys=standbys, auth="open", internal_secret=secret,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from types import SimpleNamespace
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import orjson
 from multidict import CIMultiDict
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stickystate.crypto import parse_master_keys
 from stickystate.node.shard import Shard
-from stickystate.replicator.events import decode
+from stickystate.replicator.keys import Codec, KeyErased, offline_codec
+from stickystate.replicator.settings import ReplicatorSettings
 
 
 async def read_records(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, bytes | None]]:
@@ -39,9 +42,27 @@ async def read_records(bootstrap: str, topic: str, partition: int) -> list[tuple
         await consumer.stop()
 
 
-async def read_partition(bootstrap: str, topic: str, partition: int) -> list[tuple[int, bytes | None, dict[str, Any]]]:
-    """Every change event of one partition up to its end offset now: (offset, key, event)."""
-    return [(offset, key, decode(value)) for offset, key, value in await read_records(bootstrap, topic, partition)]
+async def codec_for(bootstrap: str, changes_topic: str, master_keys: str, partition: int) -> Codec:
+    """What opens a cluster's sealed records of one shard at rest: its keys partition read now,
+    unwrapped with the cluster's master keys (LocalCluster.master_keys)."""
+    keys_topic = ReplicatorSettings(changes_topic=changes_topic).keys_topic
+    records = [SimpleNamespace(partition=partition, offset=o, key=k, value=v)
+               for o, k, v in await read_records(bootstrap, keys_topic, partition)]
+    return offline_codec(parse_master_keys(master_keys) if master_keys else None, records, partition + 1)
+
+
+async def read_partition(bootstrap: str, topic: str, partition: int,
+                         master_keys: str = "") -> list[tuple[int, bytes | None, dict[str, Any]]]:
+    """Every change event of one partition up to its end offset now: (offset, key, event),
+    opened with the cluster's master keys (records of erased sessions left out)."""
+    codec = await codec_for(bootstrap, topic, master_keys, partition)
+    out = []
+    for offset, key, value in await read_records(bootstrap, topic, partition):
+        try:
+            out.append((offset, key, codec.decode_change(partition, key, value)))
+        except KeyErased:
+            continue
+    return out
 
 
 class Api:

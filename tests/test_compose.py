@@ -218,6 +218,8 @@ def test_env_vars_are_real_options(services: dict[str, dict[str, Any]], name: st
     sub = subcommand_of(svc)
     # secrets are environment variables without a flag (stickystate/credentials.py)
     valid = set(options_by_env(sub)) | {credentials.SECRET_ENV, credentials.KEYS_ENV}
+    if sub == "node":
+        valid.add(credentials.MASTER_KEYS_ENV)
     env = env_of(svc)
     unknown = sorted(k for k in env if k.startswith("STICKYSTATE_") and k not in valid)
     assert not unknown, f"{name} (stickystate {sub}) sets unknown settings {unknown}; valid: {sorted(valid)}"

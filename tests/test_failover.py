@@ -13,7 +13,7 @@ import pytest
 from stickystate.chaos.checker import Record, replay
 from stickystate.local_cluster import LocalCluster, http_json
 from stickystate.protocol import shard_of
-from tests.helpers import Api, read_records, wait_for
+from tests.helpers import Api, codec_for, read_records, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -175,6 +175,6 @@ async def test_paused_zombie_owner_cannot_acknowledge_or_leak_writes(fresh_clust
     # own fencing rule) rebuilds exactly what the new owner acknowledged.
     records = [Record(shard, offset, key, value)
                for offset, key, value in await read_records(c.kafka_bootstrap, c.topic, shard)]
-    rebuilt = replay(records, c.partitions)
+    rebuilt = replay(records, c.partitions, codec=await codec_for(c.kafka_bootstrap, c.topic, c.master_keys, shard))
     assert rebuilt.sessions[sid] == {"version": 2, "data": {"log": ["via-new"]}}, rebuilt.stats
     assert not rebuilt.anomalies, rebuilt.anomalies

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api
+from tests.helpers import Api, codec_for
 
 pytestmark = pytest.mark.kafka
 
@@ -106,8 +106,6 @@ async def test_readyz_is_false_while_a_shard_is_rebuilt_then_true(cluster: Local
     """Fill one shard with many events, restart its owner empty, and watch /readyz."""
     from aiokafka import AIOKafkaProducer
 
-    from stickystate.replicator import events
-
     victim = "n3"
     shard = next(int(s) for s, o in cluster.cluster_view()["shards"].items() if o == victim)
     sid = next(f"r-{i}" for i in range(10_000) if shard_of(f"r-{i}", cluster.partitions) == shard)
@@ -116,6 +114,8 @@ async def test_readyz_is_false_while_a_shard_is_rebuilt_then_true(cluster: Local
         status, _, headers = await api.call("POST", "/v1/sessions", {"id": sid}, headers={"Durability": "log"})
         assert status == 201
         epoch = int(headers["X-Stickystate-Epoch"])
+    # sealed under the session's data key, as the owner seals its events (README, Encryption and erasure)
+    codec = await codec_for(cluster.kafka_bootstrap, cluster.topic, cluster.master_keys, shard)
     producer = AIOKafkaProducer(bootstrap_servers=cluster.kafka_bootstrap, linger_ms=20, acks="all",
                                 max_batch_size=512 * 1024)
     await producer.start()
@@ -124,7 +124,7 @@ async def test_readyz_is_false_while_a_shard_is_rebuilt_then_true(cluster: Local
         for v in range(2, 60_002):
             ev = {"op": "set_key", "sid": sid, "key": "k", "value": v, "ttl_s": None, "ver": v, "at": time.time(),
                   "node": victim, "epoch": epoch}
-            await producer.send(cluster.topic, events.encode(ev), key=sid.encode(), partition=shard)
+            await producer.send(cluster.topic, codec.encode_change(shard, ev), key=sid.encode(), partition=shard)
         await producer.flush()
     finally:
         await producer.stop()

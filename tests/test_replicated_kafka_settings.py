@@ -28,9 +28,9 @@ def test_replication_defaults_follow_the_broker_count(brokers: int, rf: int, min
     assert replication(ReplicatorSettings(replication_factor=rf, min_insync_replicas=min_isr), brokers) == want
 
 
-def test_both_topics_refuse_unclean_leaders_and_carry_min_insync() -> None:
+def test_every_topic_refuses_unclean_leaders_and_carries_min_insync() -> None:
     specs = topic_specs(ReplicatorSettings(), min_isr=2)
-    assert set(specs) == {"changes", "snapshots"}
+    assert set(specs) == {"changes", "snapshots", "keys"}  # keys: the sessions' data keys (issue 14)
     for configs in specs.values():
         assert configs["min.insync.replicas"] == "2" and configs["unclean.leader.election.enable"] == "false"
 

@@ -17,7 +17,7 @@ from stickystate.replicator import snapshots as snap
 from stickystate.replicator.settings import ReplicatorSettings
 from stickystate.protocol import shard_of
 from stickystate.local_cluster import LocalCluster, http_json
-from tests.helpers import Api, owned_shard, read_records, wait_for, wait_until
+from tests.helpers import Api, codec_for, owned_shard, read_records, wait_for, wait_until
 
 
 # -- pure: which records a rebuild uses -------------------------------------------------
@@ -225,11 +225,12 @@ async def test_rebuild_reads_snapshots_and_a_short_tail_after_many_changes(
         if latest.get(old_key, b"") is None:
             break
         await asyncio.sleep(0.2)
-    victim_snaps = [orjson.loads(v) for k, v in records if k == old_key and v is not None]
+    codec = await codec_for(c.kafka_bootstrap, c.topic, c.master_keys, part)
+    victim_snaps = [codec.decode_snapshot(part, sids[0], v) for k, v in records if k == old_key and v is not None]
     assert victim_snaps and all(s["node"] == victim for s in victim_snaps), (old_epoch, new_epoch, sorted(latest))
     assert latest[old_key] is None, "old epoch's key not cleaned up"
     new_key = snap.session_key(sids[0], new_epoch)
-    assert orjson.loads(latest[new_key])["state"]["data"]["m"] == list(range(changes))
+    assert codec.decode_snapshot(part, sids[0], latest[new_key])["state"]["data"]["m"] == list(range(changes))
     assert any(snap.parse_key(k) == (snap.CHECKPOINT, new_epoch) for k, v in records if v is not None)
 
 
