@@ -121,6 +121,21 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0) -> tu
         await consumer.stop()
 
 
+async def read_sealed_log(bootstrap: str, topic: str, master_keys: str,
+                          timeout_s: float = 120.0) -> tuple[int, list[Record], list[Record], Codec]:
+    """Every record of ``topic`` (a cluster's ``changes``) and of its ``keys`` topic, and the
+    codec that opens the sealed records with the cluster's master keys (``kid:base64,...``).
+    Replaying sealed records without it finds no appends at all, which the checker reports
+    as every acknowledged append lost."""
+    from stickystate.crypto import parse_master_keys
+    from stickystate.replicator.keys import offline_codec
+    from stickystate.replicator.settings import ReplicatorSettings
+
+    partitions, records = await read_topic(bootstrap, topic, timeout_s)
+    _, key_records = await read_topic(bootstrap, ReplicatorSettings(changes_topic=topic).keys_topic, timeout_s)
+    return partitions, records, key_records, offline_codec(parse_master_keys(master_keys), key_records, partitions)
+
+
 @dataclass
 class TokenEvent:
     partition: int

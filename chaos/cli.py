@@ -38,10 +38,8 @@ from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NO
                                         ScheduleConfig)
 from stickystate.chaos.watchers import Watchers, check as watch_check, summary_line as watch_summary
 from stickystate.chaos.workload import Workload, WorkloadConfig
-from stickystate.crypto import parse_master_keys, write_master_keys_file
+from stickystate.crypto import write_master_keys_file
 from stickystate.local_cluster import LocalCluster, http_json
-from stickystate.replicator.keys import offline_codec
-from stickystate.replicator.settings import ReplicatorSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,15 +202,13 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     _write_jsonl(out / "appends.jsonl", (o.to_json() for o in workload.appends))
     _write_jsonl(out / "reads.jsonl", [o.to_json() for o in workload.reads] + [o.to_json() for o in final.values()])
     watch = {s.sid for s in workload.sessions}
-    partitions, records = await checker.read_topic(cluster.kafka_bootstrap, cluster.topic)
-    checker.dump_records(out / "changes.jsonl", records)
     # The sealed records open with the run's master keys and its keys topic (kept with the
     # dump, the key file 0600, so `python -m stickystate.chaos.checker` can re-check offline).
-    _, key_records = await checker.read_topic(cluster.kafka_bootstrap,
-                                                ReplicatorSettings(changes_topic=cluster.topic).keys_topic)
+    partitions, records, key_records, codec = await checker.read_sealed_log(cluster.kafka_bootstrap, cluster.topic,
+                                                                            cluster.master_keys)
+    checker.dump_records(out / "changes.jsonl", records)
     checker.dump_records(out / "keys.jsonl", key_records)
     write_master_keys_file(out / "master.keys", cluster.master_keys)
-    codec = offline_codec(parse_master_keys(cluster.master_keys), key_records, partitions)
     (out / "sessions.json").write_bytes(orjson.dumps({"sessions": workload.durability_of, "partitions": partitions,
                                                       "topic": cluster.topic}))
     replay = checker.replay(records, partitions, watch, codec)

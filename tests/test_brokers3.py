@@ -138,8 +138,9 @@ async def test_killing_a_broker_loses_no_acknowledged_log_write(cluster3: LocalC
         await task
         await asyncio.to_thread(cluster3.wait_ready, 60)
         final = await wl.read_all(http)
-    partitions, records = await checker.read_topic(cluster3.kafka_bootstrap, cluster3.topic)
-    replay = checker.replay(records, partitions, {s.sid for s in wl.sessions})
+    partitions, records, _, codec = await checker.read_sealed_log(cluster3.kafka_bootstrap, cluster3.topic,
+                                                                  cluster3.master_keys)
+    replay = checker.replay(records, partitions, {s.sid for s in wl.sessions}, codec)
     fault = {"index": 1, "kind": "broker_kill", "target": f"kafka{victim}", "t_fault": t_kill,
              "detail": "active controller" if victim == controller else "",
              "t_recover": t_restart, "t_ready": t_back, "shards": list(range(partitions)), "hold_s": t_restart - t_kill}
