@@ -41,6 +41,9 @@ class NodeView:
     next_probe: float = 0.0
     was_down: bool = False  # declared down since the router started: rejoins only once stable
     ok_since: float | None = None  # the first of the answers in a row so far
+    # When an assignment to it last succeeded: a status answer to a probe sent before then may
+    # predate the assignment, and its generation says nothing about what the node holds now.
+    assigned_at: float = 0.0
     # Resolved while the node is not healthy; in-flight requests race against it.
     # Created by Cluster.start() on the running loop.
     down: asyncio.Future[None] = field(init=False, repr=False)
@@ -132,6 +135,7 @@ class Cluster:
     # -- health ------------------------------------------------------------------------
     async def _probe(self, node: NodeView) -> None:
         assert self._http is not None
+        sent = time.monotonic()
         try:
             async with self._http.get(f"{node.url}/internal/status", headers=self.internal_headers,
                                       timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_s)) as resp:
@@ -148,7 +152,12 @@ class Cluster:
         node.last_seen = time.monotonic()
         node.detector.heartbeat(node.last_seen)
         node.status = status
-        node.generation = int(status.get("generation", -1))
+        if sent >= node.assigned_at:
+            # Else the answer may predate the assignment that finished meanwhile: taking its
+            # older generation made the router push a new placement, whose push an in-flight
+            # probe overlapped again, and so on (hundreds of placements a minute once shard
+            # acquisition got slower than a probe interval).
+            node.generation = int(status.get("generation", -1))
         if node.ok_since is None:
             node.ok_since = node.last_seen
         if not node.healthy and not status.get("draining") and self._stable(node):
@@ -264,5 +273,6 @@ class Cluster:
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status, message=body.decode())
                 node.generation = self.generation
+                node.assigned_at = time.monotonic()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.mark_dead(node, f"assignment failed: {exc!r}")
