@@ -107,7 +107,7 @@ def run_case(kafka: str, data_dir: Path, changes: int, snapshots: bool, args: ar
         _wait(lambda: c.cluster_view()["settled"]
               and all(c.cluster_view()["shards"][str(s)] == survivor for s in moved), 180, "takeover")
         _wait(lambda: {r["shard"] for r in http_json(c.node_url(survivor) + "/internal/status")[1]["recoveries"]
-                       if r["epoch"] >= 2} >= moved, 60, "recovery records")
+                       if r["epoch"] >= 2} >= moved, 180, "recovery records")
         recs = [r for r in http_json(c.node_url(survivor) + "/internal/status")[1]["recoveries"]
                 if r["shard"] in moved and r["epoch"] >= 2]
         last = {}

@@ -4,6 +4,7 @@ reader, shared under a lock (the history and snapshot readers of a node)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,10 +27,20 @@ class SharedConsumer:
         """The consumer, for this caller alone until the block ends."""
         async with self._lock:
             if self._consumer is None:
-                self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                                  client_id=self.client_id, group_id=None, enable_auto_commit=False,
-                                                  auto_offset_reset="earliest", **self.options)
-                await self._consumer.start()
+                consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                            client_id=self.client_id, group_id=None, enable_auto_commit=False,
+                                            auto_offset_reset="earliest", **self.options)
+                # Kept only once started: a start cut short (the caller cancelled, e.g. a
+                # bootstrap given up on, or Kafka not answering) used to leave a consumer that
+                # was never started for every later caller ("'NoneType' object has no attribute
+                # 'end_offsets'"), so every shard acquisition of the node failed from then on.
+                try:
+                    await consumer.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
+                    raise
+                self._consumer = consumer
             yield self._consumer
 
     async def stop(self) -> None:
