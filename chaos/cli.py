@@ -33,8 +33,8 @@ from typing import Any
 
 import orjson
 
-from stickystate.chaos import checker, failovers
-from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NODE_KINDS, FaultSchedule,
+from stickystate.chaos import checker, failovers, placement
+from stickystate.chaos.schedule import (ALL_KINDS, BROKER_KINDS, KAFKA_KINDS, NODE_KINDS, ROUTER_KINDS, FaultSchedule,
                                         ScheduleConfig)
 from stickystate.chaos.watchers import Watchers, check as watch_check, summary_line as watch_summary
 from stickystate.chaos.workload import Workload, WorkloadConfig
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brokers", type=int, default=1,
                    help="own Kafka brokers (default 1); 3: a replicated KRaft cluster (topics at RF 3, "
                         "min.insync.replicas 2) whose brokers the broker_kill/broker_restart faults hit one at a time")
+    p.add_argument("--routers", type=int, default=1,
+                   help="routers (default 1); 2 or more elect a placement leader through Kafka, the workload "
+                        "spreads over them, and router_kill/router_pause faults apply")
     p.add_argument("--standbys", type=int, default=1, help="standby replicas per shard (default 1, as the router)")
     p.add_argument("--partitions", type=int, default=16, help="shards = partitions of the changes topic (default 16)")
     p.add_argument("--sessions", type=int, default=40, help="sessions, half log, half memory (default 40)")
@@ -82,6 +85,8 @@ def _resolve(ns: argparse.Namespace) -> None:
             raise SystemExit(f"unknown fault kinds {bad}; choose from {ALL_KINDS}")
     else:
         kinds = NODE_KINDS if ns.quick else NODE_KINDS + (BROKER_KINDS if ns.brokers > 1 else KAFKA_KINDS)
+        if ns.routers > 1 and not ns.quick:
+            kinds += ROUTER_KINDS
     if ns.brokers > 1:
         dropped = [k for k in kinds if k in KAFKA_KINDS]  # the whole Kafka down: that is not this run's point
         kinds = tuple(k for k in kinds if k not in KAFKA_KINDS)
@@ -89,6 +94,8 @@ def _resolve(ns: argparse.Namespace) -> None:
             print(f"chaos: {ns.brokers} brokers: skipping {dropped} (use broker_kill/broker_restart)", file=sys.stderr)
     elif any(k in BROKER_KINDS for k in kinds):
         raise SystemExit("broker_kill/broker_restart need --brokers 3 (a replicated cluster)")
+    if ns.routers < 2 and any(k in ROUTER_KINDS for k in kinds):
+        raise SystemExit("router_kill/router_pause need --routers 2 or more")
     if ns.kafka_bootstrap:
         dropped = [k for k in kinds if k in KAFKA_KINDS + BROKER_KINDS]
         kinds = tuple(k for k in kinds if k not in KAFKA_KINDS + BROKER_KINDS)
@@ -150,9 +157,9 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     schedule = FaultSchedule(cluster, scfg)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(connector=connector) as http:
-        workload = Workload(cluster.router_url, wcfg)
+        workload = Workload(cluster.router_url, wcfg, routers=cluster.router_urls)
         await workload.setup(http)
-        watching = Watchers(cluster.router_url, [s.sid for s in workload.sessions])  # chaos/watchers.py
+        watching = Watchers(cluster.router_urls, [s.sid for s in workload.sessions])  # chaos/watchers.py
         watching.start(http)
         print(f"chaos: {len(workload.sessions)} sessions created; workload {ns.duration_s:.0f}s, faults >= {ns.faults} "
               f"of {','.join(schedule.kinds)}, seed {ns.seed}", flush=True)
@@ -195,6 +202,10 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
         caught_up = await watching.caught_up(final, 60)
         await watching.stop()
         settle2 = await _settle(cluster, 60)
+        views = {name: v for name in cluster.router_names()
+                 if (v := (await asyncio.to_thread(http_json, cluster.url_of_router(name) + "/v1/cluster"))[1])}
+        maps = await placement.read_maps(cluster.kafka_bootstrap, f"{cluster.topic}-placement") \
+            if cluster.routers > 1 else []
 
     # raw records first: a failing checker still leaves everything needed to look into the run
     sched = schedule.summary()
@@ -236,8 +247,19 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
     report["faults"] = sched["faults"]
     report["schedule_events"] = sched["events"]
     report["faults_injected"] = len(schedule.faults)
-    router_log = cluster.procs["router"].log_path
-    events = failovers.node_down_events(router_log.read_bytes().splitlines() if router_log.exists() else [])
+    if cluster.routers > 1:
+        report["placement"] = placement.agreement(placement.followed_maps(maps), replay.claims, partitions, views)
+        if not report["placement"]["routers_agree"]:
+            report["failures"].append("the routers' maps disagree after the run")
+            report["ok"] = False
+        if report["placement"]["shards_with_other_claim_count"]:
+            report.setdefault("warnings", []).append("claims differ from ownership changes: "
+                                                     f"{report['placement']['shards_with_other_claim_count']}")
+    lines: list[bytes] = []
+    for name in cluster.router_names():  # every router's: a follower also stops routing to a node it finds dead
+        router_log = cluster.procs[name].log_path
+        lines += router_log.read_bytes().splitlines() if router_log.exists() else []
+    events = failovers.node_down_events(lines)
     report["false_failovers"] = failovers.false_failovers(events, sched["faults"], end=time.time())
     report["detection"] = failovers.detection(events, sched["faults"])
     if report["false_failovers"]["count"]:
@@ -260,8 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = uuid.uuid4().hex[:6]
     topic = f"changes-chaos-{run_id}" if ns.kafka_bootstrap else "changes"
     cluster = LocalCluster(out / "cluster", nodes=ns.nodes, partitions=ns.partitions, standbys=ns.standbys,
-                           kafka_bootstrap=ns.kafka_bootstrap, topic=topic, brokers=ns.brokers)
-    print(f"chaos: starting {ns.nodes} nodes + router"
+                           kafka_bootstrap=ns.kafka_bootstrap, topic=topic, brokers=ns.brokers, routers=ns.routers,
+                           leader_session_timeout_ms=0 if ns.kafka_bootstrap else 3000)
+    print(f"chaos: starting {ns.nodes} nodes + {ns.routers} router{'s' if ns.routers > 1 else ''}"
           + ("" if ns.kafka_bootstrap else f" + Kafka ({ns.brokers} broker{'s' if ns.brokers > 1 else ''})")
           + f" in {cluster.data_dir} ...", flush=True)
     t0 = time.time()
@@ -271,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             print(f"chaos: cluster did not start: {exc}", file=sys.stderr, flush=True)
             return 2
-        print(f"chaos: cluster up in {time.time() - t0:.1f}s (router {cluster.router_url}, Kafka "
+        print(f"chaos: cluster up in {time.time() - t0:.1f}s (routers {','.join(cluster.router_urls)}, Kafka "
               f"{cluster.kafka_bootstrap}, topic {cluster.topic})", flush=True)
         try:
             report = asyncio.run(_run(ns, cluster, out, run_id))
@@ -286,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = checker.summary_text(report)
     if "watch" in report:
         text += "\n" + watch_summary(report["watch"])
+    if "placement" in report:
+        text += "\n" + placement.summary_line(report["placement"])
     (out / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
                                                    default=str))
     (out / "summary.txt").write_text(text + "\n")

@@ -8,7 +8,11 @@ Fault kinds:
 - ``kafka_restart``  stop the broker cleanly, start it after ``hold_s``   (own broker only);
 - ``kafka_kill``     SIGKILL the broker, start it after ``hold_s``        (own broker only);
 - ``broker_kill``    SIGKILL one broker of a replicated cluster (``--brokers 3``), start it after ``hold_s``;
-- ``broker_restart`` stop one broker of it cleanly, start it after ``hold_s``.
+- ``broker_restart`` stop one broker of it cleanly, start it after ``hold_s``;
+- ``router_kill``    SIGKILL one of several routers (``--routers 2``), start it after ``hold_s``;
+- ``router_pause``   SIGSTOP one of several routers, SIGCONT after ``hold_s``.
+
+A router fault's ``detail`` says whether it hit the placement leader.
 
 Faults are strictly sequential: the next one starts only after the previous target is
 back AND the cluster is ready again (router settled, every node healthy and serving)
@@ -35,7 +39,8 @@ from stickystate.local_cluster import LocalCluster
 NODE_KINDS = ("kill9", "sigstop", "graceful")
 KAFKA_KINDS = ("kafka_restart", "kafka_kill")
 BROKER_KINDS = ("broker_kill", "broker_restart")  # one broker of the run's own replicated cluster
-ALL_KINDS = NODE_KINDS + KAFKA_KINDS + BROKER_KINDS
+ROUTER_KINDS = ("router_kill", "router_pause")  # one of several routers
+ALL_KINDS = NODE_KINDS + KAFKA_KINDS + BROKER_KINDS + ROUTER_KINDS
 
 # hold_s ranges: how long the target stays down / paused
 HOLD_RANGES = {
@@ -46,6 +51,8 @@ HOLD_RANGES = {
     "kafka_kill": (1.0, 5.0),
     "broker_kill": (1.0, 5.0),
     "broker_restart": (1.0, 5.0),
+    "router_kill": (1.0, 5.0),
+    "router_pause": (1.0, 8.0),  # longer than the leader's session timeout: the other takes over
 }
 
 
@@ -53,7 +60,7 @@ HOLD_RANGES = {
 class Fault:
     index: int
     kind: str
-    target: str  # node id, "kafka", or "kafka<broker id>" (BROKER_KINDS)
+    target: str  # node id, "kafka", "kafka<broker id>" (BROKER_KINDS) or a router's name (ROUTER_KINDS)
     hold_s: float
     t_fault: float = 0.0  # the fault took effect (signal sent / stop begun), unix s
     t_fault_done: float | None = None  # the fault action returned (process gone, broker stopped)
@@ -63,7 +70,7 @@ class Fault:
     shards: list[int] = field(default_factory=list)  # shards the target owned when hit (all, for Kafka)
     generation_before: int | None = None
     error: str | None = None
-    detail: str = ""  # broker faults: "active controller" when the target was the KRaft leader
+    detail: str = ""  # "active controller" (a broker fault's KRaft leader); "placement leader" (a router fault's)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +108,8 @@ class FaultSchedule:
             kinds = tuple(k for k in kinds if k not in KAFKA_KINDS)  # not our broker: never touch it
         if any(k in BROKER_KINDS for k in kinds) and cluster.kafka_cluster is None:
             kinds = tuple(k for k in kinds if k not in BROKER_KINDS)  # no replicated cluster of ours
+        if any(k in ROUTER_KINDS for k in kinds) and cluster.routers < 2:
+            kinds = tuple(k for k in kinds if k not in ROUTER_KINDS)  # the only router: that is no HA test
         if not kinds:
             raise ValueError("no fault kinds left to inject")
         self.kinds = kinds
@@ -150,6 +159,8 @@ class FaultSchedule:
         if kind in BROKER_KINDS:
             assert self.cluster.kafka_cluster is not None
             return f"kafka{self.rng.choice(self.cluster.kafka_cluster.node_ids())}"
+        if kind in ROUTER_KINDS:
+            return self.rng.choice(self.cluster.router_names())
         return self.rng.choice(self.cluster.node_ids())
 
     # -- running --------------------------------------------------------------------
@@ -183,7 +194,7 @@ class FaultSchedule:
     def _owned_shards(self, target: str) -> tuple[list[int], int | None]:
         view = self.cluster.cluster_view()
         shards = view.get("shards", {})
-        if target.startswith("kafka"):
+        if target.startswith("kafka") or self.cluster.is_router(target):
             return sorted(int(s) for s in shards), view.get("generation")
         return sorted(int(s) for s, o in shards.items() if o == target), view.get("generation")
 
@@ -251,6 +262,24 @@ class FaultSchedule:
                 f.t_recover = time.time()
                 kc.start_broker(broker)
                 f.t_recovered = time.time()
+            elif f.kind in ROUTER_KINDS:
+                if (self.cluster.cluster_view().get("router") or {}).get("leader") == f.target:
+                    f.detail = "placement leader"
+                f.t_fault = time.time()
+                if f.kind == "router_kill":
+                    c.kill_router(f.target)
+                else:
+                    c.procs[f.target].signal(signal.SIGSTOP)
+                f.t_fault_done = time.time()
+                try:
+                    self._abort.wait(f.hold_s)
+                finally:
+                    f.t_recover = time.time()
+                    if f.kind == "router_kill":
+                        c.start_router(f.target)
+                    else:
+                        c.procs[f.target].signal(signal.SIGCONT)
+                    f.t_recovered = time.time()
             else:  # pragma: no cover - guarded by ALL_KINDS
                 raise ValueError(f"unknown fault kind {f.kind!r}")
         except Exception as exc:

@@ -43,8 +43,9 @@ class WatchLog:
 
 
 class Watchers:
-    def __init__(self, base: str, sids: list[str]) -> None:
-        self.base = base
+    def __init__(self, base: str | list[str], sids: list[str]) -> None:
+        self.bases = [base] if isinstance(base, str) else list(base)  # several routers: round robin
+        self.base = self.bases[0]
         self.logs = {sid: WatchLog(sid) for sid in sids}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,10 +69,13 @@ class Watchers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _watch(self, http: aiohttp.ClientSession, w: WatchLog) -> None:
+        turn = sum(map(ord, w.sid))  # spread the watchers over the routers
         while not self._stop.is_set():
             headers = {"Last-Event-ID": w.last_id} if w.last_id else {}
+            base = self.bases[turn % len(self.bases)]
+            turn += 1
             try:
-                async with http.get(f"{self.base}/v1/sessions/{w.sid}/watch?changes_only=1", headers=headers,
+                async with http.get(f"{base}/v1/sessions/{w.sid}/watch?changes_only=1", headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
                     if resp.status != 200:
                         w.refused[resp.status] += 1

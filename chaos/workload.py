@@ -166,6 +166,10 @@ class WorkloadConfig:
 class Workload:
     router_url: str
     cfg: WorkloadConfig
+    # Several routers (``--routers``): each session's calls go to one of them; a call whose
+    # router failed (connection refused or broken) moves that session to the next one and
+    # is tried there at once, with the same Idempotency-Key, as the Python client does.
+    routers: list[str] = field(default_factory=list)
     sessions: list[SessionSpec] = field(default_factory=list)
     appends: list[Observation] = field(default_factory=list)
     reads: list[Observation] = field(default_factory=list)
@@ -182,6 +186,10 @@ class Workload:
             durability = "log" if (i * n_log) // n != ((i + 1) * n_log) // n else "memory"
             self.sessions.append(SessionSpec(make_sid(self.cfg.run_id, i, durability), durability))
         self.durability_of = {s.sid: s.durability for s in self.sessions}
+        if not self.routers:
+            self.routers = [self.router_url]
+        self._router_of = {s.sid: i % len(self.routers) for i, s in enumerate(self.sessions)}
+        self.router_moves = 0
         self._http: aiohttp.ClientSession | None = None
         self._stop = asyncio.Event()
         self._read_tasks: set[asyncio.Task[None]] = set()
@@ -190,12 +198,24 @@ class Workload:
     # -- HTTP ---------------------------------------------------------------------------
     async def _call(self, obs: Observation, method: str, path: str, body: Any = None,
                     headers: dict[str, str] | None = None) -> Any:
+        parsed = await self._call_once(obs, method, path, body, headers)
+        for _ in range(len(self.routers) - 1):
+            if obs.status != 0 or obs.error != "client_error":
+                break
+            self._router_of[obs.sid] = (self._router_of.get(obs.sid, 0) + 1) % len(self.routers)
+            self.router_moves += 1
+            parsed = await self._call_once(obs, method, path, body, headers)
+        return parsed
+
+    async def _call_once(self, obs: Observation, method: str, path: str, body: Any = None,
+                         headers: dict[str, str] | None = None) -> Any:
         assert self._http is not None
+        base = self.routers[self._router_of.get(obs.sid, 0)]
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         data = orjson.dumps(body) if body is not None else None
         parsed: Any = None
         try:
-            async with self._http.request(method, self.router_url + path, data=data, headers=hdrs,
+            async with self._http.request(method, base + path, data=data, headers=hdrs,
                                           timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s)) as resp:
                 payload = await resp.read()
                 obs.done = time.time()
@@ -301,8 +321,11 @@ class Workload:
             self.appends.append(obs)
             self.in_flight[s.sid] = obs
             try:
+                headers = {"Durability": s.durability}
+                if len(self.routers) > 1:  # tried on another router if its router fails: applied once
+                    headers["Idempotency-Key"] = f"chaos-{token(s.sid, seq)}"
                 await self._call(obs, "POST", f"/v1/sessions/{s.sid}/lists/{LIST_FIELD}",
-                                 {"items": [token(s.sid, seq)]}, headers={"Durability": s.durability})
+                                 {"items": [token(s.sid, seq)]}, headers=headers)
             finally:
                 # cancelled at the end: the outcome stays unknown (done=None)
                 self.in_flight.pop(s.sid, None)
@@ -360,4 +383,6 @@ class Workload:
             "ended_at": self.ended_at,
             "rate": self.cfg.rate,
             "read_rate": self.cfg.read_rate,
+            "routers": len(self.routers),
+            "router_moves": self.router_moves,  # calls moved to another router after theirs failed
         }

@@ -226,6 +226,7 @@ class NodeStore:
             "sessions": sum(len(roles.shards[s].sessions) for s in roles.serving),
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.ownership.recoveries),
+            "recoveries_total": self.ownership.recoveries_total,  # shards acquired since start
             "watch": self.watch.status(),
             "keys": self.erasure.status(),
         }

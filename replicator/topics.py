@@ -21,8 +21,12 @@ class TopicMismatch(RuntimeError):
 def replication(settings: ReplicatorSettings, brokers: int) -> tuple[int, int]:
     """(replication factor, min.insync.replicas) for new topics on a cluster of ``brokers``:
     the settings', or by default min(3, brokers) and 2 from a factor of 3 on (else 1)."""
-    rf = settings.replication_factor or max(1, min(3, brokers))
-    min_isr = settings.min_insync_replicas or (2 if rf >= 3 else 1)
+    return replication_of(settings.replication_factor, settings.min_insync_replicas, brokers)
+
+
+def replication_of(replication_factor: int, min_insync_replicas: int, brokers: int) -> tuple[int, int]:
+    rf = replication_factor or max(1, min(3, brokers))
+    min_isr = min_insync_replicas or (2 if rf >= 3 else 1)
     return rf, min(min_isr, rf)
 
 
@@ -85,6 +89,40 @@ async def ensure_topics(settings: ReplicatorSettings, timeout_s: float = 60.0) -
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} not reachable: {exc}") from exc
+            log.warning("waiting for Kafka", extra={"error": repr(exc)})
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.5)
+
+
+async def ensure_topic(bootstrap: str, name: str, *, partitions: int, configs: dict[str, str],
+                       replication_factor: int = 0, min_insync_replicas: int = 0, timeout_s: float = 60.0) -> None:
+    """One topic of someone else's (the routers' placement topic, router/control.py): created
+    if missing with the same replication rules as the node's topics; its partition count checked."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            if name not in await admin.list_topics():
+                brokers = len((await admin.describe_cluster()).get("brokers") or [])
+                rf, min_isr = replication_of(replication_factor, min_insync_replicas, brokers)
+                safety = {"min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}
+                try:
+                    await admin.create_topics([NewTopic(name, partitions, rf, topic_configs={**configs, **safety})])
+                    log.info("created topic", extra={"topic": name, "partitions": partitions,
+                                                     "replication_factor": rf, "min_insync_replicas": min_isr})
+                except TopicAlreadyExistsError:
+                    pass
+            desc = await admin.describe_topics([name])
+            got = len((desc[0].get("partitions") if desc else None) or [])
+            if got and got != partitions:
+                raise TopicMismatch(f"topic {name!r} has {got} partitions, {partitions} expected")
+            if got:
+                return
+        except (KafkaConnectionError, KafkaError, OSError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"Kafka at {bootstrap} not reachable: {exc}") from exc
             log.warning("waiting for Kafka", extra={"error": repr(exc)})
         finally:
             await admin.close()

@@ -7,11 +7,18 @@ error, ``health_failures_to_dead`` failed checks, or silence the failure detecto
 too long for that node, router/detector.py) its shards move to the next nodes on the ring. Nodes losing shards are told first (they stop serving them and flush
 their replication queue), then the nodes gaining them (they claim and rebuild from
 the log). While that runs, ``settled()`` holds requests instead of failing them.
+
+With several routers (``--placement-kafka``, router/control.py) only the placement leader
+does that; the others follow the map it publishes, health-check the nodes themselves (a
+node that fails them stops getting their traffic at once, and they report it to the
+leader, which probes it), and when the owner of a request's shard is down or answers 421
+they wait for the leader's next map (or the node's recovery) before retrying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from stickystate.router.control import Control, ControlHandler, TERM_SHIFT, term_base
 from stickystate.router.detector import PhiAccrual
 from stickystate.router.placement import Placement
 from stickystate.router.settings import RouterSettings
@@ -44,12 +52,13 @@ class NodeView:
     # When an assignment to it last succeeded: a status answer to a probe sent before then may
     # predate the assignment, and its generation says nothing about what the node holds now.
     assigned_at: float = 0.0
+    suspected: bool = False  # another router reported it dead: the next failed probe declares it down
     # Resolved while the node is not healthy; in-flight requests race against it.
     # Created by Cluster.start() on the running loop.
     down: asyncio.Future[None] = field(init=False, repr=False)
 
 
-class Cluster:
+class Cluster(ControlHandler):
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         self.nodes = {nid: NodeView(nid, url, detector=PhiAccrual(
@@ -67,6 +76,23 @@ class Cluster:
         self.internal_headers = {"X-Stickystate-Internal": settings.internal_secret} if settings.internal_secret else {}
         self.failovers_total = 0
         self.rebalances_total = 0
+        # Several routers: only the leader places; the others follow its maps.
+        self.control: Control | None = None
+        if settings.placement_kafka:
+            self.control = Control(bootstrap=settings.placement_kafka, topic=settings.placement_topic,
+                                   group=settings.router_group, router_id=settings.router_id,
+                                   router_url=settings.router_url,
+                                   session_timeout_ms=settings.leader_session_timeout_ms, handler=self,
+                                   replication_factor=settings.placement_replication_factor)
+        self.leading = self.control is None
+        self.term = 0  # of this router's leadership
+        self.leader: str | None = settings.router_id if self.control is None else None
+        self.leader_url: str | None = settings.router_url if self.control is None else None
+        self.leader_term = 0  # the newest leader record read
+        self.map_generation = 0  # of the newest map published (leader) or read (follower)
+        self.leaderships_total = 0
+        self.maps_applied_total = 0
+        self._changed: asyncio.Future[None] | None = None
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         self._http = http
@@ -74,11 +100,15 @@ class Cluster:
         for node in self.nodes.values():
             node.down = loop.create_future()
             node.down.set_result(None)  # not healthy until a probe answers
+        self._changed = loop.create_future()
         await self._probe_all()
-        # A restarted router: the nodes hold the previous router's generation, and refuse an
-        # assignment older than theirs; continue from the highest one they report.
-        self.generation = max([self.generation] + [n.generation for n in self.nodes.values()])
-        await self.rebalance()
+        if self.control is not None:
+            await self.control.start()  # a follower until the election says otherwise
+        else:
+            # A restarted router: the nodes hold the previous router's generation, and refuse an
+            # assignment older than theirs; continue from the highest one they report.
+            self.generation = max([self.generation] + [n.generation for n in self.nodes.values()])
+            await self.rebalance()
         self._task = asyncio.create_task(self._run(), name="cluster-rebalance")
         self._watch_task = asyncio.create_task(self._watch(), name="cluster-health")
 
@@ -88,6 +118,8 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = self._watch_task = None
+        if self.control is not None:
+            await self.control.stop()  # leaves the group: the next leader is chosen at once
 
     # -- what the forwarder uses -----------------------------------------------------
     def owner(self, shard: int) -> NodeView | None:
@@ -107,17 +139,120 @@ class Cluster:
             node.detector.forget_last()
             node.was_down = True
             node.ok_since = None
+            node.suspected = False
             if not node.down.done():
                 node.down.set_result(None)
             self.failovers_total += 1
-            self._settled.clear()
-            self._rebalance_wanted.set()
+            if self.leading:
+                self._settled.clear()
+                self._rebalance_wanted.set()
+            elif self.control is not None:
+                self.control.report_suspect(node.id, reason)
+            self._notify()
 
     def resync(self, node: NodeView) -> None:
         """A node answered 421 for a shard we route to it: it may have missed an
         assignment (restart) or be rebuilding; make the health loop re-push."""
         node.generation = -1
         self._rebalance_wanted.set()
+
+    async def reroute_wait(self) -> None:
+        """A follower that cannot reach a shard's owner (declared down, or it answered 421)
+        waits for the leader's next map or the node's recovery, at most a second; the
+        retry then goes where that says. The leader moves the shard itself: no wait."""
+        if not self.leading:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self.wait_change(1.0)
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Until the next map, change of role, or node recovery."""
+        assert self._changed is not None
+        await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+            self._changed = asyncio.get_running_loop().create_future()
+
+    # -- several routers: what the control channel says (router/control.py) ---------------
+    @property
+    def role(self) -> str:
+        return "single" if self.control is None else "leader" if self.leading else "follower"
+
+    async def lead(self, term: int) -> None:
+        """We were elected: the newest map (read up to our claim) is what the nodes hold;
+        place from our own view of health, numbering assignments in our term."""
+        if self.term and term <= self.term:
+            return
+        self.term = term
+        self.leader, self.leader_url = self.settings.router_id, self.settings.router_url
+        self.generation = max(self.generation, term_base(term))
+        self.leading = True
+        self.leaderships_total += 1
+        self._rebalance_wanted.set()
+        self._notify()
+
+    def step_down(self, reason: str) -> None:
+        if self.control is None or not self.leading:
+            return
+        log.warning("placement leader no more", extra={"reason": reason, "term": self.term})
+        self.leading = False
+        if self.map_generation:
+            self._settled.set()  # forward by the newest map, as any follower
+        self._notify()
+
+    def leader_record(self, term: int, doc: dict[str, Any]) -> None:
+        if term <= self.leader_term:
+            return
+        self.leader_term = term
+        self.leader, self.leader_url = str(doc.get("router")), str(doc.get("url"))
+        if self.leading and term > self.term:
+            self.step_down(f"router {self.leader} leads from term {term}")
+
+    def map_record(self, doc: dict[str, Any]) -> None:
+        try:
+            generation = int(doc["generation"])
+            if generation <= self.map_generation or generation >> TERM_SHIFT < self.leader_term:
+                return  # ours, or a deposed leader's late one
+            if self.leading and generation >> TERM_SHIFT <= self.term:
+                self.map_generation = generation
+                return  # our own
+            placement = Placement.published(
+                tuple(doc["nodes"]), int(doc["partitions"]), int(doc["standbys_per_shard"]),
+                {int(s): str(o) for s, o in doc["shards"].items()},
+                {int(s): tuple(str(n) for n in chain) for s, chain in doc["standbys"].items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("placement map refused", extra={"error": repr(exc)})
+            return
+        if placement.partitions != self.settings.partitions:
+            log.error("placement map refused: other partition count",
+                      extra={"theirs": placement.partitions, "ours": self.settings.partitions})
+            return
+        if self.leading:
+            self.step_down(f"a map of a later term ({generation >> TERM_SHIFT})")
+        self.map_generation = self.generation = generation
+        self.placement = placement
+        self.maps_applied_total += 1
+        self._settled.set()
+        self._notify()
+
+    def suspect_record(self, router: str, doc: dict[str, Any]) -> None:
+        node = self.nodes.get(str(doc.get("node")))
+        if not self.leading or router == self.settings.router_id or node is None or not node.healthy:
+            return
+        log.info("node reported down by another router: probing it", extra={"peer": node.id, "router": router})
+        node.suspected = True
+        node.next_probe = 0.0
+
+    def map_doc(self) -> dict[str, Any]:
+        return {"generation": self.generation, "term": self.term, "leader": self.settings.router_id,
+                "nodes": list(self.placement.nodes), **self._shard_maps()}
+
+    def _shard_maps(self) -> dict[str, Any]:
+        owners = self.placement.owner_map()
+        return {"partitions": self.settings.partitions, "standbys_per_shard": self.placement.standbys,
+                "shards": {str(s): o for s, o in owners.items()},
+                "standbys": {str(s): list(self.placement.standbys_of(s)) for s in owners}}
 
     def view(self) -> dict[str, Any]:
         owners = self.placement.owner_map()
@@ -130,6 +265,8 @@ class Cluster:
                       for n in self.nodes.values()],
             "shards": {str(s): o for s, o in owners.items()},
             "standbys": {str(s): list(self.placement.standbys_of(s)) for s in owners},
+            "router": {"id": self.settings.router_id, "role": self.role, "leader": self.leader,
+                       "leader_url": self.leader_url, "term": self.term if self.leading else self.leader_term},
         }
 
     # -- health ------------------------------------------------------------------------
@@ -145,10 +282,13 @@ class Cluster:
         if status is None:
             node.failures += 1
             node.ok_since = None
-            if node.healthy and node.failures >= self.settings.health_failures_to_dead:
+            if node.healthy and node.suspected:
+                self.mark_dead(node, "reported by another router, and a health check failed")
+            elif node.healthy and node.failures >= self.settings.health_failures_to_dead:
                 self.mark_dead(node, "health checks missed")
             return
         node.failures = 0
+        node.suspected = False
         node.last_seen = time.monotonic()
         node.detector.heartbeat(node.last_seen)
         node.status = status
@@ -166,6 +306,7 @@ class Cluster:
             if node.down.done():
                 node.down = asyncio.get_running_loop().create_future()
             self._rebalance_wanted.set()
+            self._notify()
         elif node.healthy and status.get("draining"):
             self.mark_dead(node, "draining")
         elif node.healthy and node.generation != self.generation:
@@ -217,11 +358,25 @@ class Cluster:
                 pass
             if self._rebalance_wanted.is_set():
                 await self.rebalance()
+            if self.leading and self.control is not None and self.map_generation < self.generation \
+                    and self._settled.is_set():
+                await self._publish()
+
+    async def _publish(self) -> None:
+        """The placement the nodes took, for the other routers (retried each round until Kafka has it)."""
+        assert self.control is not None
+        doc = self.map_doc()
+        if await self.control.publish_map(doc) and self.leading:
+            self.map_generation = max(self.map_generation, int(doc["generation"]))
 
     # -- placement -----------------------------------------------------------------------
     async def rebalance(self) -> None:
+        if not self.leading:
+            return
         async with self._lock:
             for _ in range(10):
+                if not self.leading:
+                    return
                 self._rebalance_wanted.clear()
                 healthy = sorted(n.id for n in self.nodes.values() if n.healthy)
                 new = Placement(tuple(healthy), self.settings.partitions, min(self.settings.standbys,
@@ -239,6 +394,8 @@ class Cluster:
             self._settled.set()
             log.info("placement", extra={"generation": self.generation,
                                          "nodes": list(self.placement.nodes)})
+        if self.control is not None and self.leading:
+            await self._publish()
 
     async def _push(self, old: Placement, new: Placement) -> None:
         owners = new.owner_map()
@@ -272,7 +429,22 @@ class Cluster:
                 body = await resp.read()
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status, message=body.decode())
+                answer = orjson.loads(body)
+                if answer.get("stale"):
+                    self._refused(node, int(answer.get("generation", -1)))
+                    return
                 node.generation = self.generation
                 node.assigned_at = time.monotonic()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             self.mark_dead(node, f"assignment failed: {exc!r}")
+
+    def _refused(self, node: NodeView, theirs: int) -> None:
+        """The node holds a later assignment than ours. Alone: another (or an earlier) router
+        made it; continue above it. One of several: a later leader made it; step down."""
+        log.warning("assignment refused as stale", extra={"peer": node.id, "theirs": theirs, "ours": self.generation})
+        node.generation = theirs
+        if self.control is not None:
+            self.step_down(f"node {node.id} holds generation {theirs} of a later leader")
+        else:
+            self.generation = max(self.generation, theirs)
+            self._rebalance_wanted.set()

@@ -157,6 +157,57 @@ def _id_from_create_body(body: bytes) -> str | None:
     return sid if isinstance(sid, str) else None
 
 
+class Attempts:
+    """The tries of one request (the forwarder's and the stream forwarder's): which node to
+    send it to next, with backoff between tries, and when to give up (a 503 to send)."""
+
+    def __init__(self, settings: RouterSettings, cluster: Cluster, metrics: RouterMetrics, shard: int) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.metrics = metrics
+        self.shard = shard
+        self.attempt = -1
+        self.last_error = "no attempt"
+
+    async def next(self) -> NodeView | Reply:
+        cluster = self.cluster
+        while True:
+            self.attempt += 1
+            if self.attempt >= self.settings.max_attempts:
+                return error_reply(503, code="unavailable",
+                                   message=f"gave up after {self.settings.max_attempts} attempts: {self.last_error}",
+                                   headers=(("Retry-After", "1"),))
+            if self.attempt:
+                self.metrics.retries.inc()
+                await asyncio.sleep(min(0.05 * 2 ** (self.attempt - 1), 1.0))
+            try:
+                await cluster.settled()
+            except asyncio.TimeoutError:
+                return error_reply(503, code="rebalancing", message="cluster placement did not settle in time",
+                                   headers=(("Retry-After", "1"),))
+            node = cluster.owner(self.shard)
+            if node is None:
+                return error_reply(503, code="no_nodes", message="no healthy node", headers=(("Retry-After", "1"),))
+            if node.down.done():
+                self.last_error = f"node {node.id} is down"
+                await cluster.reroute_wait()
+                continue
+            return node
+
+    async def unreachable(self, node: NodeView, detail: str) -> None:
+        """The connection to ``node`` failed."""
+        self.last_error = f"node {node.id}: {detail}"
+        self.cluster.mark_dead(node, detail)
+        await self.cluster.reroute_wait()
+
+    async def misrouted(self, node: NodeView) -> None:
+        """``node`` answered 421: it does not serve the shard (now)."""
+        self.last_error = f"node {node.id} does not serve shard {self.shard}"
+        if not node.down.done():
+            self.cluster.resync(node)
+        await self.cluster.reroute_wait()
+
+
 class Forwarder:
     """Sends a prepared request to its shard's owner; retries on the next owner when the
     node fails, is declared dead meanwhile, or answers 421 (it does not serve the shard)."""
@@ -185,23 +236,11 @@ class Forwarder:
         return pool
 
     async def forward(self, out: Outgoing) -> Reply:
-        cluster = self.cluster
-        last_error = "no attempt"
-        for attempt in range(self.settings.max_attempts):
-            if attempt:
-                self.metrics.retries.inc()
-                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
-            try:
-                await cluster.settled()
-            except asyncio.TimeoutError:
-                return error_reply(503, code="rebalancing", message="cluster placement did not settle in time",
-                                   headers=(("Retry-After", "1"),))
-            node = cluster.owner(out.shard)
-            if node is None:
-                return error_reply(503, code="no_nodes", message="no healthy node", headers=(("Retry-After", "1"),))
-            if node.down.done():
-                last_error = f"node {node.id} is down"
-                continue
+        tries = Attempts(self.settings, self.cluster, self.metrics, out.shard)
+        while True:
+            node = await tries.next()
+            if isinstance(node, Reply):
+                return node
             pool = self._pool(node)
             # Race the request against the node being declared dead (missed health checks:
             # a paused node holds the request until it resumes). Every request is retry-safe
@@ -212,22 +251,17 @@ class Forwarder:
                                             head_request=out.head_request,
                                             timeout_s=self.settings.request_timeout_s, abandon=node.down)
             except Abandoned:
-                last_error = f"node {node.id} declared dead while answering"
+                tries.last_error = f"node {node.id} declared dead while answering"
                 continue
             except UpstreamError as exc:
-                last_error = f"node {node.id}: {exc.detail}"
-                cluster.mark_dead(node, exc.detail)
+                await tries.unreachable(node, exc.detail)
                 continue
             if reply.status == 421:
-                last_error = f"node {node.id} does not serve shard {out.shard}"
-                cluster.resync(node)
+                await tries.misrouted(node)
                 continue
-            if attempt:
-                reply.headers.append((b"X-Stickystate-Retries", str(attempt).encode()))
+            if tries.attempt:
+                reply.headers.append((b"X-Stickystate-Retries", str(tries.attempt).encode()))
             return reply
-        return error_reply(503, code="unavailable",
-                           message=f"gave up after {self.settings.max_attempts} attempts: {last_error}",
-                           headers=(("Retry-After", "1"),))
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -45,6 +45,19 @@ class Placement:
         object.__setattr__(self, "_owners", tuple(owners))
         object.__setattr__(self, "_standbys", tuple(standbys))
 
+    @classmethod
+    def published(cls, nodes: tuple[str, ...], partitions: int, standbys: int, owners: Mapping[int, str],
+                  chains: Mapping[int, tuple[str, ...]]) -> Placement:
+        """A placement as another router computed and published it (router/control.py): the
+        same nodes give the same ring, but the follower takes the owners it was told."""
+        if set(owners) != set(range(partitions)):
+            raise ValueError(f"the map names owners for {len(owners)} shards, not {partitions}")
+        placement = cls((), partitions, standbys)
+        object.__setattr__(placement, "nodes", tuple(sorted(set(nodes))))
+        object.__setattr__(placement, "_owners", tuple(owners[s] for s in range(partitions)))
+        object.__setattr__(placement, "_standbys", tuple(tuple(chains.get(s, ())) for s in range(partitions)))
+        return placement
+
     def owner(self, shard: int) -> str | None:
         return self._owners[shard] if self._owners else None
 

@@ -42,6 +42,15 @@ class RouterSettings:
     max_request_bytes: int = 16 * 1024 * 1024  # request body limit at the router (413); the nodes' is lower
     max_head_bytes: int = 64 * 1024  # request line and headers (400 beyond)
     keepalive_timeout_s: float = 75.0  # idle client connections are closed after this
+    # Several routers (router/control.py): "" = this router alone decides placement; else the
+    # Kafka through which the routers elect a placement leader and share the shard map.
+    placement_kafka: str = ""
+    router_id: str = ""  # unique among the routers ("": host:port)
+    router_url: str = ""  # how others reach this router, shown in /v1/cluster ("": http://host:port)
+    placement_topic: str = "placement"
+    router_group: str = "stickystate-routers"
+    leader_session_timeout_ms: int = 6000  # a silent leader loses the role after this (the broker's minimum: 6000)
+    placement_replication_factor: int = 0  # of the placement topic when created (0: min(3, brokers))
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -61,5 +70,11 @@ class RouterSettings:
                              "or --auth open for local development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
+        if not self.router_id:
+            object.__setattr__(self, "router_id", f"{self.host}:{self.port}")
+        if not self.router_url:
+            object.__setattr__(self, "router_url", f"http://{self.host}:{self.port}")
+        if self.leader_session_timeout_ms < 1000:
+            raise ValueError("leader_session_timeout_ms must be >= 1000")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")

@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from stickystate.http.stream import StreamSink, Streaming
-from stickystate.http.wire import Header, Reply, error_reply
+from stickystate.http.wire import Header, Reply
 from stickystate.router.cluster import Cluster, NodeView
-from stickystate.router.forward import Outgoing
+from stickystate.router.forward import Attempts, Outgoing
 from stickystate.router.metrics import RouterMetrics
 from stickystate.router.settings import RouterSettings
 
@@ -42,41 +42,23 @@ class StreamForwarder:
         self.open_streams = 0
 
     async def open(self, out: Outgoing) -> Reply | Streaming:
-        cluster = self.cluster
-        last_error = "no attempt"
-        for attempt in range(self.settings.max_attempts):
-            if attempt:
-                self.metrics.retries.inc()
-                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0))
+        tries = Attempts(self.settings, self.cluster, self.metrics, out.shard)
+        while True:
+            node = await tries.next()
+            if isinstance(node, Reply):
+                return node
             try:
-                await cluster.settled()
-            except asyncio.TimeoutError:
-                return error_reply(503, code="rebalancing", message="cluster placement did not settle in time",
-                                   headers=(("Retry-After", "1"),))
-            node = cluster.owner(out.shard)
-            if node is None:
-                return error_reply(503, code="no_nodes", message="no healthy node", headers=(("Retry-After", "1"),))
-            if node.down.done():
-                last_error = f"node {node.id} is down"
-                continue
-            try:
-                opened = await self._open(node, out, attempt)
+                opened = await self._open(node, out, tries.attempt)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-                last_error = f"node {node.id}: {exc!r}"
-                cluster.mark_dead(node, f"stream: {exc!r}")
+                await tries.unreachable(node, f"stream: {exc!r}")
                 continue
             except asyncio.TimeoutError:
-                last_error = f"node {node.id}: timed out"
+                tries.last_error = f"node {node.id}: timed out"
                 continue
             if opened is None:
-                last_error = f"node {node.id} does not serve shard {out.shard} (or was declared dead)"
-                if not node.down.done():
-                    cluster.resync(node)
+                await tries.misrouted(node)  # 421, or declared dead meanwhile
                 continue
             return opened
-        return error_reply(503, code="unavailable",
-                           message=f"gave up after {self.settings.max_attempts} attempts: {last_error}",
-                           headers=(("Retry-After", "1"),))
 
     async def _open(self, node: NodeView, out: Outgoing, attempt: int) -> Reply | Streaming | None:
         url = urlsplit(node.url)

@@ -90,7 +90,10 @@ def _router(ns: argparse.Namespace) -> None:
                               detector_threshold=ns.detector_threshold, detector_min_std_s=ns.detector_min_std_s,
                               detector_pause_s=ns.detector_pause_s, auth=ns.auth,
                               api_keys=tuple(keys.items()), internal_secret=secret,
-                              rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst)
+                              rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
+                              placement_kafka=ns.placement_kafka, router_id=ns.router_id, router_url=ns.router_url,
+                              placement_topic=ns.placement_topic, router_group=ns.router_group,
+                              leader_session_timeout_ms=ns.leader_session_timeout_ms)
     _install_uvloop()
     asyncio.run(serve(settings))
 
@@ -130,7 +133,7 @@ def _up(ns: argparse.Namespace) -> None:
     sys.exit(run_local_cluster(nodes=ns.node_count, base_port=ns.base_port, kafka_port=ns.kafka_port,
                                kafka_bootstrap=ns.kafka_bootstrap, data_dir=ns.data_dir,
                                partitions=ns.partitions, standbys=ns.standbys, brokers=ns.brokers,
-                               restart=ns.restart))
+                               restart=ns.restart, routers=ns.routers))
 
 
 def _kafka(ns: argparse.Namespace) -> None:
@@ -159,6 +162,8 @@ UP = [
     Option("node_count", int, 3, "number of nodes"),
     Option("base_port", int, 8100, "router port; nodes get the next ports"),
     Option("kafka_port", int, 9092, "port of the local Kafka broker"),
+    Option("routers", int, 1, "routers (2 or more: one placement leader elected through Kafka, the others "
+           "follow it; each serves any request)"),
     Option("brokers", int, 1, "local Kafka brokers (3: a replicated KRaft cluster, topics at RF 3, "
            "min.insync.replicas 2)"),
     Option("kafka_bootstrap", str, "", "use this Kafka instead of starting one (KAFKA_BOOTSTRAP also works)"),

@@ -134,5 +134,13 @@ ROUTER = [
            "(mode 0600), or set STICKYSTATE_INTERNAL_SECRET; never on the command line"),
     Option("rate_limit_rps", float, 1000.0, "requests per second per tenant (0 = unlimited); over it: 429"),
     Option("rate_limit_burst", float, 2000.0, "burst size of the per-tenant rate limit"),
+    Option("placement_kafka", str, "", "several routers: the Kafka (host:port,...) through which they elect "
+           "one placement leader and share the shard map; empty: this router alone decides placement"),
+    Option("router_id", str, "", "this router's id among several (default host:port); unique"),
+    Option("router_url", str, "", "how clients and other routers reach this router (default http://host:port)"),
+    Option("placement_topic", str, "placement", "compacted one-partition topic of the routers' election and map"),
+    Option("router_group", str, "stickystate-routers", "Kafka consumer group of the routers' election"),
+    Option("leader_session_timeout_ms", int, 6000, "a placement leader that stops heartbeating loses the role after "
+           "this (within the broker's group.min/max.session.timeout.ms)"),
     Option("log_level", str, "info", "log level"),
 ]

@@ -242,6 +242,9 @@ class LocalKafka:
             "auto.create.topics.enable": "false",
             "num.partitions": 1,
             "group.initial.rebalance.delay.ms": 0,
+            # The routers' placement-leader election is a consumer group (router/control.py):
+            # allow a shorter session than the default minimum of 6 s for a faster handover.
+            "group.min.session.timeout.ms": 1000,
             # Sized for a 2-core CI machine (defaults are 3 network / 8 io threads).
             "num.network.threads": 2,
             "num.io.threads": 4,

@@ -1,4 +1,4 @@
-"""A whole cluster on this machine as child processes: Kafka (unless given), nodes, router.
+"""A whole cluster on this machine as child processes: Kafka (unless given), nodes, routers.
 
 Used by ``stickystate up`` and by the integration tests and chaos scripts, which need
 real processes they can kill -9, pause and restart.
@@ -116,12 +116,25 @@ class LocalCluster:
     stopped: set[str] = field(default_factory=set)  # nodes stopped on purpose (not expected healthy)
     brokers: int = 1  # own Kafka: > 1 runs a replicated KRaft cluster (kafka_cluster.py)
     kafka_cluster: LocalKafkaCluster | None = None
+    # Routers: procs "router" (at router_port), then "router2", ... (router_ports). More than
+    # one: they elect a placement leader through Kafka (router/control.py).
+    routers: int = 1
+    router_ports: list[int] = field(default_factory=list)
+    # A silent placement leader loses the role after this (0: the router's default, 6 s; the
+    # brokers started here accept down to 1 s)
+    leader_session_timeout_ms: int = 0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.routers < 1:
+            raise ValueError("routers must be >= 1")
         if not self.router_port:
-            self.router_port = free_port()
+            self.router_port = self.router_ports[0] if self.router_ports else free_port()
+        if not self.router_ports:
+            self.router_ports = [self.router_port]
+        while len(self.router_ports) < self.routers:
+            self.router_ports.append(free_port())
         if not self.master_keys:
             from stickystate.crypto import new_master_key_entry
 
@@ -132,6 +145,20 @@ class LocalCluster:
     @property
     def router_url(self) -> str:
         return f"http://127.0.0.1:{self.router_port}"
+
+    def router_names(self) -> list[str]:
+        return ["router" if i == 0 else f"router{i + 1}" for i in range(self.routers)]
+
+    @property
+    def router_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.router_ports[: self.routers]]
+
+    def url_of_router(self, name: str) -> str:
+        return self.router_urls[self.router_names().index(name)]
+
+    @staticmethod
+    def is_router(name: str) -> bool:
+        return name.startswith("router")
 
     def node_ids(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.nodes)]
@@ -161,8 +188,8 @@ class LocalCluster:
             self.kafka_bootstrap = self.kafka.bootstrap
         for nid in self.node_ids()[: self.initial_nodes or self.nodes]:
             self._make_node(nid).start()
-        router = self._make_router()
-        router.start()
+        for name in self.router_names():
+            self._make_router(name).start()
         self.wait_ready(timeout_s)
 
     def _base_env(self) -> dict[str, str]:
@@ -187,33 +214,47 @@ class LocalCluster:
         self.procs[nid] = proc
         return proc
 
-    def _make_router(self) -> Proc:
+    def _make_router(self, name: str = "router") -> Proc:
         env = self._base_env() | self.router_env
         spec = ",".join(f"{nid}={self.node_url(nid)}" for nid in self.node_ids())
-        args = [sys.executable, "-m", "stickystate.cli", "router", "--port", str(self.router_port),
+        url = self.url_of_router(name)
+        args = [sys.executable, "-m", "stickystate.cli", "router", "--port", url.rsplit(":", 1)[1],
                 "--nodes", spec, "--partitions", str(self.partitions), "--standbys", str(self.standbys),
                 "--auth", self.auth]
-        proc = Proc("router", args, env, self.data_dir / "router.log")
-        self.procs["router"] = proc
+        if self.routers > 1:
+            args += ["--placement-kafka", self.kafka_bootstrap, "--router-id", name, "--router-url", url,
+                     "--placement-topic", f"{self.topic}-placement", "--router-group", f"{self.topic}-routers"]
+            if self.leader_session_timeout_ms:
+                args += ["--leader-session-timeout-ms", str(self.leader_session_timeout_ms)]
+        proc = Proc(name, args, env, self.data_dir / f"{name}.log")
+        self.procs[name] = proc
         return proc
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Router ready, every live node healthy in its view, every node serving its shards."""
+        """Routers ready and agreeing on the map, every live node healthy in their view, every
+        node serving its shards."""
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
-                if proc.popen is not None and proc.popen.poll() is not None and name == "router":
-                    raise RuntimeError(f"router exited: see {proc.log_path}")
+                if proc.popen is not None and proc.popen.poll() is not None and self.is_router(name) \
+                        and name not in self.stopped:
+                    raise RuntimeError(f"{name} exited: see {proc.log_path}")
             try:
-                code, view = http_json(self.router_url + "/v1/cluster", headers=self.client_headers)
-                started = {n for n, p in self.procs.items() if n != "router" and p.popen is not None} - self.stopped
+                views = [http_json(self.url_of_router(name) + "/v1/cluster", headers=self.client_headers)
+                         for name in self.router_names() if name not in self.stopped]
+                code, view = views[0]
+                started = {n for n, p in self.procs.items() if not self.is_router(n) and p.popen is not None} \
+                    - self.stopped
                 live = {n for n in started if self.procs[n].alive()}
                 healthy = {n["id"]: n for n in view["nodes"] if n["healthy"]}
                 current = all(n["generation"] == view["generation"] for n in healthy.values())
+                agree = all(c == 200 and v["settled"] and v["generation"] == view["generation"]
+                            and v["shards"] == view["shards"] for c, v in views)
                 ready = all(http_json(self.node_url(n) + "/readyz")[0] == 200 for n in live)
                 last = view
-                if code == 200 and view["settled"] and set(healthy) == live == started and current and ready:
+                if code == 200 and view["settled"] and set(healthy) == live == started and current and ready \
+                        and agree:
                     return
             except (OSError, ValueError, KeyError):
                 pass
@@ -228,7 +269,14 @@ class LocalCluster:
         return {"Authorization": "Bearer " + self.api_keys.split(",")[0].split("=")[0]}
 
     def cluster_view(self) -> dict:
-        return http_json(self.router_url + "/v1/cluster", headers=self.client_headers)[1]
+        """The first live router's ``/v1/cluster`` ({} if none answers)."""
+        for name in self.router_names():
+            if name in self.stopped:
+                continue
+            code, view = http_json(self.url_of_router(name) + "/v1/cluster", headers=self.client_headers)
+            if code == 200:
+                return view
+        return {}
 
     def owner_of_shard(self, shard: int) -> str:
         return self.cluster_view()["shards"][str(shard)]
@@ -244,18 +292,24 @@ class LocalCluster:
         self.stopped.discard(nid)
         self._make_node(nid).start()
 
-    def start_router(self) -> None:
-        self._make_router().start()
+    def start_router(self, name: str = "router") -> None:
+        self.stopped.discard(name)
+        self._make_router(name).start()
+
+    def kill_router(self, name: str = "router") -> None:
+        self.stopped.add(name)
+        self.procs[name].kill()
 
     def restart_node(self, nid: str) -> None:
         self.procs[nid].stop()
         self.start_node(nid)
 
     def stop(self) -> None:
-        router = self.procs.get("router")
-        if router:
-            router.stop()
-        nodes = [p for name, p in self.procs.items() if name != "router"]
+        for name in self.router_names():
+            router = self.procs.get(name)
+            if router:
+                router.stop()
+        nodes = [p for name, p in self.procs.items() if not self.is_router(name)]
         for proc in nodes:  # all at once: with the router gone nobody takes shards over
             proc.signal(signal.SIGCONT)
             proc.signal(signal.SIGTERM)
@@ -275,7 +329,8 @@ class LocalCluster:
 
 
 def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_bootstrap: str, data_dir: str,
-                      partitions: int, standbys: int, brokers: int = 1, restart: str = "on-failure") -> int:
+                      partitions: int, standbys: int, brokers: int = 1, restart: str = "on-failure",
+                      routers: int = 1) -> int:
     """``stickystate up``: start the cluster, supervise it (stickystate/supervisor.py) until
     SIGINT/SIGTERM, then stop everything."""
     import secrets
@@ -298,8 +353,11 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
         write_master_keys_file(key_file, new_master_key_entry("local-1"))
     master = load_master_keys_file(key_file)
     master_spec = ",".join(f"{kid}:{base64.b64encode(key).decode()}" for kid, key in master.keys)
+    # Ports: the first router at base_port, the nodes after it, further routers after the nodes.
     cluster = LocalCluster(data, nodes=nodes, router_port=base_port, master_keys=master_spec,
-                           node_ports=[base_port + 1 + i for i in range(nodes)],
+                           node_ports=[base_port + 1 + i for i in range(nodes)], routers=routers,
+                           leader_session_timeout_ms=0 if kafka_bootstrap else 3000,
+                           router_ports=[base_port] + [base_port + 1 + nodes + i for i in range(routers - 1)],
                            kafka_bootstrap=kafka_bootstrap, kafka_port=kafka_port,
                            partitions=partitions, standbys=standbys, auth="open", internal_secret=secret,
                            brokers=brokers, topic=os.environ.get("STICKYSTATE_CHANGES_TOPIC") or "changes")
@@ -325,7 +383,11 @@ def run_local_cluster(*, nodes: int, base_port: int, kafka_port: int, kafka_boot
                 + (" and free ports" if brokers > 1 else "") + " ...")
         cluster.start()
         say(f"stickystate is up: {nodes} nodes, Kafka at {cluster.kafka_bootstrap}, logs in {data}/")
-        say(f"router: {cluster.router_url}  (auth: open, for local development)")
+        if routers == 1:
+            say(f"router: {cluster.router_url}  (auth: open, for local development)")
+        else:
+            say(f"routers: {','.join(cluster.router_urls)}  (auth: open, for local development; one placement "
+                "leader elected through Kafka; give the client all of them: STICKYSTATE_URL=<that list>)")
         pids = ", ".join(f"{c.name} {c.pid()}" for c in cluster_children(cluster, policy))
         say(f"pids: {pids}; --restart {policy.mode}. Ctrl-C stops everything.")
         supervisor = Supervisor(cluster_children(cluster, policy), say)

@@ -100,7 +100,7 @@ class Child:
 
 
 def cluster_children(cluster: LocalCluster, policy: RestartPolicy) -> list[Child]:
-    """The broker (when the cluster started its own), the nodes and the router."""
+    """The broker (when the cluster started its own), the nodes and the routers."""
     children = []
     kafka = cluster.kafka
     if kafka is not None:
@@ -129,10 +129,10 @@ def _broker(brokers: LocalKafkaCluster, broker_id: int, policy: RestartPolicy) -
 
 
 def _cluster_proc(cluster: LocalCluster, name: str, policy: RestartPolicy) -> Child:
-    """A node or the router: restarting one makes a new Proc, so look it up each time."""
+    """A node or a router: restarting one makes a new Proc, so look it up each time."""
     def start() -> None:
-        if name == "router":
-            cluster.start_router()
+        if cluster.is_router(name):
+            cluster.start_router(name)
         else:
             cluster.start_node(name)
 

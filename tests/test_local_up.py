@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from stickystate.client import Client
 from tests.helpers import wait_for
-from tests.up_process import ClientLoop, Up, alive, descendants, request
+from tests.up_process import ClientLoop, Up, alive, descendants, get_json, request
 
 PARTITIONS = "8"
 
@@ -33,9 +35,9 @@ def up_factory(tmp_path: Path) -> Iterator[list[Up]]:
 
 
 def start_up(started: list[Up], tmp: Path, *args: str, env: dict[str, str] | None = None,
-             own_broker: bool = False) -> Up:
+             own_broker: bool = False, routers: int = 1) -> Up:
     env = {"STICKYSTATE_CHANGES_TOPIC": f"changes-up-{uuid.uuid4().hex[:8]}", **(env or {})}
-    up = Up(tmp / "run", "--partitions", PARTITIONS, *args, env=env, own_broker=own_broker)
+    up = Up(tmp / "run", "--partitions", PARTITIONS, *args, env=env, own_broker=own_broker, routers=routers)
     started.append(up)
     up.wait_up()
     return up
@@ -171,6 +173,59 @@ def test_up_restarts_a_killed_router_and_clients_see_connection_errors_only_mean
         first_ok_after = min(o.t for o in loop.outcomes if o.status and o.t > failures[0].t)
         assert all(f.t < first_ok_after for f in failures), failures
     assert loop.stale_reads == []
+    stop_cleanly(up)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_up_with_two_routers_prints_both_and_a_client_given_both_survives_killing_the_leader(
+        kafka_bootstrap: str, tmp_path: Path, up_factory: list[Up]) -> None:
+    up = start_up(up_factory, tmp_path, "--kafka-bootstrap", kafka_bootstrap, routers=2)
+    urls = up.wait_line(r"up: routers: (\S+)").group(1).split(",")
+    assert len(urls) == 2 and urls[0] == up.router_url
+    assert set(up.pids) >= {"router", "router2", "n1", "n2", "n3"}
+
+    def views() -> list[dict]:
+        return [get_json(u + "/v1/cluster") for u in urls]
+
+    wait_for(lambda: all(v.get("settled") for v in views()) and len({v["generation"] for v in views()}) == 1
+             and views()[0]["router"]["leader"] is not None, 60, "both routers on one map")
+    leader = views()[0]["router"]["leader"]
+    mark = len(up.lines)
+    acked: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(urls, direct=False, durability="log") as client:  # through the routers only
+            client.create("two-routers", {})
+            n = 0
+            while not stop.is_set():
+                try:
+                    client.append("two-routers", "items", [n])
+                    acked.append(n)
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(repr(exc))
+                n += 1
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        wait_for(lambda: len(acked) >= 30, 60, "the load to get going")
+        os.kill(up.pids[leader], signal.SIGKILL)
+        up.wait_line(rf"{leader} \(pid {up.pids[leader]}\) killed by SIGKILL after [\d.]+ s; restarting it", 30,
+                     after=mark)
+        up.wait_line(rf"{leader} restarted \(pid \d+\)", 60, after=mark)
+        wait_for(lambda: all(v.get("settled") for v in views()) and len({v["generation"] for v in views()}) == 1,
+                 60, "the restarted router to follow the map")
+        target = len(acked) + 30
+        wait_for(lambda: len(acked) >= target, 60, "more appends after the restart")
+    finally:
+        stop.set()
+        worker.join(60)
+        print("\n".join(up.lines[mark:]))
+    assert errors == [], errors[:5]
+    assert get_json(urls[1] + "/v1/sessions/two-routers")["data"]["items"] == acked
     stop_cleanly(up)
 
 

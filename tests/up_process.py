@@ -74,10 +74,14 @@ class Up:
     """``python -m stickystate.cli up ...`` with its output collected."""
 
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, nodes: int = 3,
-                 own_broker: bool = False) -> None:
-        self.base_port = free_port_run(nodes + 2)
+                 own_broker: bool = False, routers: int = 1) -> None:
+        # up's layout: the first router at the base port, the nodes after it, further routers
+        # after the nodes; the broker (when up starts one) after them all
+        self.base_port = free_port_run(nodes + routers + 1)
         self.router_url = f"http://127.0.0.1:{self.base_port}"
-        broker = ["--kafka-port", str(self.base_port + nodes + 1)] if own_broker else []
+        broker = ["--kafka-port", str(self.base_port + nodes + routers)] if own_broker else []
+        if routers > 1:
+            args = (*args, "--routers", str(routers))
         cmd = [sys.executable, "-m", "stickystate.cli", "up", "--base-port", str(self.base_port),
                "--node-count", str(nodes), "--data-dir", str(data_dir), *broker, *args]
         self.lines: list[str] = []
