@@ -89,29 +89,33 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
     assert (expired.kind, expired.version, expired.data["event"]["op"]) == ("expired", 2, "expire")
 
 
-async def test_resumes_of_one_session_share_a_log_read_that_has_not_begun() -> None:
-    """node/watch.py SharedLogReads: a read joins only the resumes that came before it began."""
+async def test_resumes_of_one_shard_share_a_log_read_that_has_not_begun() -> None:
+    """node/watch.py SharedLogReads: a scan joins only the resumes that came before it began,
+    those of every session of its shard (each gets its own session's trail)."""
     from stickystate.node.watch import SharedLogReads
 
-    began: list[tuple[int, str]] = []
+    began: list[tuple[int, list[str]]] = []
     release = asyncio.Event()
 
-    async def read(s: int, sid: str) -> list[dict[str, Any]]:
-        began.append((s, sid))
+    async def read(s: int, sids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        began.append((s, sids))
         await release.wait()
-        return [{"read": len(began)}]
+        return {sid: [{"read": len(began), "sid": sid}] for sid in sids}
 
     reads = SharedLogReads(read)
     first = asyncio.create_task(reads(0, "a"))
     while not began:
         await asyncio.sleep(0)
-    # the first read has begun: these three wait for the next one, together
+    # the first scan has begun: these wait for the next scan of shard 0, together
     waiting = [asyncio.create_task(reads(0, "a")) for _ in range(3)]
-    other = asyncio.create_task(reads(1, "b"))  # another session: a read of its own
+    same_shard = asyncio.create_task(reads(0, "c"))  # another session of shard 0: the same scan
+    other = asyncio.create_task(reads(1, "b"))  # another shard: a scan of its own
     await asyncio.sleep(0)
     release.set()
-    results = await asyncio.gather(first, *waiting, other)
-    assert results[0] == [{"read": 1}]
+    results = await asyncio.gather(first, *waiting, same_shard, other)
+    assert results[0] == [{"read": 1, "sid": "a"}]
     assert results[1] == results[2] == results[3] and results[1] != results[0]
-    assert began[0] == (0, "a") and sorted(began[1:]) == [(0, "a"), (1, "b")]
-    assert (reads.reads, reads.shared) == (3, 2)
+    assert results[4] == [{"read": results[1][0]["read"], "sid": "c"}]
+    assert results[5][0]["sid"] == "b"
+    assert began[0] == (0, ["a"]) and sorted(began[1:]) == [(0, ["a", "c"]), (1, ["b"])]
+    assert (reads.reads, reads.shared) == (3, 3)
