@@ -30,7 +30,7 @@ read of the shard's partition, replayed with the same ``apply`` as any replica t
 each version's data), else (retention removed them, the lifetime's start is gone) a
 ``reset``. The watcher is subscribed before the log is read, so nothing falls between.
 The resumes of one shard waiting for the log share one scan of its partition
-(``SharedLogReads``).
+(``SharedLogReads``), and a stream waiting for it still sends its keep-alive comments.
 
 A watcher never slows the owner: ``changed`` only appends to each watcher's bounded
 buffer; on overflow the buffer is emptied and the watcher gets a ``reset`` with the

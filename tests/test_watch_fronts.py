@@ -119,3 +119,51 @@ async def test_resumes_of_one_shard_share_a_log_read_that_has_not_begun() -> Non
     assert results[5][0]["sid"] == "b"
     assert began[0] == (0, ["a"]) and sorted(began[1:]) == [(0, ["a", "c"]), (1, ["b"])]
     assert (reads.reads, reads.shared) == (3, 3)
+
+
+async def test_a_stream_waiting_for_the_log_keeps_its_keep_alives_and_ends_when_the_shard_moves() -> None:
+    """node/watch_stream.py: a resume whose log read is queued (node/watch.py SharedLogReads)
+    still sends a keep-alive every heartbeat (it used to send nothing at all until the read
+    came back: a client's read timeout took it for dead), and ends when the shard moves."""
+    from stickystate.node.watch_stream import Watch
+    from stickystate.protocol import shard_of
+
+    settings = NodeSettings(auth="open", port=0, replication=False,
+                            replicator=ReplicatorSettings(partitions=PARTITIONS),
+                            watch=WatchLimits(heartbeat_s=0.2))
+    async with running(settings) as node:
+        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
+        deadline = time.monotonic() + 10
+        while len(node.store.serving) < PARTITIONS:
+            assert time.monotonic() < deadline, "shards not served"
+            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        base = f"http://127.0.0.1:{node.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s1", "data": {"n": 0}})) as resp:
+                assert resp.status == 201
+            for n in (1, 2):
+                async with http.patch(f"{base}/v1/sessions/s1", data=orjson.dumps({"n": n})) as w:
+                    assert w.status == 200
+        never = asyncio.Event()
+
+        async def queued(s: int, sid: str) -> list[dict[str, Any]]:
+            await never.wait()  # behind other scans for as long as the test runs
+            return []
+
+        hub = node.store.watch
+        shard = node.store.shards[shard_of("s1", PARTITIONS)]
+        watch = Watch(hub, shard, "s1", "s1", True, node.store.clock, queued)
+        watch.open((1, None, None))
+        assert watch.from_log == 1  # the ring holds nothing: the changes after 1 are read from the log
+        frames = watch.frames()
+        try:
+            assert (await asyncio.wait_for(anext(frames), 5)).startswith(b"retry:")
+            for _ in range(2):
+                assert await asyncio.wait_for(anext(frames), 5) == b": keep-alive\n\n"
+            hub.shard_lost(shard.id)
+            assert await asyncio.wait_for(anext(frames), 5) == b": end shard_moved\n\n"
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(frames), 5)
+        finally:
+            await frames.aclose()
+            watch.close()
