@@ -36,6 +36,15 @@ class WatchLog:
     streams: int = 0
     refused: Counter[int] = field(default_factory=Counter)
     last_id: str | None = None
+    # diagnostics: where a watcher that fell behind is (reported for those not caught up)
+    phase: str = "idle"  # connecting | streaming | pacing
+    stream_node: str | None = None  # the owner header of the current (or last) stream
+    stream_epoch: str | None = None
+    stream_opened: float = 0.0
+    last_line: float = 0.0  # anything read, keep-alive comments included
+    keepalives: int = 0  # in the current stream
+    ends: Counter[str] = field(default_factory=Counter)  # ": end <cause>" comments, and how streams ended
+    died: str | None = None  # the exception that ended the watcher's task
 
     @property
     def version(self) -> int:
@@ -46,6 +55,7 @@ class Watchers:
     def __init__(self, base: str | list[str], sids: list[str]) -> None:
         self.bases = [base] if isinstance(base, str) else list(base)  # several routers: round robin
         self.base = self.bases[0]
+        self.final: dict[str, int] = {}  # the final versions caught_up waited for
         self.logs = {sid: WatchLog(sid) for sid in sids}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -56,6 +66,7 @@ class Watchers:
     async def caught_up(self, final: dict[str, Observation], timeout_s: float) -> bool:
         """Wait until every watcher has seen its session's final version."""
         deadline = time.monotonic() + timeout_s
+        self.final = {sid: final[sid].version or 0 for sid in self.logs if sid in final}
         while time.monotonic() < deadline:
             if all(w.version >= (final[sid].version or 0) for sid, w in self.logs.items() if sid in final):
                 return True
@@ -69,11 +80,21 @@ class Watchers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _watch(self, http: aiohttp.ClientSession, w: WatchLog) -> None:
+        try:
+            await self._watch_loop(http, w)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            w.died = repr(exc)
+            raise
+
+    async def _watch_loop(self, http: aiohttp.ClientSession, w: WatchLog) -> None:
         turn = sum(map(ord, w.sid))  # spread the watchers over the routers
         while not self._stop.is_set():
             headers = {"Last-Event-ID": w.last_id} if w.last_id else {}
             base = self.bases[turn % len(self.bases)]
             turn += 1
+            w.phase = "connecting"
             try:
                 async with http.get(f"{base}/v1/sessions/{w.sid}/watch?changes_only=1", headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
@@ -82,15 +103,27 @@ class Watchers:
                         await resp.read()
                     else:
                         w.streams += 1
+                        w.phase, w.stream_opened, w.keepalives = "streaming", time.time(), 0
+                        w.stream_node = resp.headers.get("X-Stickystate-Owner")
+                        w.stream_epoch = resp.headers.get("X-Stickystate-Epoch")
                         await self._read(resp, w)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                pass
+                        w.ends["eof"] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                w.ends[type(exc).__name__] += 1
+            w.phase = "pacing"
             await asyncio.sleep(0.2)  # reconnect pacing
 
     async def _read(self, resp: aiohttp.ClientResponse, w: WatchLog) -> None:
         kind, eid, data = "message", "", []
         async for raw in resp.content:
             line = raw.decode().rstrip("\r\n")
+            w.last_line = time.time()
+            if line.startswith(":"):
+                if line.startswith(": keep-alive"):
+                    w.keepalives += 1
+                elif line.startswith(": end"):
+                    w.ends[line[2:]] += 1
+                continue
             if line:
                 name, _, value = line.partition(":")
                 value = value[1:] if value.startswith(" ") else value
@@ -151,7 +184,18 @@ def check(watchers: Watchers, sessions: dict[str, str], appends: list[Observatio
         "order_violations": sum(w.gaps for w in logs),
         "resets": dict(resets),
         "caught_up": caught_up,
+        "died": sum(1 for w in logs if w.died),
     }
+    behind = [w for w in logs if w.died or w.version < watchers.final.get(w.sid, 0)]
+    now = time.time()
+    rep["behind"] = [{"sid": w.sid, "version": w.version, "final": watchers.final.get(w.sid),
+                      "last_event_ago_s": round(now - w.events[-1][2], 1) if w.events else None,
+                      "last_id": w.last_id, "streams": w.streams, "phase": w.phase, "stream_node": w.stream_node,
+                      "stream_epoch": w.stream_epoch,
+                      "stream_age_s": round(now - w.stream_opened, 1) if w.stream_opened else None,
+                      "last_line_ago_s": round(now - w.last_line, 1) if w.last_line else None,
+                      "keepalives": w.keepalives, "ends": dict(w.ends), "refused": dict(w.refused),
+                      "died": w.died} for w in behind][:100]
     failures = []
     if lost["log"]:
         failures.append(f"watchers lost {lost['log']} acknowledged log appends")

@@ -94,18 +94,12 @@ class NodeStore:
         self.draining = False  # advertised to the router: move my shards away
         self.last_probe = 0.0  # monotonic time of the router's last status probe
 
-    async def _watch_log(self, s: int, sid: str) -> list[dict[str, Any]]:
-        """A resume's read (node/watch.py): every retained event of ``sid`` as /history reads
-        them, after the shard's queued changes are in Kafka."""
+    async def _watch_log(self, s: int, sids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The resumes' read (node/watch.py SharedLogReads): every retained event of each of
+        ``sids`` as /history reads them, in one scan of the partition, after the shard's
+        queued changes are in Kafka."""
         await self.replicator.flush([s], timeout_s=self.settings.replicator.kafka_deadline_s)
-        out: list[dict[str, Any]] = []
-        after = -1
-        while True:
-            items, more = await self.history.read(s, sid, after, 1000)
-            out += items
-            if not more or not items:
-                return out
-            after = items[-1]["offset"]
+        return await self.history.read_sessions(s, sids)
 
     # the follower's and the producer's callbacks (the parts are made after the clients)
     def _on_records(self, s: int, records: Sequence[Any]) -> None:

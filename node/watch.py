@@ -29,6 +29,8 @@ Where the changes after a position come from: the ring, else the log (the ``/his
 read of the shard's partition, replayed with the same ``apply`` as any replica to give
 each version's data), else (retention removed them, the lifetime's start is gone) a
 ``reset``. The watcher is subscribed before the log is read, so nothing falls between.
+The resumes of one shard waiting for the log share one scan of its partition
+(``SharedLogReads``), and a stream waiting for it still sends its keep-alive comments.
 
 A watcher never slows the owner: ``changed`` only appends to each watcher's bounded
 buffer; on overflow the buffer is emptied and the watcher gets a ``reset`` with the
@@ -52,7 +54,8 @@ _POSITION = re.compile(r"[0-9]{1,19}(:[0-9]{1,19}:[0-9]{1,19})?")  # as docs/ope
 LINGER_S = 120.0  # a session's ring is kept this long after its last watcher left
 MAX_IDLE = 1000  # at most this many such sessions (least recently watched dropped first)
 RESET_CAUSES = ("lifetime", "unknown_version", "epoch", "history_gone", "overflow")
-LogReader = Callable[[int, str], Awaitable[list[dict[str, Any]]]]
+LogReader = Callable[[int, str], Awaitable[list[dict[str, Any]]]]  # (shard, sid) -> the session's trail
+BatchLogReader = Callable[[int, list[str]], Awaitable[dict[str, list[dict[str, Any]]]]]  # one scan, many sessions
 
 
 @dataclass(frozen=True)
@@ -277,50 +280,67 @@ class WatchHub:
 
 
 class SharedLogReads:
-    """Resumes that need the log: one read at a time per node (each scans a partition, as
-    ``/history`` does), and the resumes of one session waiting for it share one read. A
-    resume joins a read only until that read begins (before it flushes the shard's queue
-    and takes the partition's end), so every joined watcher was subscribed before the read
-    began and misses nothing between the read's end and its buffer. After a failover, the
-    watchers of a session resuming together cost one scan, not one each."""
+    """Resumes that need the log: one scan at a time per node, and one scan per SHARD for
+    every resume of its sessions waiting: all the resumes of a shard (of one session or of
+    many) that arrive before its next scan begins share that scan, each getting its own
+    session's trail. A resume joins a scan only until it begins (before it flushes the
+    shard's queue and takes the partition's end), so every joined watcher was subscribed
+    before the read began and misses nothing between the read's end and its buffer.
 
-    def __init__(self, read: LogReader) -> None:
+    After a failover every watcher of the shards taken over resumes here (the new owner's
+    rings start empty). One scan per session (as before) made that O(watchers x partition)
+    per failover, one after the other: under repeated failovers the queue outgrew the time
+    between them and resumes waited for minutes (chaos, sigstop: streams open, no event,
+    never catching up). Per shard it is O(shards x partition)."""
+
+    def __init__(self, read: BatchLogReader) -> None:
         self.read = read
-        self._pending: dict[tuple[int, str], asyncio.Future[list[dict[str, Any]]]] = {}
+        self._pending: dict[int, dict[str, asyncio.Future[list[dict[str, Any]]]]] = {}  # shard -> its next scan
+        self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
-        self.reads = 0
-        self.shared = 0
+        self.reads = 0  # scans
+        self.shared = 0  # resumes that joined a scan another resume asked for
 
     async def __call__(self, s: int, sid: str) -> list[dict[str, Any]]:
-        key = (s, sid)
-        fut = self._pending.get(key)
-        if fut is None:
-            fut = self._pending[key] = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().create_task(self._run(key, fut))
+        loop = asyncio.get_running_loop()
+        batch = self._pending.get(s)
+        if batch is None:
+            batch = self._pending[s] = {}
+            task = loop.create_task(self._run(s, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             self.shared += 1
+        fut = batch.get(sid)
+        if fut is None:
+            fut = batch[sid] = loop.create_future()
+            fut.add_done_callback(_retrieved)
         return await asyncio.shield(fut)
 
-    async def _run(self, key: tuple[int, str], fut: asyncio.Future[list[dict[str, Any]]]) -> None:
-        fut.add_done_callback(_retrieved)
+    async def _run(self, s: int, batch: dict[str, asyncio.Future[list[dict[str, Any]]]]) -> None:
         try:
             async with self._lock:
-                self._forget(key, fut)  # from here on, a new resume waits for the next read
+                self._forget(s, batch)  # from here on, a new resume waits for the next scan
                 self.reads += 1
-                result = await self.read(*key)
+                result = await self.read(s, sorted(batch))
         except asyncio.CancelledError:
-            self._forget(key, fut)
-            fut.cancel()
+            self._forget(s, batch)
+            for fut in batch.values():
+                fut.cancel()
             raise
-        except Exception as exc:  # noqa: BLE001 - handed to every resume that shares the read
-            self._forget(key, fut)
-            fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - handed to every resume that shares the scan
+            self._forget(s, batch)
+            for fut in batch.values():
+                if not fut.done():
+                    fut.set_exception(exc)
             return
-        fut.set_result(result)
+        for sid, fut in batch.items():
+            if not fut.done():
+                fut.set_result(result.get(sid, []))
 
-    def _forget(self, key: tuple[int, str], fut: asyncio.Future[list[dict[str, Any]]]) -> None:
-        if self._pending.get(key) is fut:
-            del self._pending[key]
+    def _forget(self, s: int, batch: dict[str, asyncio.Future[list[dict[str, Any]]]]) -> None:
+        if self._pending.get(s) is batch:
+            del self._pending[s]
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:

@@ -132,8 +132,25 @@ class Watch:
             yield f
         self.first = []
         if self.from_log is not None:
-            for f in await self._from_log():
-                yield f
+            # The log read may queue behind others (node/watch.py SharedLogReads): the stream
+            # keeps its keep-alives meanwhile, and ends at once if the shard moves.
+            loop = asyncio.get_running_loop()
+            reading = asyncio.ensure_future(self._from_log())
+            quiet_since = loop.time()
+            try:
+                while True:
+                    done, _ = await asyncio.wait({reading}, timeout=min(1.0, limits.heartbeat_s))
+                    if done or watcher.ended is not None:
+                        break
+                    if loop.time() - quiet_since >= limits.heartbeat_s:
+                        quiet_since = loop.time()
+                        yield b": keep-alive\n\n"
+            finally:
+                if not reading.done():
+                    reading.cancel()
+            if reading.done() and not reading.cancelled():
+                for f in reading.result():
+                    yield f
         while True:
             if watcher.ended is not None:
                 yield b": end " + watcher.ended.encode() + b"\n\n"

@@ -168,6 +168,37 @@ async def test_resume_from_the_log_when_the_ring_no_longer_holds_the_changes(clu
     assert after["log"] == before["log"] + 1
 
 
+async def test_resumes_of_many_sessions_of_a_shard_share_one_scan_of_its_partition(cluster: LocalCluster) -> None:
+    """After a failover every watcher of a shard resumes on the new owner from the log (its
+    rings start empty). One partition scan per resuming session, one at a time, queued for
+    minutes under repeated failovers (chaos sigstop: ~80 streams open but silent for good);
+    the resumes of one shard waiting together share one scan, each getting its own changes."""
+    shard = next(s for s in range(PARTITIONS) if s != RETENTION_SHARD)
+    sids = [new_sid("w-many", shard=shard) for _ in range(8)]
+    node = owner_url(cluster, sids[0])
+    async with aiohttp.ClientSession() as http:
+        for sid in sids:
+            await create(http, node, sid)
+            for i in range(3):
+                await write(http, node, sid, f"{sid}/{i}", Durability="log" if i % 2 else "memory")
+        before = watch_status(node)
+
+        async def resume(sid: str) -> list[Event]:
+            # never watched on this node: no ring, the changes after version 1 come from the log
+            async with http.get(watch_url(node, sid), headers={"Last-Event-ID": "1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                return await take(resp, 3)
+
+        got = await asyncio.gather(*(resume(sid) for sid in sids))
+        after = watch_status(node)
+    for sid, events in zip(sids, got):
+        assert [(ev.kind, ev.version) for ev in events] == [("change", 2), ("change", 3), ("change", 4)], sid
+        assert events[-1].data["data"] == {"log": [f"{sid}/{i}" for i in range(3)]}
+    assert after["resumed"]["log"] == before["resumed"]["log"] + len(sids)
+    scans = after["log_reads"] - before["log_reads"]
+    assert scans <= len(sids) // 2, f"{scans} partition scans for {len(sids)} concurrent resumes of one shard"
+
+
 async def test_after_version_resumes_too_and_a_version_from_the_future_is_a_reset(cluster: LocalCluster) -> None:
     base = cluster.router_url
     sid = new_sid("w-after")

@@ -89,29 +89,81 @@ async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_g
     assert (expired.kind, expired.version, expired.data["event"]["op"]) == ("expired", 2, "expire")
 
 
-async def test_resumes_of_one_session_share_a_log_read_that_has_not_begun() -> None:
-    """node/watch.py SharedLogReads: a read joins only the resumes that came before it began."""
+async def test_resumes_of_one_shard_share_a_log_read_that_has_not_begun() -> None:
+    """node/watch.py SharedLogReads: a scan joins only the resumes that came before it began,
+    those of every session of its shard (each gets its own session's trail)."""
     from stickystate.node.watch import SharedLogReads
 
-    began: list[tuple[int, str]] = []
+    began: list[tuple[int, list[str]]] = []
     release = asyncio.Event()
 
-    async def read(s: int, sid: str) -> list[dict[str, Any]]:
-        began.append((s, sid))
+    async def read(s: int, sids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        began.append((s, sids))
         await release.wait()
-        return [{"read": len(began)}]
+        return {sid: [{"read": len(began), "sid": sid}] for sid in sids}
 
     reads = SharedLogReads(read)
     first = asyncio.create_task(reads(0, "a"))
     while not began:
         await asyncio.sleep(0)
-    # the first read has begun: these three wait for the next one, together
+    # the first scan has begun: these wait for the next scan of shard 0, together
     waiting = [asyncio.create_task(reads(0, "a")) for _ in range(3)]
-    other = asyncio.create_task(reads(1, "b"))  # another session: a read of its own
+    same_shard = asyncio.create_task(reads(0, "c"))  # another session of shard 0: the same scan
+    other = asyncio.create_task(reads(1, "b"))  # another shard: a scan of its own
     await asyncio.sleep(0)
     release.set()
-    results = await asyncio.gather(first, *waiting, other)
-    assert results[0] == [{"read": 1}]
+    results = await asyncio.gather(first, *waiting, same_shard, other)
+    assert results[0] == [{"read": 1, "sid": "a"}]
     assert results[1] == results[2] == results[3] and results[1] != results[0]
-    assert began[0] == (0, "a") and sorted(began[1:]) == [(0, "a"), (1, "b")]
-    assert (reads.reads, reads.shared) == (3, 2)
+    assert results[4] == [{"read": results[1][0]["read"], "sid": "c"}]
+    assert results[5][0]["sid"] == "b"
+    assert began[0] == (0, ["a"]) and sorted(began[1:]) == [(0, ["a", "c"]), (1, ["b"])]
+    assert (reads.reads, reads.shared) == (3, 3)
+
+
+async def test_a_stream_waiting_for_the_log_keeps_its_keep_alives_and_ends_when_the_shard_moves() -> None:
+    """node/watch_stream.py: a resume whose log read is queued (node/watch.py SharedLogReads)
+    still sends a keep-alive every heartbeat (it used to send nothing at all until the read
+    came back: a client's read timeout took it for dead), and ends when the shard moves."""
+    from stickystate.node.watch_stream import Watch
+    from stickystate.protocol import shard_of
+
+    settings = NodeSettings(auth="open", port=0, replication=False,
+                            replicator=ReplicatorSettings(partitions=PARTITIONS),
+                            watch=WatchLimits(heartbeat_s=0.2))
+    async with running(settings) as node:
+        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
+        deadline = time.monotonic() + 10
+        while len(node.store.serving) < PARTITIONS:
+            assert time.monotonic() < deadline, "shards not served"
+            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        base = f"http://127.0.0.1:{node.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s1", "data": {"n": 0}})) as resp:
+                assert resp.status == 201
+            for n in (1, 2):
+                async with http.patch(f"{base}/v1/sessions/s1", data=orjson.dumps({"n": n})) as w:
+                    assert w.status == 200
+        never = asyncio.Event()
+
+        async def queued(s: int, sid: str) -> list[dict[str, Any]]:
+            await never.wait()  # behind other scans for as long as the test runs
+            return []
+
+        hub = node.store.watch
+        shard = node.store.shards[shard_of("s1", PARTITIONS)]
+        watch = Watch(hub, shard, "s1", "s1", True, node.store.clock, queued)
+        watch.open((1, None, None))
+        assert watch.from_log == 1  # the ring holds nothing: the changes after 1 are read from the log
+        frames = watch.frames()
+        try:
+            assert (await asyncio.wait_for(anext(frames), 5)).startswith(b"retry:")
+            for _ in range(2):
+                assert await asyncio.wait_for(anext(frames), 5) == b": keep-alive\n\n"
+            hub.shard_lost(shard.id)
+            assert await asyncio.wait_for(anext(frames), 5) == b": end shard_moved\n\n"
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(frames), 5)
+        finally:
+            await frames.aclose()
+            watch.close()
