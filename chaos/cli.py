@@ -252,9 +252,9 @@ async def _run(ns: argparse.Namespace, cluster: LocalCluster, out: Path, run_id:
         if not report["placement"]["routers_agree"]:
             report["failures"].append("the routers' maps disagree after the run")
             report["ok"] = False
-        if report["placement"]["shards_with_other_claim_count"]:
-            report.setdefault("warnings", []).append("claims differ from ownership changes: "
-                                                     f"{report['placement']['shards_with_other_claim_count']}")
+        if report["placement"]["unexplained_claims"]:
+            report.setdefault("warnings", []).append("claims that match no ownership change (shard: count): "
+                                                     f"{report['placement']['unexplained_claims']}")
     lines: list[bytes] = []
     for name in cluster.router_names():  # every router's: a follower also stops routing to a node it finds dead
         router_log = cluster.procs[name].log_path

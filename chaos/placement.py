@@ -63,37 +63,59 @@ def followed_maps(records: Iterable[tuple[int, bytes, dict[str, Any]]]) -> list[
 def agreement(maps: list[dict[str, Any]], claims: dict[int, list[Any]], partitions: int,
               views: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Claims per shard against ownership changes per shard, and whether the routers'
-    final views agree."""
+    final views agree.
+
+    The owners a shard's maps name in turn and the nodes that claimed it in turn (claims:
+    ``(offset, epoch, node, effective)`` in log order) are matched in order: a move whose
+    new owner claimed the shard is *taken*; a move undone by a later map before its owner
+    claimed (a node declared down, then up again within the handover) is *undone*; a claim
+    that matches no move is *unexplained*, which is what competing leaders would cause."""
     changes = dict.fromkeys(range(partitions), 0)
-    prev: dict[str, str] = {}
+    owners: dict[int, list[str]] = {s: [] for s in range(partitions)}
     returns = 0
-    history: dict[int, list[str]] = {s: [] for s in range(partitions)}
     for doc in maps:
         shards = doc.get("shards") or {}
         for s in range(partitions):
             owner = shards.get(str(s))
-            if owner is not None and owner != prev.get(str(s)):
+            h = owners[s]
+            if owner is not None and (not h or owner != h[-1]):
                 changes[s] += 1
-                h = history[s]
                 if len(h) >= 2 and h[-2] == owner:
                     returns += 1  # back to the owner before last: A -> B -> A
                 h.append(owner)
-        prev = shards
     claimed = {s: len(claims.get(s, [])) for s in range(partitions)}
-    extra = {s: claimed[s] - changes[s] for s in range(partitions) if claimed[s] != changes[s]}
+    taken = 0
+    unexplained: dict[int, int] = {}
+    for s in range(partitions):
+        seq, i = owners[s], 0
+        extra = 0
+        for claim in claims.get(s, []):
+            node = claim[2]
+            j = i
+            while j < len(seq) and seq[j] != node:
+                j += 1
+            if j < len(seq):
+                taken += 1
+                i = j + 1
+            else:
+                extra += 1
+        if extra:
+            unexplained[s] = extra
     finals = {name: (v.get("generation"), v.get("shards")) for name, v in views.items()}
     agree = len({orjson.dumps(f) for f in finals.values()}) == 1 and all(
         v.get("settled") for v in views.values())
     return {"maps_followed": len(maps), "ownership_changes": sum(changes.values()),
-            "claims": sum(claimed.values()), "shards_with_other_claim_count": extra,
-            "returns": returns, "routers_agree": agree,
+            "claims": sum(claimed.values()), "moves_taken": taken,
+            "moves_undone_before_claim": sum(changes.values()) - taken,
+            "unexplained_claims": unexplained, "returns": returns, "routers_agree": agree,
             "final_generations": {name: f[0] for name, f in finals.items()},
             "leaders": sorted({str(d.get("leader")) for d in maps})}
 
 
 def summary_line(rep: dict[str, Any]) -> str:
     return (f"PLACEMENT {rep['maps_followed']} maps from leaders {', '.join(rep['leaders']) or '-'}; "
-            f"ownership changes {rep['ownership_changes']}, claims {rep['claims']} "
-            f"(shards where they differ: {len(rep['shards_with_other_claim_count'])}); "
+            f"ownership changes {rep['ownership_changes']} (taken {rep['moves_taken']}, undone before the new "
+            f"owner claimed {rep['moves_undone_before_claim']}), claims {rep['claims']} (matching no move: "
+            f"{sum(rep['unexplained_claims'].values())}); "
             f"of the changes, returns to the owner before: {rep['returns']}; routers agree at the end: "
             f"{rep['routers_agree']}")
