@@ -12,25 +12,34 @@ and served the shard with every session still packed: "shard acquired ... sessio
 a 404 for every read and append, and its epoch's full snapshot set empty, so the next
 owner loaded nothing.
 
-Ownership (node/ownership.py) runs here in-process against stand-ins for the Kafka
-clients that let the test put each step in that order; ``asyncio.wait_for`` is the real
-one (the lost cancellation is Python's, not the test's).
+The first test runs Ownership (node/ownership.py) in-process against stand-ins for the
+Kafka clients that let it put each step in that order; ``asyncio.wait_for`` is the real
+one (the lost cancellation is Python's, not the test's). The second runs two NodeStores
+against the real broker, with the lost cancellation and the slow flush put in by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
+from stickystate import crypto
+from stickystate.errors import NotOwner
 from stickystate.node.ownership import Ownership
 from stickystate.node.roles import ShardRoles
+from stickystate.node.settings import NodeSettings
 from stickystate.node.shard import Shard
+from stickystate.node.store import NodeStore
 from stickystate.node.verification import OwnerVerification
 from stickystate.replicator import events
 from stickystate.replicator.keys import Codec
+from stickystate.replicator.settings import ReplicatorSettings
 
 S = 0
 SIDS = ("a", "b", "c")
@@ -221,3 +230,75 @@ async def test_an_acquisition_whose_cancel_was_lost_does_not_serve_the_packed_se
     assert sorted(roles.shards[S].sessions) == list(SIDS)
     assert roles.shards[S].sessions["a"]["version"] == 3
     assert snapshotting.full_sets == [list(SIDS)]
+
+
+@pytest.mark.kafka
+async def test_against_kafka_a_called_off_acquisition_leaves_the_standby_whole(kafka_bootstrap: str) -> None:
+    rep = ReplicatorSettings(kafka_bootstrap=kafka_bootstrap, changes_topic=f"changes-{uuid.uuid4().hex[:10]}",
+                             partitions=1)
+    master = crypto.parse_master_keys(crypto.new_master_key_entry("k1"))
+    n1, n2 = (NodeStore(NodeSettings(node_id=n, auth="open", master_keys=master, replicator=rep))
+              for n in ("n1", "n2"))
+    await n1.start()
+    await n2.start()
+    try:
+        for node in (n1, n2):
+            await node.assign(1, {S: "n1"}, {S: ["n2"]})
+        await _until(lambda: S in n1.serving, 60.0)
+        for sid in SIDS:
+            await n1.write({"op": "create", "sid": sid, "data": {"m": []}, "ttl_s": 600.0})
+            await n1.confirm(await n1.write({"op": "append", "sid": sid, "field": "m", "items": [1]}))
+        end = (await n2.follower.end_offsets([S]))[S]
+        await _until(lambda: S in n2.shards and n2.shards[S].position >= end, 30.0)
+        assert len(n2.shards[S].packed) == len(SIDS)  # n2: the standby, sessions packed
+
+        # n2's acquisition, called off while it catches up, does not end there: its
+        # cancellation is lost as Python 3.11's asyncio.wait_for loses it.
+        real_catch_up = n2.ownership._catch_up
+        gate = asyncio.Event()
+        caught_up: list[asyncio.Task[Any] | None] = []
+
+        async def catch_up_losing_its_cancel(s: int, end: int, timeout_s: float) -> None:
+            caught_up.append(asyncio.current_task())
+            if not gate.is_set():
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    gate.set()  # (lost)
+            await real_catch_up(s, end, timeout_s)
+
+        n2.ownership._catch_up = catch_up_losing_its_cancel  # type: ignore[method-assign]
+        # The release's flush waits for Kafka (in the incident: claims of other released
+        # shards, a broker restarting) while the acquisition carries on.
+        real_flush = n2.replicator.flush
+
+        async def slow_flush(partitions: Any = None, timeout_s: float = 30.0) -> None:
+            await _until(lambda: acquisition.done() or n2.shards[S].my_epoch is not None)
+            await real_flush(partitions, timeout_s)
+
+        n2.replicator.flush = slow_flush  # type: ignore[method-assign]
+
+        await n2.assign(2, {S: "n2"}, {S: ["n1"]})  # n1 declared down (it is not: still the owner)
+        acquisition = n2.ownership._acquire_tasks[S]
+        await _until(lambda: caught_up == [acquisition], 30.0)  # it reads to the finish line
+        await n2.assign(3, {S: "n1"}, {S: ["n2"]})  # n1 back before the acquisition finished
+        await _until(acquisition.done, 30.0)
+        n2.replicator.flush = real_flush  # type: ignore[method-assign]
+        assert gate.is_set() and not acquisition.cancelled()  # it did carry on past the cancel
+
+        assert S not in n2.serving and S not in n2.recovering
+        assert n2.shards[S].my_epoch is None and len(n2.shards[S].packed) == len(SIDS)
+        with pytest.raises(NotOwner):
+            await n2.read(SIDS[0])
+        assert n1.shards[S].my_epoch == 1 and S in n1.serving  # no claim of n2 fenced it
+
+        # Given the shard for good, n2 serves every session, the last append included.
+        await n1.assign(4, {S: "n2"}, {S: ["n1"]})
+        await n2.assign(4, {S: "n2"}, {S: ["n1"]})
+        await _until(lambda: S in n2.serving, 60.0)
+        for sid in SIDS:
+            _, state = await n2.read(sid)
+            assert state["data"] == {"m": [1]}
+    finally:
+        await n2.stop()
+        await n1.stop()
