@@ -12,6 +12,15 @@ a claim with a higher epoch, read past it, then serve: from here on Kafka's
 acknowledgements verify our writes (node/verification.py), the shard's sessions are
 scheduled for expiry, and a full set of snapshots is written for the new epoch.
 
+An acquisition is called off by the assignment that takes the shard away (its task
+cancelled, the shard packed into the standby form). Cancelling is not enough: on Python
+3.11 ``asyncio.wait_for`` returns instead of raising when the future it waits for
+completed in the same loop iteration as the cancel (likely after a stall), and the
+acquisition carries on. So it checks after every await that it is still the shard's
+acquisition (``_still_wanted``); one that is not stops there (``Abandoned``) and touches
+nothing: it must not unpack, claim or serve a shard the assignment took away (served,
+its sessions would still be packed: every read a 404, its epoch's snapshots empty).
+
 Log -> memory (``apply_records``): the follower's records are applied to their shard
 (node/shard.py); a claim that fences us ends our ownership at once.
 
@@ -44,6 +53,10 @@ from stickystate.replicator.producer import Replicator
 log = logging.getLogger("stickystate.node")
 
 KEY_WAIT_S = 15.0  # a record whose data key is not in the keys partition after this long is refused
+
+
+class Abandoned(Exception):
+    """The acquisition was called off (the shard reassigned) while it awaited."""
 
 
 class Ownership:
@@ -159,8 +172,14 @@ class Ownership:
         self.verification.forget(s)
 
     # -- acquiring ------------------------------------------------------------------
+    def _still_wanted(self, s: int, task: asyncio.Task[Any] | None) -> None:
+        """Abandoned unless ``task`` is still shard ``s``'s acquisition (see the module docstring)."""
+        if task is None or self._acquire_tasks.get(s) is not task or s not in self.roles.recovering:
+            raise Abandoned(f"shard {s}: acquisition called off while it awaited")
+
     async def _acquire(self, s: int) -> None:
         roles = self.roles
+        me = asyncio.current_task()
         started = time.monotonic()
         applied_before = roles.shards[s].applied if s in roles.shards else 0
         read_before = roles.shards[s].read_records if s in roles.shards else 0
@@ -171,16 +190,25 @@ class Ownership:
                 log.warning("claim lost a race, retrying", extra={"shard": s, "attempt": attempt})
             else:
                 raise RuntimeError(f"could not claim shard {s}")
+            self._still_wanted(s, me)
         except asyncio.CancelledError:
             raise
+        except Abandoned:
+            # The assignment that called it off has released the shard already: nothing is ours to undo.
+            log.warning("acquisition abandoned: the shard was reassigned meanwhile", extra={"shard": s})
+            return
         except Exception:
             log.exception("acquire failed", extra={"shard": s})
-            roles.recovering.pop(s, None)
-            self._acquire_tasks.pop(s, None)
-            # The router's next health round sees the shard not served and assigns again.
-            roles.generation = -1
+            if self._acquire_tasks.get(s) is me:
+                roles.recovering.pop(s, None)
+                self._acquire_tasks.pop(s, None)
+                # The router's next health round sees the shard not served and assigns again.
+                roles.generation = -1
             return
         shard = roles.shards[s]
+        if len(shard.packed):  # cannot happen (only a release packs, and it calls the acquisition off)
+            log.error("acquired shard still in the standby form: unpacking", extra={"shard": s})
+            shard.unpack_all()
         self.expiry.schedule_all(shard.sessions.values())
         shard.start_owning()
         if self.replication:
@@ -230,15 +258,21 @@ class Ownership:
             shard.owner = self.me
             return True
         timeout = self.recovery_timeout_s
+        me = asyncio.current_task()
         shard = await self.bootstraps.ensure_following(s)
+        self._still_wanted(s, me)
         end = (await self.follower.end_offsets([s]))[s]
+        self._still_wanted(s, me)
         await self._catch_up(s, end, timeout)  # the finish line
+        self._still_wanted(s, me)
         shard.unpack_all()  # from the compact standby form: from now on events apply to live objects
         epoch = shard.epoch + 1
         shard.my_epoch = epoch
         claim = events.claim(s, epoch, self.me, self.clock())
         offset = await self.replicator.send_and_wait(s, events.CLAIM_KEY, events.encode(claim), timeout)
+        self._still_wanted(s, me)
         await self.follower.wait_position(s, offset + 1, timeout)
+        self._still_wanted(s, me)
         if shard.owner == self.me and shard.epoch == epoch and shard.my_epoch == epoch:
             return True
         shard.my_epoch = None
