@@ -140,6 +140,8 @@ def test_killing_the_leader_router_under_load_fails_no_request_and_loses_nothing
         wait_for(lambda: first in views(c) and agreed(c) and views(c)[first].get("router", {}).get("leader")
                  is not None, 60, "the restarted router follows")
         wait_for(load.after(100), 60, "load after the restart")
+    print(f"leader {first} killed and restarted: {load.done} appends through two routers, "
+          f"{sum(map(len, load.acked.values()))} acknowledged, {len(load.errors)} failed")
     assert load.errors == [], load.errors[:5]
     load.check_nothing_lost()
     # A change of leader is not a change of owner: the same map, no shard claimed again.
