@@ -365,7 +365,9 @@ def test_meta_and_history_shapes_are_the_code_s(spec: dict[str, Any]) -> None:
     assert set(event["properties"]["op"]["enum"]) == set(WRITE_OPS)
     # Every event field but the idempotency record, which the trail leaves out, plus the offset.
     assert set(event["required"]) == {"op", "offset"} | set(EVENT_META) - {"idem"}
-    assert 'event.pop("idem", None)' in inspect.getsource(HistoryReader.read)
+    # /history (read) and the watch resumes (read_sessions) both take their events from _trail
+    assert 'event.pop("idem", None)' in inspect.getsource(HistoryReader._trail)
+    assert "self._trail(" in inspect.getsource(HistoryReader.read)
     query = {p["name"]: p["schema"] for p in spec["paths"]["/v1/sessions/{id}/history"]["get"]["parameters"]}
     in_code = _int_params_of(handlers.history)
     assert set(query) == set(in_code) == {"after", "limit"}
