@@ -217,10 +217,13 @@ class Cluster(ControlHandler):
             if self.leading and generation >> TERM_SHIFT <= self.term:
                 self.map_generation = generation
                 return  # our own
-            placement = Placement.published(
-                tuple(doc["nodes"]), int(doc["partitions"]), int(doc["standbys_per_shard"]),
-                {int(s): str(o) for s, o in doc["shards"].items()},
-                {int(s): tuple(str(n) for n in chain) for s, chain in doc["standbys"].items()})
+            if not doc["shards"]:  # the leader sees no healthy node: nobody to forward to (503 no_nodes)
+                placement = Placement((), int(doc["partitions"]), 0)
+            else:
+                placement = Placement.published(
+                    tuple(doc["nodes"]), int(doc["partitions"]), int(doc["standbys_per_shard"]),
+                    {int(s): str(o) for s, o in doc["shards"].items()},
+                    {int(s): tuple(str(n) for n in chain) for s, chain in doc["standbys"].items()})
         except (KeyError, TypeError, ValueError) as exc:
             log.error("placement map refused", extra={"error": repr(exc)})
             return

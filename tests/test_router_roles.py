@@ -46,6 +46,12 @@ def test_a_follower_forwards_by_the_newest_map_and_ignores_older_ones() -> None:
                                   "term": 7}
 
 
+def test_a_map_without_nodes_is_followed_as_no_nodes() -> None:
+    c = cluster()
+    c.map_record(map_doc(1, 1, ()))
+    assert c._settled.is_set() and c.owner(0) is None and c.generation == term_base(1) + 1
+
+
 def test_a_map_for_another_partition_count_is_refused() -> None:
     c = cluster()
     doc = map_doc(1, 1, ("n1", "n2"))
