@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -57,21 +58,42 @@ def topic_specs(settings: ReplicatorSettings, min_isr: int = 1) -> dict[str, dic
 
 
 async def ensure_topics(settings: ReplicatorSettings, timeout_s: float = 60.0) -> None:
+    """The node's three topics: created if missing, their partition count (= shard count) checked."""
+    await _ensure(settings.kafka_bootstrap, settings.partitions, settings.replication_factor,
+                  settings.min_insync_replicas, lambda min_isr: topic_specs(settings, min_isr), timeout_s,
+                  fixed="the shard count is fixed when the topics are created")
+
+
+async def ensure_topic(bootstrap: str, name: str, *, partitions: int, configs: dict[str, str],
+                       replication_factor: int = 0, min_insync_replicas: int = 0, timeout_s: float = 60.0) -> None:
+    """One topic of someone else's (the routers' placement topic, router/control.py): created
+    if missing with the same replication rules as the node's topics; its partition count checked."""
+    def specs(min_isr: int) -> dict[str, dict[str, str]]:
+        return {name: {**configs, "min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}}
+
+    await _ensure(bootstrap, partitions, replication_factor, min_insync_replicas, specs, timeout_s,
+                  fixed="a topic's partition count is fixed when it is created")
+
+
+async def _ensure(bootstrap: str, partitions: int, replication_factor: int, min_insync_replicas: int,
+                  specs_for: Callable[[int], dict[str, dict[str, str]]], timeout_s: float, fixed: str) -> None:
+    """Create the missing topics of ``specs_for(min_isr)`` (name -> configs), then wait until
+    each has its partitions; retried while Kafka is unreachable, up to ``timeout_s``."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
         try:
             await admin.start()
             existing = await admin.list_topics()
             brokers = len((await admin.describe_cluster()).get("brokers") or [])
-            rf, min_isr = replication(settings, brokers)
-            specs = topic_specs(settings, min_isr)
-            missing = [NewTopic(name, settings.partitions, rf, topic_configs=configs)
-                       for name, configs in specs.items() if name not in existing]
-            for topic in missing:
+            rf, min_isr = replication_of(replication_factor, min_insync_replicas, brokers)
+            specs = specs_for(min_isr)
+            for name, configs in specs.items():
+                if name in existing:
+                    continue
                 try:
-                    await admin.create_topics([topic])
-                    log.info("created topic", extra={"topic": topic.name, "partitions": settings.partitions,
+                    await admin.create_topics([NewTopic(name, partitions, rf, topic_configs=configs)])
+                    log.info("created topic", extra={"topic": name, "partitions": partitions,
                                                      "replication_factor": rf, "min_insync_replicas": min_isr})
                 except TopicAlreadyExistsError:
                     pass
@@ -79,46 +101,9 @@ async def ensure_topics(settings: ReplicatorSettings, timeout_s: float = 60.0) -
             counts = {d.get("topic"): len(d.get("partitions") or []) for d in desc}
             _warn_under_replicated(desc, rf)
             for name, got in counts.items():
-                if got and got != settings.partitions:
-                    raise TopicMismatch(
-                        f"topic {name!r} has {got} partitions, settings say {settings.partitions}: "
-                        "the shard count is fixed when the topics are created"
-                    )
+                if got and got != partitions:
+                    raise TopicMismatch(f"topic {name!r} has {got} partitions, {partitions} expected: {fixed}")
             if all(counts.get(name) for name in specs):
-                return
-        except (KafkaConnectionError, KafkaError, OSError) as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} not reachable: {exc}") from exc
-            log.warning("waiting for Kafka", extra={"error": repr(exc)})
-        finally:
-            await admin.close()
-        await asyncio.sleep(0.5)
-
-
-async def ensure_topic(bootstrap: str, name: str, *, partitions: int, configs: dict[str, str],
-                       replication_factor: int = 0, min_insync_replicas: int = 0, timeout_s: float = 60.0) -> None:
-    """One topic of someone else's (the routers' placement topic, router/control.py): created
-    if missing with the same replication rules as the node's topics; its partition count checked."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-        try:
-            await admin.start()
-            if name not in await admin.list_topics():
-                brokers = len((await admin.describe_cluster()).get("brokers") or [])
-                rf, min_isr = replication_of(replication_factor, min_insync_replicas, brokers)
-                safety = {"min.insync.replicas": str(min_isr), "unclean.leader.election.enable": "false"}
-                try:
-                    await admin.create_topics([NewTopic(name, partitions, rf, topic_configs={**configs, **safety})])
-                    log.info("created topic", extra={"topic": name, "partitions": partitions,
-                                                     "replication_factor": rf, "min_insync_replicas": min_isr})
-                except TopicAlreadyExistsError:
-                    pass
-            desc = await admin.describe_topics([name])
-            got = len((desc[0].get("partitions") if desc else None) or [])
-            if got and got != partitions:
-                raise TopicMismatch(f"topic {name!r} has {got} partitions, {partitions} expected")
-            if got:
                 return
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             if asyncio.get_running_loop().time() > deadline:
