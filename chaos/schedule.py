@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -208,78 +209,35 @@ class FaultSchedule:
         self._note("fault", fault=f.describe())
         try:
             if f.kind == "kill9":
-                f.t_fault = time.time()
-                c.kill_node(f.target)
-                f.t_fault_done = time.time()
-                self._abort.wait(f.hold_s)
-                f.t_recover = time.time()
-                c.restart_node(f.target)  # the dead process: stop() is a no-op, then a fresh start
-                f.t_recovered = time.time()
+                # the dead process: restart_node's stop() is a no-op, then a fresh start
+                self._cycle(f, lambda: c.kill_node(f.target), lambda: c.restart_node(f.target))
             elif f.kind == "sigstop":
-                f.t_fault = time.time()
-                c.signal_node(f.target, signal.SIGSTOP)
-                f.t_fault_done = time.time()
-                try:
-                    self._abort.wait(f.hold_s)
-                finally:
-                    f.t_recover = time.time()
-                    c.signal_node(f.target, signal.SIGCONT)
-                    f.t_recovered = time.time()
+                self._cycle(f, lambda: c.signal_node(f.target, signal.SIGSTOP),
+                            lambda: c.signal_node(f.target, signal.SIGCONT), pause=True)
             elif f.kind == "graceful":
-                f.t_fault = time.time()
-                c.procs[f.target].stop()  # SIGTERM, waits for the exit (SIGKILL after 15 s)
-                f.t_fault_done = time.time()
-                self._abort.wait(f.hold_s)
-                f.t_recover = time.time()
-                c.restart_node(f.target)
-                f.t_recovered = time.time()
+                # SIGTERM, waits for the exit (SIGKILL after 15 s)
+                self._cycle(f, c.procs[f.target].stop, lambda: c.restart_node(f.target))
             elif f.kind in KAFKA_KINDS:
                 kafka = c.kafka
                 assert kafka is not None
-                f.t_fault = time.time()
-                if f.kind == "kafka_kill":
-                    kafka.kill()
-                else:
-                    kafka.stop()
-                f.t_fault_done = time.time()
-                self._abort.wait(f.hold_s)
-                f.t_recover = time.time()
-                kafka.start()
-                f.t_recovered = time.time()
+                self._cycle(f, kafka.kill if f.kind == "kafka_kill" else kafka.stop, kafka.start)
             elif f.kind in BROKER_KINDS:
                 kc = c.kafka_cluster
                 assert kc is not None
                 broker = int(f.target.removeprefix("kafka"))
                 if kc.active_controller() == broker:
                     f.detail = "active controller"
-                f.t_fault = time.time()
-                if f.kind == "broker_kill":
-                    kc.kill(broker)
-                else:
-                    kc.stop_broker(broker)
-                f.t_fault_done = time.time()
-                self._abort.wait(f.hold_s)
-                f.t_recover = time.time()
-                kc.start_broker(broker)
-                f.t_recovered = time.time()
+                stop = kc.kill if f.kind == "broker_kill" else kc.stop_broker
+                self._cycle(f, lambda: stop(broker), lambda: kc.start_broker(broker))
             elif f.kind in ROUTER_KINDS:
                 if (self.cluster.cluster_view().get("router") or {}).get("leader") == f.target:
                     f.detail = "placement leader"
-                f.t_fault = time.time()
                 if f.kind == "router_kill":
-                    c.kill_router(f.target)
+                    self._cycle(f, lambda: c.kill_router(f.target), lambda: c.start_router(f.target))
                 else:
-                    c.procs[f.target].signal(signal.SIGSTOP)
-                f.t_fault_done = time.time()
-                try:
-                    self._abort.wait(f.hold_s)
-                finally:
-                    f.t_recover = time.time()
-                    if f.kind == "router_kill":
-                        c.start_router(f.target)
-                    else:
-                        c.procs[f.target].signal(signal.SIGCONT)
-                    f.t_recovered = time.time()
+                    proc = c.procs[f.target]
+                    self._cycle(f, lambda: proc.signal(signal.SIGSTOP), lambda: proc.signal(signal.SIGCONT),
+                                pause=True)
             else:  # pragma: no cover - guarded by ALL_KINDS
                 raise ValueError(f"unknown fault kind {f.kind!r}")
         except Exception as exc:
@@ -293,6 +251,24 @@ class FaultSchedule:
             self.unrecovered = f"cluster not ready {self.cfg.ready_timeout_s}s after {f.describe()}: {exc}"
             f.error = (f.error + "; " if f.error else "") + "cluster did not become ready again"
             self._note("not ready", fault=f.describe(), error=str(exc)[:2000])
+
+    def _cycle(self, f: Fault, fault: Callable[[], object], recover: Callable[[], object], *,
+               pause: bool = False) -> None:
+        """One fault, timed: ``fault()``, hold for ``f.hold_s`` (or until aborted), ``recover()``.
+        A pause is resumed even when the hold is interrupted: a stopped process must not
+        outlive the run."""
+        f.t_fault = time.time()
+        fault()
+        f.t_fault_done = time.time()
+        held = False
+        try:
+            self._abort.wait(f.hold_s)
+            held = True
+        finally:
+            if held or pause:
+                f.t_recover = time.time()
+                recover()
+                f.t_recovered = time.time()
 
     def _wait_settled(self, timeout_s: float) -> None:
         """LocalCluster.wait_ready, plus: every healthy node has the router's current
