@@ -217,13 +217,10 @@ class Cluster(ControlHandler):
             if self.leading and generation >> TERM_SHIFT <= self.term:
                 self.map_generation = generation
                 return  # our own
-            if not doc["shards"]:  # the leader sees no healthy node: nobody to forward to (503 no_nodes)
-                placement = Placement((), int(doc["partitions"]), 0)
-            else:
-                placement = Placement.published(
-                    tuple(doc["nodes"]), int(doc["partitions"]), int(doc["standbys_per_shard"]),
-                    {int(s): str(o) for s, o in doc["shards"].items()},
-                    {int(s): tuple(str(n) for n in chain) for s, chain in doc["standbys"].items()})
+            placement = Placement.published(  # no owners: the leader sees no healthy node (503 no_nodes)
+                tuple(doc["nodes"]), int(doc["partitions"]), int(doc["standbys_per_shard"]),
+                {int(s): str(o) for s, o in doc["shards"].items()},
+                {int(s): tuple(str(n) for n in chain) for s, chain in doc["standbys"].items()})
         except (KeyError, TypeError, ValueError) as exc:
             log.error("placement map refused", extra={"error": repr(exc)})
             return
@@ -258,16 +255,13 @@ class Cluster(ControlHandler):
                 "standbys": {str(s): list(self.placement.standbys_of(s)) for s in owners}}
 
     def view(self) -> dict[str, Any]:
-        owners = self.placement.owner_map()
         return {
             "generation": self.generation,
-            "partitions": self.settings.partitions,
-            "standbys_per_shard": self.settings.standbys,
+            **self._shard_maps(),
+            "standbys_per_shard": self.settings.standbys,  # configured (the map's: those in use)
             "settled": self._settled.is_set(),
             "nodes": [{"id": n.id, "url": n.url, "healthy": n.healthy, "generation": n.generation}
                       for n in self.nodes.values()],
-            "shards": {str(s): o for s, o in owners.items()},
-            "standbys": {str(s): list(self.placement.standbys_of(s)) for s in owners},
             "router": {"id": self.settings.router_id, "role": self.role, "leader": self.leader,
                        "leader_url": self.leader_url, "term": self.term if self.leading else self.leader_term},
         }

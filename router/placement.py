@@ -49,7 +49,10 @@ class Placement:
     def published(cls, nodes: tuple[str, ...], partitions: int, standbys: int, owners: Mapping[int, str],
                   chains: Mapping[int, tuple[str, ...]]) -> Placement:
         """A placement as another router computed and published it (router/control.py): the
-        same nodes give the same ring, but the follower takes the owners it was told."""
+        same nodes give the same ring, but the follower takes the owners it was told. No
+        owners at all is the map of a leader that saw no healthy node (as for no nodes)."""
+        if not owners:
+            return cls((), partitions, standbys)
         if set(owners) != set(range(partitions)):
             raise ValueError(f"the map names owners for {len(owners)} shards, not {partitions}")
         placement = cls((), partitions, standbys)
