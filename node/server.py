@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from stickystate.node.liveness import LivenessEcho
 from stickystate.node.http import ACCESS, HANDLERS, METRICS, STORE, build_app
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore
@@ -57,6 +58,8 @@ async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
     app = build_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    echo = LivenessEcho(settings.host, settings.liveness_port) if settings.liveness_port >= 0 else None
+    app[STORE].liveness_port = echo.port if echo is not None else None
     try:
         if not settings.fast_path:
             site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
@@ -70,6 +73,8 @@ async def running(settings: NodeSettings) -> AsyncIterator[RunningNode]:
                 yield RunningNode(app[STORE], port)
     finally:
         await runner.cleanup()
+        if echo is not None:
+            echo.close()
 
 
 @asynccontextmanager

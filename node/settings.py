@@ -13,6 +13,7 @@ class NodeSettings:
     node_id: str = "n1"
     host: str = "127.0.0.1"
     port: int = 8101
+    liveness_port: int = 0  # UDP echo of the routers' liveness pings (node/liveness.py); 0: any free; -1: none
     default_ttl_s: float = 3600.0
     default_durability: str = "memory"
     recovery_timeout_s: float = 60.0  # a request for a shard being rebuilt waits at most this
@@ -47,6 +48,8 @@ class NodeSettings:
                              "(STICKYSTATE_INTERNAL_SECRET or --internal-secret-file), or --auth open for local development")
         if self.rate_limit_rps < 0 or self.rate_limit_burst < 1:
             raise ValueError("rate_limit_rps must be >= 0 and rate_limit_burst >= 1")
+        if not -1 <= self.liveness_port <= 65535:
+            raise ValueError("liveness_port must be in -1..65535 (0: any free port, -1: no liveness echo)")
         if self.snapshot_every_events < 0:
             raise ValueError("snapshot_every_events must be >= 0")
         if self.snapshot_max_age_s <= 0:

@@ -93,6 +93,7 @@ class NodeStore:
         self.assign = self.ownership.assign
         self.draining = False  # advertised to the router: move my shards away
         self.last_probe = 0.0  # monotonic time of the router's last status probe
+        self.liveness_port: int | None = None  # set by node/server.py once its liveness echo is bound
 
     async def _watch_log(self, s: int, sids: list[str]) -> dict[str, list[dict[str, Any]]]:
         """The resumes' read (node/watch.py SharedLogReads): every retained event of each of
@@ -221,6 +222,7 @@ class NodeStore:
             "replication_queue": self.replicator.depth,
             "recoveries": list(self.ownership.recoveries),
             "recoveries_total": self.ownership.recoveries_total,  # shards acquired since start
+            "liveness_port": self.liveness_port,  # UDP, node/liveness.py; None: no echo
             "watch": self.watch.status(),
             "keys": self.erasure.status(),
         }

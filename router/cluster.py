@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import orjson
 
 from stickystate.router.control import Control, ControlHandler, TERM_SHIFT, term_base
 from stickystate.router.detector import PhiAccrual
+from stickystate.router.liveness import EchoChannel
 from stickystate.router.placement import Placement
 from stickystate.router.settings import RouterSettings
 
@@ -53,6 +55,11 @@ class NodeView:
     # predate the assignment, and its generation says nothing about what the node holds now.
     assigned_at: float = 0.0
     suspected: bool = False  # another router reported it dead: the next failed probe declares it down
+    # The process's liveness echo (node/liveness.py, router/liveness.py): its own detector,
+    # over answers that a busy event loop does not delay; None until the node names its port.
+    liveness: PhiAccrual = field(default_factory=PhiAccrual)
+    echo: EchoChannel | None = field(default=None, repr=False)
+    next_ping: float = 0.0
     # Resolved while the node is not healthy; in-flight requests race against it.
     # Created by Cluster.start() on the running loop.
     down: asyncio.Future[None] = field(init=False, repr=False)
@@ -61,10 +68,8 @@ class NodeView:
 class Cluster(ControlHandler):
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.nodes = {nid: NodeView(nid, url, detector=PhiAccrual(
-            threshold=settings.detector_threshold, min_std_s=settings.detector_min_std_s,
-            acceptable_pause_s=settings.detector_pause_s, first_interval_s=settings.health_interval_s))
-            for nid, url in settings.nodes}
+        self.nodes = {nid: NodeView(nid, url, detector=self._new_detector(settings.health_interval_s))
+                      for nid, url in settings.nodes}
         self.placement = Placement((), settings.partitions, settings.standbys)
         self.generation = 0
         self._settled = asyncio.Event()
@@ -118,6 +123,10 @@ class Cluster(ControlHandler):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = self._watch_task = None
+        for node in self.nodes.values():
+            if node.echo is not None:
+                node.echo.close()
+                node.echo = None
         if self.control is not None:
             await self.control.stop()  # leaves the group: the next leader is chosen at once
 
@@ -137,6 +146,7 @@ class Cluster(ControlHandler):
             node.healthy = False
             node.failures = self.settings.health_failures_to_dead
             node.detector.forget_last()
+            node.liveness.forget_last()
             node.was_down = True
             node.ok_since = None
             node.suspected = False
@@ -260,7 +270,8 @@ class Cluster(ControlHandler):
             **self._shard_maps(),
             "standbys_per_shard": self.settings.standbys,  # configured (the map's: those in use)
             "settled": self._settled.is_set(),
-            "nodes": [{"id": n.id, "url": n.url, "healthy": n.healthy, "generation": n.generation}
+            "nodes": [{"id": n.id, "url": n.url, "healthy": n.healthy, "generation": n.generation,
+                       "liveness_echoes": n.echo.echoes_total if n.echo is not None else None}
                       for n in self.nodes.values()],
             "router": {"id": self.settings.router_id, "role": self.role, "leader": self.leader,
                        "leader_url": self.leader_url, "term": self.term if self.leading else self.leader_term},
@@ -289,6 +300,7 @@ class Cluster(ControlHandler):
         node.last_seen = time.monotonic()
         node.detector.heartbeat(node.last_seen)
         node.status = status
+        await self._follow_liveness(node, status.get("liveness_port"))
         if sent >= node.assigned_at:
             # Else the answer may predate the assignment that finished meanwhile: taking its
             # older generation made the router push a new placement, whose push an in-flight
@@ -308,6 +320,33 @@ class Cluster(ControlHandler):
             self.mark_dead(node, "draining")
         elif node.healthy and node.generation != self.generation:
             self._rebalance_wanted.set()  # restarted, or missed an assignment
+
+    def _new_detector(self, interval_s: float) -> PhiAccrual:
+        s = self.settings
+        return PhiAccrual(threshold=s.detector_threshold, min_std_s=s.detector_min_std_s,
+                          acceptable_pause_s=s.detector_pause_s, first_interval_s=interval_s)
+
+    async def _follow_liveness(self, node: NodeView, port: Any) -> None:
+        """Ping the port the node's status names (a restarted node has a new one: a new
+        detector too, nothing learned from the old process)."""
+        if not self.settings.liveness_interval_s or not isinstance(port, int) or port <= 0:
+            port = 0
+        if node.echo is not None and node.echo.port == port:
+            return
+        if node.echo is not None:
+            node.echo.close()
+            node.echo = None
+        if not port:
+            return
+        node.liveness = self._new_detector(self.settings.liveness_interval_s)
+        host = urlsplit(node.url).hostname or "127.0.0.1"
+        try:
+            node.echo = await EchoChannel.open(host, port, node.liveness)
+        except OSError as exc:
+            log.warning("liveness echo unreachable", extra={"peer": node.id, "port": port, "error": repr(exc)})
+            return
+        node.liveness.watch_from(time.monotonic())
+        node.next_ping = 0.0
 
     def _stable(self, node: NodeView) -> bool:
         """A node declared down comes back once it has answered every probe for
@@ -333,11 +372,18 @@ class Cluster(ControlHandler):
             for node in self.nodes.values():
                 if stall > 0.05:  # our own loop ran late: not the nodes' silence
                     node.detector.excuse(stall)
+                    node.liveness.excuse(stall)
                 if node.probe is None and now >= node.next_probe:
                     node.probe = asyncio.create_task(self._probe_once(node), name=f"probe-{node.id}")
+                if node.echo is not None and now >= node.next_ping:
+                    node.echo.ping()
+                    node.next_ping = now + self.settings.liveness_interval_s
                 if node.healthy and node.detector.suspect(now):
                     self.mark_dead(node, f"no answer for {node.detector.silence_s(now):.2f}s "
                                          f"(phi {node.detector.phi(now):.1f})")
+                elif node.healthy and node.echo is not None and node.liveness.suspect(now):
+                    self.mark_dead(node, f"process silent: no liveness echo for {node.liveness.silence_s(now):.2f}s "
+                                         f"(phi {node.liveness.phi(now):.1f})")
             await asyncio.sleep(tick)
 
     async def _probe_once(self, node: NodeView) -> None:

@@ -30,6 +30,9 @@ class RouterSettings:
     detector_threshold: float = 8.0
     detector_min_std_s: float = 0.07
     detector_pause_s: float = 0.1
+    # UDP pings to each node's liveness echo (node/liveness.py) this often; 0: none (only the
+    # HTTP probe's detector judges a node)
+    liveness_interval_s: float = 0.1
     rejoin_after_s: float = 1.0  # a node declared down is up again after answering every probe this long
     request_timeout_s: float = 30.0
     max_attempts: int = 6
@@ -61,6 +64,8 @@ class RouterSettings:
             raise ValueError("standbys must be >= 0 (more than nodes-1 is clamped)")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
             raise ValueError("health interval and timeout must be > 0")
+        if self.liveness_interval_s < 0:
+            raise ValueError("liveness_interval_s must be >= 0 (0: no liveness pings)")
         if self.detector_threshold <= 0 or self.detector_min_std_s <= 0 or self.detector_pause_s < 0:
             raise ValueError("detector threshold and min std must be > 0, the pause >= 0")
         if self.auth not in ("keys", "open"):

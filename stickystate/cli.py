@@ -37,7 +37,8 @@ def _node(ns: argparse.Namespace) -> None:
                              linger_ms=ns.linger_ms)
     limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
-    settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, default_ttl_s=ns.default_ttl_s,
+    settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, liveness_port=ns.liveness_port,
+                            default_ttl_s=ns.default_ttl_s,
                             default_durability=ns.default_durability, limits=limits, replicator=rep,
                             replication=ns.replication, fast_path=ns.fast_path, auth=ns.auth,
                             internal_secret=secret, api_keys=tuple(keys.items()),
@@ -88,7 +89,8 @@ def _router(ns: argparse.Namespace) -> None:
                               standbys=ns.standbys, health_interval_s=ns.health_interval_s,
                               health_failures_to_dead=ns.health_failures_to_dead,
                               detector_threshold=ns.detector_threshold, detector_min_std_s=ns.detector_min_std_s,
-                              detector_pause_s=ns.detector_pause_s, auth=ns.auth,
+                              detector_pause_s=ns.detector_pause_s, liveness_interval_s=ns.liveness_interval_s,
+                              auth=ns.auth,
                               api_keys=tuple(keys.items()), internal_secret=secret,
                               rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,
                               placement_kafka=ns.placement_kafka, router_id=ns.router_id, router_url=ns.router_url,

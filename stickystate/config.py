@@ -75,6 +75,8 @@ NODE = [
     Option("node_id", str, "n1", "this node's id (unique in the cluster)"),
     Option("host", str, "127.0.0.1", "listen address"),
     Option("port", int, 8101, "listen port"),
+    Option("liveness_port", int, 0, "UDP port echoing the routers' liveness pings from a thread, so that a paused "
+           "process is told from a busy one (0: any free port, named in /internal/status; -1: none)"),
     Option("default_ttl_s", float, 3600.0, "sliding session TTL when a create gives none"),
     Option("default_durability", str, "memory", "memory|log: when writes are acknowledged by default"),
     Option("queue_max", int, 10_000, "replication queue bound; a full queue answers 503"),
@@ -127,6 +129,8 @@ ROUTER = [
            "phi (-log10 of the chance that an answer is still this late) reaches this"),
     Option("detector_min_std_s", float, 0.07, "floor of the standard deviation of a node's answer intervals"),
     Option("detector_pause_s", float, 0.1, "silence always tolerated on top of a node's mean answer interval"),
+    Option("liveness_interval_s", float, 0.1, "UDP ping to each node's liveness echo this often; a second detector "
+           "over the echoes declares a stopped process dead whatever its load (0: no pings)"),
     Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
     Option("api_keys_file", str, "", "file of 'key tenant' lines (mode 0600), merged with "
            "STICKYSTATE_API_KEYS=key=tenant,... (keys of at least 16 characters)"),
