@@ -24,7 +24,7 @@ import pytest
 from stickystate import kafka_local
 from stickystate.kafka_cluster import LocalKafkaCluster
 from stickystate.local_cluster import LocalCluster
-from tests.helpers import Api
+from tests.helpers import BROKER_LOGS, Api
 
 # Fixtures that reach a broker. Every other Kafka fixture depends on one of these, and
 # item.fixturenames is the whole closure, so a test that uses `cluster`, `api`,
@@ -85,6 +85,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     kafka_local.ensure_jars()
     broker = kafka_local.LocalKafka(tmp_path_factory.mktemp("kafka"))
     broker.start()
+    BROKER_LOGS[broker.bootstrap] = broker.log_file
     try:
         yield broker.bootstrap
     finally:

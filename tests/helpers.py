@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import time
 from types import SimpleNamespace
 from collections.abc import Awaitable, Callable
@@ -109,6 +110,24 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
         time.sleep(0.1)
+
+
+# The log file of each broker the suite started, by bootstrap address (tests/conftest.py):
+# for failure messages that need to say what the broker did (its log cleaner, say).
+BROKER_LOGS: dict[str, Path] = {}
+
+
+def broker_log_lines(bootstrap: str, pattern: str, last: int = 40) -> str:
+    """The broker's last ``last`` log lines matching the regular expression ``pattern``."""
+    path = BROKER_LOGS.get(bootstrap)
+    if path is None:
+        return f"(no log of the broker at {bootstrap}: not started by this suite)"
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(broker log {path} unreadable: {exc})"
+    hits = [line[:400] for line in lines if re.search(pattern, line)]
+    return "\n".join(hits[-last:]) or f"(no line of {path} matches {pattern!r})"
 
 
 async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 60.0,

@@ -8,6 +8,8 @@ Pure behaviour (sealing, tampering, the key ring) is in tests/test_crypto.py.
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from stickystate import crypto
 from stickystate.local_cluster import LocalCluster
 from stickystate.protocol import shard_of
-from stickystate.replicator.keys import parse_key_record_key
+from stickystate.replicator.keys import ROLL_KEY, parse_key_record_key
 from stickystate.replicator.settings import ReplicatorSettings
-from tests.helpers import Api, log_barrier, read_partition, read_records, wait_for, wait_until
+from tests.helpers import Api, broker_log_lines, log_barrier, read_partition, read_records, wait_for, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]  # each starts its own cluster, most restart every node
 
@@ -85,6 +87,19 @@ async def key_records_of(c: LocalCluster, sid: str) -> list[tuple[int, bytes | N
     return out
 
 
+async def keys_partitions_dump(c: LocalCluster, sids: list[str]) -> str:
+    """For a failure message: the keys-partition records of ``sids`` and the "#roll" records
+    (offset, key, tombstone?), and what the broker logged of those partitions."""
+    keys_topic = topics(c).keys_topic
+    out = []
+    for part in sorted({shard_of(sid, c.partitions) for sid in sids}):
+        mine = [(o, k, v is None) for o, k, v in await read_records(c.kafka_bootstrap, keys_topic, part)
+                if k is not None and (k == ROLL_KEY or any(k.startswith(f"{sid}@".encode()) for sid in sids))]
+        out.append(f"{keys_topic}-{part}: {mine}")
+        out.append(broker_log_lines(c.kafka_bootstrap, re.escape(f"{keys_topic}-{part}") + r"(?!\d)"))
+    return "\n".join(out)
+
+
 def restart_everything_empty(c: LocalCluster) -> None:
     """Every node killed, then started again: each rebuilds its shards from the log alone."""
     for nid in c.node_ids():
@@ -142,6 +157,11 @@ async def test_marker_strings_never_appear_in_any_raw_record_of_any_topic(start_
 @pytest.mark.timeout(600)
 async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_cluster: Any) -> None:
     c = start_cluster(node_env=FAST_SNAPSHOTS)
+    t0 = time.monotonic()
+
+    def step(what: str) -> None:  # shown with a failure: which wait took the time
+        print(f"{time.monotonic() - t0:7.1f}s {what}", flush=True)
+
     deleted, expiring, kept, late = new_id("del"), new_id("exp"), new_id("keep"), new_id("late")
     async with aiohttp.ClientSession() as http:
         api = Api(http, c.router_url)
@@ -156,6 +176,7 @@ async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_clus
         down = c.node_ids()[0]
         c.kill_node(down)
         c.wait_ready(60)
+        step("one node down, cluster ready")
         assert (await api.call("DELETE", f"/v1/sessions/{late}", headers={"Durability": "log"}))[0] == 204
         assert (await api.call("DELETE", f"/v1/sessions/{deleted}", headers={"Durability": "log"}))[0] == 204
         async def expired() -> bool:
@@ -173,11 +194,13 @@ async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_clus
             return True
 
         await wait_until(keys_tombstoned, timeout_s=20, what="the erased sessions' key tombstones")
+        step("tombstones in the keys topic")
         for nid in c.node_ids()[1:]:
             c.kill_node(nid)
         c.start_node(down)
         c.wait_ready(120)
         assert set(c.cluster_view()["shards"].values()) == {down}
+        step("the restarted node alone serves every shard")
         for sid in (deleted, late, expiring):
             assert (await api.call("GET", f"/v1/sessions/{sid}"))[0] == 404, sid
             status, body, _ = await api.call("GET", f"/v1/sessions/{sid}/history")
@@ -190,6 +213,7 @@ async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_clus
             c.start_node(nid)
         c.wait_ready(120)
         restart_everything_empty(c)
+        step("every node restarted empty")
         for sid in (deleted, late, expiring):
             assert (await api.call("GET", f"/v1/sessions/{sid}"))[0] == 404, sid
             status, body, _ = await api.call("GET", f"/v1/sessions/{sid}/history")
@@ -225,7 +249,11 @@ async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_clus
 
     # About 40 s alone; in a full suite run the broker's one cleaner thread also compacts every
     # other test's snapshots and keys topics and took longer than 120 s.
-    await wait_until(compacted_away, timeout_s=300, interval_s=1.0, what="the log cleaner to drop the erased key")
+    step("waiting for the log cleaner")
+    try:
+        await wait_until(compacted_away, timeout_s=300, interval_s=1.0, what="the log cleaner to drop the erased key")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await keys_partitions_dump(c, [deleted, late, expiring])}") from None
     admin = AIOKafkaAdminClient(bootstrap_servers=c.kafka_bootstrap)
     await admin.start()
     try:
@@ -234,6 +262,7 @@ async def test_delete_and_expiry_erase_the_session_from_every_rebuild(start_clus
         await admin.close()
     configs = {entry[0]: entry[1] for entry in desc[0].resources[0][4]}
     assert configs["cleanup.policy"] == "compact" and configs["max.compaction.lag.ms"] == "4000", configs
+    step("done")
 
 
 # -- 4. a forged record is refused, never applied --------------------------------------------
