@@ -292,7 +292,8 @@ class Cluster(ControlHandler):
             node.ok_since = None
             if node.healthy and node.suspected:
                 self.mark_dead(node, "reported by another router, and a health check failed")
-            elif node.healthy and node.failures >= self.settings.health_failures_to_dead:
+            elif node.healthy and node.failures >= self.settings.health_failures_to_dead \
+                    and not self._only_busy(node, time.monotonic()):
                 self.mark_dead(node, "health checks missed")
             return
         node.failures = 0
@@ -348,6 +349,14 @@ class Cluster(ControlHandler):
         node.liveness.watch_from(time.monotonic())
         node.next_ping = 0.0
 
+    def _only_busy(self, node: NodeView, now: float) -> bool:
+        """The node's HTTP answers are late but its process echoes: a busy event loop (taking
+        shards over, a burst), not a dead node, until the silence reaches ``loop_stall_s``
+        (a loop stuck for good). Without a proven echo the HTTP detector alone decides."""
+        echo_proven = node.echo is not None and len(node.liveness.intervals) >= node.liveness.min_samples
+        return (echo_proven and not node.liveness.suspect(now)
+                and node.detector.silence_s(now) < self.settings.loop_stall_s)
+
     def _stable(self, node: NodeView) -> bool:
         """A node declared down comes back once it has answered every probe for
         ``rejoin_after_s``: a node that falls silent again at once (paused again, or busy in
@@ -378,7 +387,7 @@ class Cluster(ControlHandler):
                 if node.echo is not None and now >= node.next_ping:
                     node.echo.ping()
                     node.next_ping = now + self.settings.liveness_interval_s
-                if node.healthy and node.detector.suspect(now):
+                if node.healthy and node.detector.suspect(now) and not self._only_busy(node, now):
                     self.mark_dead(node, f"no answer for {node.detector.silence_s(now):.2f}s "
                                          f"(phi {node.detector.phi(now):.1f})")
                 elif node.healthy and node.echo is not None and node.liveness.suspect(now):

@@ -33,6 +33,9 @@ class RouterSettings:
     # UDP pings to each node's liveness echo (node/liveness.py) this often; 0: none (only the
     # HTTP probe's detector judges a node)
     liveness_interval_s: float = 0.1
+    # With its echo answering, a node's HTTP answers may be this late (a busy loop) before it
+    # is declared dead (a loop stuck for good); without an echo the HTTP detector decides alone
+    loop_stall_s: float = 2.0
     rejoin_after_s: float = 1.0  # a node declared down is up again after answering every probe this long
     request_timeout_s: float = 30.0
     max_attempts: int = 6
@@ -66,6 +69,8 @@ class RouterSettings:
             raise ValueError("health interval and timeout must be > 0")
         if self.liveness_interval_s < 0:
             raise ValueError("liveness_interval_s must be >= 0 (0: no liveness pings)")
+        if self.loop_stall_s <= 0:
+            raise ValueError("loop_stall_s must be > 0")
         if self.detector_threshold <= 0 or self.detector_min_std_s <= 0 or self.detector_pause_s < 0:
             raise ValueError("detector threshold and min std must be > 0, the pause >= 0")
         if self.auth not in ("keys", "open"):

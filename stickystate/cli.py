@@ -90,6 +90,7 @@ def _router(ns: argparse.Namespace) -> None:
                               health_failures_to_dead=ns.health_failures_to_dead,
                               detector_threshold=ns.detector_threshold, detector_min_std_s=ns.detector_min_std_s,
                               detector_pause_s=ns.detector_pause_s, liveness_interval_s=ns.liveness_interval_s,
+                              loop_stall_s=ns.loop_stall_s,
                               auth=ns.auth,
                               api_keys=tuple(keys.items()), internal_secret=secret,
                               rate_limit_rps=ns.rate_limit_rps, rate_limit_burst=ns.rate_limit_burst,

@@ -131,6 +131,8 @@ ROUTER = [
     Option("detector_pause_s", float, 0.1, "silence always tolerated on top of a node's mean answer interval"),
     Option("liveness_interval_s", float, 0.1, "UDP ping to each node's liveness echo this often; a second detector "
            "over the echoes declares a stopped process dead whatever its load (0: no pings)"),
+    Option("loop_stall_s", float, 2.0, "while a node's liveness echo answers, its HTTP answers may be this late "
+           "(a busy event loop) before it is declared dead; nodes without an echo: the detector alone"),
     Option("auth", str, "keys", "keys: every request needs an API key; open: none (local development, logged loudly)"),
     Option("api_keys_file", str, "", "file of 'key tenant' lines (mode 0600), merged with "
            "STICKYSTATE_API_KEYS=key=tenant,... (keys of at least 16 characters)"),

@@ -20,8 +20,10 @@ import pytest
 
 from stickystate.node.liveness import PING_BYTES, LivenessEcho
 from stickystate.protocol import shard_of
+from stickystate.router.cluster import Cluster
 from stickystate.router.detector import PhiAccrual
 from stickystate.router.liveness import EchoChannel
+from stickystate.router.settings import RouterSettings
 from stickystate.local_cluster import http_json
 from tests.helpers import Api, wait_until
 
@@ -87,6 +89,28 @@ async def test_a_busy_process_keeps_echoing_and_a_stopped_one_falls_silent() -> 
             pinger.cancel()
         proc.kill()
         proc.wait()
+
+
+def test_late_http_answers_with_an_echoing_process_are_a_busy_loop_until_the_stall_bound() -> None:
+    c = Cluster(RouterSettings(nodes=(("n1", "http://127.0.0.1:1"),), partitions=8, auth="open", loop_stall_s=2.0))
+    node = c.nodes["n1"]
+    t = 1000.0
+    for i in range(20):  # both answered every 0.1 s until t
+        node.detector.heartbeat(t - 1.9 + i * 0.1)
+    assert not c._only_busy(node, t + 1.0)  # no echo: the HTTP detector decides alone
+    node.echo = EchoChannel(node.liveness)  # not opened: only its detector matters here
+    for i in range(20):
+        node.liveness.heartbeat(t - 1.9 + i * 0.1)
+    assert not c._only_busy(node, t + 1.0)  # the echo fell silent with the HTTP answers: a stopped process
+    for i in range(1, 11):  # the process keeps echoing while its loop answers nothing
+        node.liveness.heartbeat(t + i * 0.1)
+    assert node.detector.suspect(t + 1.0) and c._only_busy(node, t + 1.0)
+    for i in range(11, 22):
+        node.liveness.heartbeat(t + i * 0.1)
+    assert not c._only_busy(node, t + 2.1)  # past loop_stall_s: a loop stuck for good
+    node.liveness = PhiAccrual()  # an echo not proven yet (fewer intervals than min_samples)
+    node.liveness.heartbeat(t + 1.0)
+    assert not c._only_busy(node, t + 1.0)
 
 
 def router_log(c: Any) -> list[dict[str, Any]]:
