@@ -853,6 +853,7 @@ def summary_text(rep: dict[str, Any]) -> str:
     ff = rep.get("false_failovers")
     if ff is not None:
         L.append(f"false failovers (a node declared down that no fault hit): {ff['count']} "
+                 f"in {ff.get('incidents', ff['count'])} incidents {ff.get('by_reason', {})} "
                  f"(router 'node down' events {ff['node_down_events']}, expected {ff['expected']})")
     for pf in f["per_fault"]:
         L.append(f"    {pf['fault']:<24} hold {pf['hold_s']:>5}s shards {pf['shards']:>3} sessions "

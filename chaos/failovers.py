@@ -31,14 +31,16 @@ def node_down_events(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
         except orjson.JSONDecodeError:
             continue
         if isinstance(doc, dict) and doc.get("msg") == "node down":
-            out.append({"t": float(doc.get("ts", 0.0)), "node": doc.get("peer"), "reason": doc.get("reason")})
+            out.append({"t": float(doc.get("ts", 0.0)), "node": doc.get("peer"), "reason": doc.get("reason"),
+                        "router": doc.get("node")})
     return out
 
 
 def false_failovers(events: list[dict[str, Any]], faults: list[dict[str, Any]], slack_s: float = 1.0,
-                    end: float | None = None) -> dict[str, Any]:
-    """Split the router's ``node down`` events into expected (a node fault of that node covers
-    it) and false ones."""
+                    end: float | None = None, incident_gap_s: float = 3.0) -> dict[str, Any]:
+    """Split the routers' ``node down`` events into expected (a node fault of that node covers
+    it) and false ones. With several routers each logs its own: false events of one node less
+    than ``incident_gap_s`` apart are one incident (one stall, seen by every router)."""
     windows: dict[str, list[tuple[float, float]]] = {}
     for f in faults:
         if f.get("kind") not in NODE_KINDS or not f.get("t_fault"):
@@ -46,9 +48,20 @@ def false_failovers(events: list[dict[str, Any]], faults: list[dict[str, Any]], 
         until = f.get("t_ready") or f.get("t_recovered") or f.get("t_recover") or end or float("inf")
         windows.setdefault(f["target"], []).append((f["t_fault"] - slack_s, until + slack_s))
     false = [e for e in events if not any(a <= e["t"] <= b for a, b in windows.get(e["node"], ()))]
+    incidents = 0
+    last: dict[Any, float] = {}
+    for e in sorted(false, key=lambda e: e["t"]):
+        if e["t"] - last.get(e["node"], float("-inf")) >= incident_gap_s:
+            incidents += 1
+        last[e["node"]] = e["t"]
+    by_reason: dict[str, int] = {}
+    for e in false:
+        cause = "liveness echo silent" if str(e.get("reason") or "").startswith("process silent") else "other"
+        by_reason[cause] = by_reason.get(cause, 0) + 1
     return {"definition": "router 'node down' (shards moved away) for a node that no kill9/sigstop/graceful "
                           "fault of the schedule had hit at that time",
             "node_down_events": len(events), "expected": len(events) - len(false), "count": len(false),
+            "incidents": incidents, "incident_gap_s": incident_gap_s, "by_reason": by_reason,
             "examples": false[:20]}
 
 

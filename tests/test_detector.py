@@ -101,3 +101,22 @@ def test_a_node_down_no_fault_explains_is_a_false_failover() -> None:
     assert (report["count"], report["expected"]) == (1, 1)  # n2 was never hit: a broker fault excuses nothing
     assert report["examples"][0]["node"] == "n2"
     assert detection(events, faults)["sigstop"] == {"noticed": 1, "unnoticed": 1, "p50_s": 0.9, "max_s": 0.9}
+
+
+def test_false_failovers_seen_by_several_routers_are_one_incident_each() -> None:
+    from stickystate.chaos.failovers import false_failovers, node_down_events
+
+    def down(ts: float, router: str, node: str, reason: str) -> bytes:
+        return (f'{{"ts": {ts}, "msg": "node down", "node": "{router}", "peer": "{node}", '
+                f'"reason": "{reason}"}}').encode()
+
+    events = node_down_events([
+        down(100.0, "router", "n1", "process silent: no liveness echo for 0.6s"),
+        down(100.1, "router2", "n1", "no answer for 0.7s"),  # the same stall, the other router
+        down(101.0, "router2", "n2", "process silent: no liveness echo for 0.6s"),  # another node
+        down(110.0, "router", "n1", "no answer for 0.7s"),  # n1 again, later: a second incident
+    ])
+    assert [e["router"] for e in events] == ["router", "router2", "router2", "router"]
+    report = false_failovers(events, [])
+    assert (report["count"], report["incidents"]) == (4, 3)
+    assert report["by_reason"] == {"liveness echo silent": 2, "other": 2}
