@@ -23,13 +23,10 @@ to have seen the ping.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 
-log = logging.getLogger("stickystate.node")
-
-PING_BYTES = 16
+from stickystate.protocol import LIVENESS_PING_BYTES
 
 
 class LivenessEcho:
@@ -59,7 +56,7 @@ class LivenessEcho:
                 continue
             except OSError:
                 return
-            if len(data) != PING_BYTES:
+            if len(data) != LIVENESS_PING_BYTES:
                 continue  # not a ping: no answer (and no amplification)
             try:
                 sock.sendto(data, addr)

@@ -21,9 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson

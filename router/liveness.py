@@ -18,9 +18,9 @@ import time
 from collections import deque
 from typing import cast
 
+from stickystate.protocol import LIVENESS_PING_BYTES
 from stickystate.router.detector import PhiAccrual
 
-PING_BYTES = 16  # node/liveness.py
 RECENT_PINGS = 8  # an echo of any of these counts: under load one may overtake the next ping
 
 
@@ -43,7 +43,7 @@ class EchoChannel(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's is not a subclass
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if len(data) == PING_BYTES and data in self._recent:  # a connected socket: only the node's address
+        if len(data) == LIVENESS_PING_BYTES and data in self._recent:  # a connected socket: only the node's address
             self._recent.remove(data)
             self.echoes_total += 1
             self.detector.heartbeat(time.monotonic())
@@ -53,7 +53,7 @@ class EchoChannel(asyncio.DatagramProtocol):
 
     def ping(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            nonce = os.urandom(PING_BYTES)
+            nonce = os.urandom(LIVENESS_PING_BYTES)
             self._recent.append(nonce)
             self.transport.sendto(nonce)
 

@@ -27,6 +27,11 @@ from typing import Any
 
 import orjson
 
+# -- liveness echo ------------------------------------------------------------------
+# A router's UDP ping to a node's echo thread is this many random bytes; the echo is the
+# same bytes (node/liveness.py answers, router/liveness.py pings).
+LIVENESS_PING_BYTES = 16
+
 # -- headers ------------------------------------------------------------------------
 REQUEST_ID_HEADER = "X-Request-Id"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"

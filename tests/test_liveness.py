@@ -18,8 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from stickystate.node.liveness import PING_BYTES, LivenessEcho
-from stickystate.protocol import shard_of
+from stickystate.node.liveness import LivenessEcho
+from stickystate.protocol import LIVENESS_PING_BYTES, shard_of
 from stickystate.router.cluster import Cluster
 from stickystate.router.detector import PhiAccrual
 from stickystate.router.liveness import EchoChannel
@@ -34,7 +34,7 @@ def test_the_echo_answers_pings_and_nothing_else() -> None:
     client.settimeout(10.0)
     try:
         client.sendto(b"not a ping", ("127.0.0.1", echo.port))
-        client.sendto(b"x" * (PING_BYTES + 1), ("127.0.0.1", echo.port))
+        client.sendto(b"x" * (LIVENESS_PING_BYTES + 1), ("127.0.0.1", echo.port))
         ping = uuid.uuid4().bytes
         client.sendto(ping, ("127.0.0.1", echo.port))
         # loopback keeps the order: the first answer is the ping's, so the others got none
