@@ -60,7 +60,8 @@ class Erasure:
         self.replicator = replicator
         self.roles = roles
         self.me = me
-        self.ring = KeyRing(master, on_erased=self._on_erased) if master is not None else None
+        self.ring = (KeyRing(master, on_erased=self._on_erased, roll_lag_ms=settings.keys_compaction_lag_ms)
+                     if master is not None else None)
         self.codec = Codec(self.ring)
         self.follower = Follower(settings, f"stickystate-{me}-keys", self._on_key_records, topic=settings.keys_topic)
         self._reader = SharedConsumer(settings, f"stickystate-{me}-keys-load")
@@ -205,20 +206,25 @@ class Erasure:
                 return
 
     def _roll_due(self) -> None:
-        """Owned shards whose keys partition has a tombstone older than the lag and no
-        ``#roll`` after it: append one (read back, it clears the mark)."""
+        """Owned shards whose newest tombstone not rolled out yet is older than the lag: append
+        one ``#roll`` for it (Kafka then rolls the segment holding it; read back, the roll
+        clears the mark if it covered it). The newest, not the oldest: a roll sent the lag after
+        an older tombstone leaves a younger one that began a new segment in it (the erasure
+        test saw that key never compacted)."""
         if self.ring is None:
             return
-        due_ms = time.time() * 1000 - self.settings.keys_compaction_lag_ms
+        # a margin: Kafka rolls only if the roll is strictly more than the lag younger
+        due_ms = time.time() * 1000 - self.settings.keys_compaction_lag_ms - 10
         for s in sorted(self.roles.serving):
             keys = self.ring.shards.get(s)
-            if keys is None or keys.unrolled_since_ms is None or keys.unrolled_since_ms > due_ms:
+            mark = None if keys is None else keys.unrolled_since_ms
+            if keys is None or mark is None or mark > due_ms or keys.roll_sent_for_ms == mark:
                 continue
             try:
                 self.replicator.enqueue(s, ROLL_KEY, b"", topic=self.settings.keys_topic)
             except ReplicationError:
                 return
-            keys.unrolled_since_ms = None
+            keys.roll_sent_for_ms = mark
             self.rolls_total += 1
 
     async def _loop(self) -> None:

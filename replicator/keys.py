@@ -84,17 +84,23 @@ class ShardKeys:
     position: int = 0  # next offset of the keys partition to read
     erased: set[tuple[str, int]] = field(default_factory=set)  # erased here, tombstone not read back yet
     by_koff: dict[int, tuple[str, int]] = field(default_factory=dict)  # keys offset -> (sid, gen) of a live key
-    # timestamp (ms) of the oldest tombstone read with no "#roll" record after it (node/erasure.py)
+    # timestamp (ms) of the newest tombstone that no "#roll" read since has rolled out of the
+    # active segment (node/erasure.py); None: none waiting
     unrolled_since_ms: int | None = None
+    roll_sent_for_ms: int | None = None  # the mark a "#roll" was sent for (one roll per mark)
 
 
 OnErased = Callable[[int, str], None]
 
 
 class KeyRing:
-    def __init__(self, master: crypto.MasterKeys, on_erased: OnErased | None = None) -> None:
+    def __init__(self, master: crypto.MasterKeys, on_erased: OnErased | None = None,
+                 roll_lag_ms: int | None = None) -> None:
         self.master = master
         self.on_erased = on_erased
+        # The keys topic's max.compaction.lag.ms = segment.ms: a "#roll" rolls the active segment
+        # only if that segment's first record is older than this (None: tools, no rolling)
+        self.roll_lag_ms = roll_lag_ms
         self.shards: dict[int, ShardKeys] = {}
         self.refused_total = 0  # wrapped keys that did not unwrap (unknown master key, tampered)
 
@@ -142,12 +148,18 @@ class KeyRing:
             parsed = parse_key_record_key(rec.key)
             if parsed is None:
                 if rec.key == ROLL_KEY:
-                    keys.unrolled_since_ms = None
+                    # It rolled the segment holding every tombstone at least the lag older than
+                    # itself. A younger one (a tombstone that began a new segment shortly before)
+                    # stays in the active segment: the mark stays, and another roll follows.
+                    mark, ts = keys.unrolled_since_ms, getattr(rec, "timestamp", 0) or 0
+                    if mark is not None and (self.roll_lag_ms is None or ts - mark > self.roll_lag_ms):
+                        keys.unrolled_since_ms = None
+                    else:
+                        keys.roll_sent_for_ms = None  # not covered (or clocks apart): roll again
                 continue
             sid, gen = parsed
             if rec.value is None:
-                if keys.unrolled_since_ms is None:
-                    keys.unrolled_since_ms = getattr(rec, "timestamp", 0) or 0
+                keys.unrolled_since_ms = max(keys.unrolled_since_ms or 0, getattr(rec, "timestamp", 0) or 0)
                 keys.erased.discard((sid, gen))
                 gone = keys.keys.pop((sid, gen), None)
                 if gone is not None:

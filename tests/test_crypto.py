@@ -158,3 +158,31 @@ def test_a_node_without_a_master_key_refuses_to_start() -> None:
     proc = subprocess.run([*args, "--master-keys", "k1:" + "A" * 43 + "="], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "no longer accepted" in proc.stderr and "A" * 43 not in proc.stderr, proc.stderr
+
+
+@dataclass
+class TimedRec:
+    offset: int
+    key: bytes
+    value: bytes | None
+    timestamp: int
+
+
+def test_a_roll_covers_the_newest_tombstone_not_only_the_oldest() -> None:
+    """node/erasure.py appends "#roll" once the mark is older than the lag; Kafka rolls the
+    active segment only if its first record is older than the lag. A roll sent for an older
+    tombstone does not roll out a younger one that began a new segment: the mark must stay
+    (a full suite run once left such a key uncompacted for good)."""
+    from stickystate.replicator.keys import ROLL_KEY
+
+    ring = KeyRing(master("k1"), roll_lag_ms=4000)
+    ring.apply(0, [TimedRec(0, key_record_key("late", 1), None, 10_000)])
+    assert ring.shard(0).unrolled_since_ms == 10_000
+    ring.apply(0, [TimedRec(1, key_record_key("exp", 2), None, 15_000)])  # began a new segment
+    assert ring.shard(0).unrolled_since_ms == 15_000  # the newest waits, not the oldest
+    keys = ring.shard(0)
+    keys.roll_sent_for_ms = 10_000  # a roll sent for the older one, as before the fix
+    ring.apply(0, [TimedRec(2, ROLL_KEY, b"", 14_100)])  # too young to roll out the second
+    assert keys.unrolled_since_ms == 15_000 and keys.roll_sent_for_ms is None  # so another roll is due
+    ring.apply(0, [TimedRec(3, ROLL_KEY, b"", 19_100)])
+    assert keys.unrolled_since_ms is None
