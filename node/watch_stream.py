@@ -14,7 +14,7 @@ import orjson
 
 from stickystate.errors import StickyError
 from stickystate.node.ops import Op, Session, apply, live_keys, view
-from stickystate.node.watch import Change, LogReader, Watcher, WatchHub, life_of
+from stickystate.node.watch import Change, LogReader, Watcher, WatchHub, life_of, make_change
 
 
 # -- frames --------------------------------------------------------------------------------
@@ -44,6 +44,7 @@ class Watch:
         self.headers: dict[str, str] = {}  # of the answer (set by the handler)
         self.from_log: int | None = None  # resume: the position to read the log from
         self.check_epoch: int | None = None  # resume: the sender's epoch the writer of from_log must not exceed
+        self._sid_json: bytes | None = None  # b'{"sid":"<public id>"': the head of every change's event
 
     def open(self, position: tuple[int, int | None, int | None] | None) -> None:
         """Subscribe and decide the first frames; synchronous (no change can slip between)."""
@@ -68,15 +69,15 @@ class Watch:
         if cause is not None:
             self.first.append(self._reset(state, cause))
             return
-        ring = [c for c in w.ring if c.life == self.life]
-        by_version = {c.version: c for c in ring}
-        held = epoch == self.epoch or (version in by_version and by_version[version].epoch <= epoch)
-        complete = version == current or (version + 1 in by_version and ring[-1].version == current)
+        ring = [c for c in w.ring if c[3] == self.life]  # (version, epoch, kind, life, ...): node/watch.py
+        by_version = {c[0]: c for c in ring}
+        held = epoch == self.epoch or (version in by_version and by_version[version][1] <= epoch)
+        complete = version == current or (version + 1 in by_version and ring[-1][0] == current)
         if held and complete:
             self.hub.resumed["memory"] += 1
             self.sent = version
             for c in ring:
-                if c.version > version:
+                if c[0] > version:
                     self.first.append(self._change_frame(c))
             return
         if self.log_reader is None:
@@ -107,20 +108,18 @@ class Watch:
         return self._state_frame("reset", state, cause=cause)
 
     def _change_frame(self, c: Change) -> bytes:
-        self.sent = c.version
-        key = (self.changes_only, self.epoch)
-        if c.frames is None:
-            c.frames = {}
-        out = c.frames.get(key)
-        if out is None:
-            event = {k: v for k, v in c.event.items() if k != "idem"}
-            event["sid"] = self.public_id
-            body: dict[str, Any] = {"epoch": self.epoch, "version": c.version, "prev_version": c.version - 1,
-                                    "event": event}
-            if c.kind == "change" and not self.changes_only:
-                body["data"] = c.data
-            out = c.frames[key] = frame(c.kind, self._position(c.version, c.life), body)
-        return out
+        """The change's frame, spliced from its JSON (encoded once, node/watch.py ``make_change``)."""
+        version, _, kind, life, event, data = c
+        self.sent = version
+        if self._sid_json is None:
+            self._sid_json = b'{"sid":' + orjson.dumps(self.public_id)
+        parts = [b"id: ", self._position(version, life).encode(), b"\nevent: ", kind.encode(),
+                 b'\ndata: {"epoch":%d,"version":%d,"prev_version":%d,"event":' % (self.epoch, version, version - 1),
+                 self._sid_json, b"," if len(event) > 2 else b"", event[1:]]
+        if data is not None and kind == "change" and not self.changes_only:
+            parts += (b',"data":', data)
+        parts.append(b"}\n\n")
+        return b"".join(parts)
 
     async def frames(self) -> AsyncIterator[bytes]:
         watcher = self.watcher
@@ -164,12 +163,13 @@ class Watch:
                 continue
             if watcher.buffer:
                 c = watcher.buffer.popleft()
-                if c.version <= self.sent and c.life == self.life:
+                version, _, kind, life = c[:4]
+                if version <= self.sent and life == self.life:
                     continue
-                if c.life != self.life:
+                if life != self.life:
                     return  # another lifetime began (its delete ended this one's stream)
                 yield self._change_frame(c)
-                if c.kind != "change":
+                if kind != "change":
                     return
                 continue
             watcher.wake.clear()
@@ -220,11 +220,11 @@ class Watch:
         for version, epoch, event, st in out:
             if version != last + 1:
                 return [self._reset(state, "history_gone")]
-            frames.append(self._change_frame(Change(version, epoch, "change", event, live_keys(st, event["at"]),
-                                                    self.life)))
+            frames.append(self._change_frame(make_change(version, epoch, "change", event,
+                                                         live_keys(st, event["at"]), self.life)))
             last = version
         buffered = self.watcher.buffer
-        if buffered and buffered[0].version > last + 1 and buffered[0].life == self.life:
+        if buffered and buffered[0][0] > last + 1 and buffered[0][3] == self.life:
             return [self._reset(state, "history_gone")]  # the log stopped short of what is live
         if not buffered and last < state["version"]:
             return [self._reset(state, "history_gone")]
