@@ -65,12 +65,15 @@ class WatchLimits:
     per_session: int = 100
     per_node: int = 10_000
     buffer_events: int = 1000
+    buffer_bytes: int = 4 * 1024 * 1024
     ring_events: int = 128
+    ring_bytes: int = 256 * 1024
     heartbeat_s: float = 15.0
     retry_ms: int = 2000
 
     def __post_init__(self) -> None:
-        if min(self.per_session, self.per_node, self.buffer_events, self.ring_events, self.retry_ms) < 1:
+        if min(self.per_session, self.per_node, self.buffer_events, self.buffer_bytes, self.ring_events,
+               self.ring_bytes, self.retry_ms) < 1:
             raise ValueError("watch limits must be >= 1")
         if self.heartbeat_s <= 0:
             raise ValueError("watch_heartbeat_s must be > 0")
@@ -87,7 +90,9 @@ def life_of(state: Session) -> int:
 # objects with their dicts they made every full pass walk them: 100-400 ms stalls every few
 # seconds under load, seen by the router as a dead node). ``kind`` is change, deleted or
 # expired; the event JSON leaves out ``sid`` (the stream puts the public id in) and ``idem``;
-# the data JSON is the data after the change (None: deleted or expired).
+# the data JSON is the data after the change (None: deleted or expired). A ring is bounded by
+# count and by bytes (``ring_bytes``: a 50-message window is ~15 KB a change), so a resume
+# further back than that reads the log.
 Change = tuple[int, int, str, int, bytes, bytes | None]
 _HIDDEN = ("sid", "idem")
 
@@ -96,6 +101,11 @@ def make_change(version: int, epoch: int, kind: str, event: Op, data: dict[str, 
                 life: int) -> Change:
     shown = {k: v for k, v in event.items() if k not in _HIDDEN}
     return (version, epoch, kind, life, orjson.dumps(shown), None if data is None else orjson.dumps(data))
+
+
+def _size(change: Change) -> int:
+    data = change[5]
+    return len(change[4]) + (0 if data is None else len(data))
 
 
 def parse_position(raw: str) -> tuple[int, int | None, int | None] | None:
@@ -109,14 +119,18 @@ def parse_position(raw: str) -> tuple[int, int | None, int | None] | None:
 
 
 class Watcher:
-    """One stream's bounded buffer of changes."""
+    """One stream's buffer of changes, bounded by count and bytes (the changes are shared
+    with the ring and every other watcher of the session: the bytes are what this buffer
+    alone may keep alive)."""
 
-    __slots__ = ("limit", "buffer", "overflowed", "ended", "wake", "hub")
+    __slots__ = ("limit", "limit_bytes", "buffer", "bytes", "overflowed", "ended", "wake", "hub")
 
-    def __init__(self, hub: WatchHub, limit: int) -> None:
+    def __init__(self, hub: WatchHub, limit: int, limit_bytes: int) -> None:
         self.hub = hub
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.buffer: deque[Change] = deque()
+        self.bytes = 0
         self.overflowed = False
         self.ended: str | None = None
         self.wake = asyncio.Event()
@@ -126,18 +140,26 @@ class Watcher:
             return
         buffer = self.buffer
         held = len(buffer)
-        if held >= self.limit:
+        size = _size(change)
+        if held and (held >= self.limit or self.bytes + size > self.limit_bytes):
             buffer.clear()  # the owner does not wait: this watcher gets a reset instead
+            self.bytes = 0
             self.overflowed = True
             self.hub.count_reset("overflow")  # counted now: the reset itself is sent when the watcher reads again
         else:
             buffer.append(change)
+            self.bytes += size
             hub = self.hub
             if held >= hub.buffer_peak:
                 hub.buffer_peak = held + 1
             if held:
                 return  # not empty before: the stream was woken already
         self.wake.set()
+
+    def take(self) -> Change:
+        change = self.buffer.popleft()
+        self.bytes -= _size(change)
+        return change
 
     def end(self, cause: str) -> None:
         self.ended = cause
@@ -147,7 +169,8 @@ class Watcher:
 @dataclass
 class Watched:
     shard: int
-    ring: deque[Change]
+    ring: deque[Change]  # at most ring_events changes and ring_bytes of JSON (the newest always kept)
+    ring_bytes: int = 0
     watchers: set[Watcher] = field(default_factory=set)
     idle_since: float = 0.0
     life: int = 0  # of the session as last seen (a delete's change carries it)
@@ -185,12 +208,15 @@ class WatchHub:
         change = make_change(event["ver"], event["epoch"], kind, event,
                              None if new is None else live_keys(new, event["at"]), life)
         ring = w.ring
-        if ring and (ring[-1][3] != life or ring[-1][0] != change[0] - 1):
-            ring.clear()  # a new lifetime (or a gap): the ring holds one contiguous run
-        if new is None:
-            ring.clear()
-        else:
+        if new is None or (ring and (ring[-1][3] != life or ring[-1][0] != change[0] - 1)):
+            ring.clear()  # gone, or a new lifetime (or a gap): the ring holds one contiguous run
+            w.ring_bytes = 0
+        if new is not None:
             ring.append(change)
+            w.ring_bytes += _size(change)
+            limits = self.limits
+            while len(ring) > 1 and (len(ring) > limits.ring_events or w.ring_bytes > limits.ring_bytes):
+                w.ring_bytes -= _size(ring.popleft())
         for watcher in w.watchers:
             watcher.push(change)
 
@@ -242,10 +268,10 @@ class WatchHub:
             raise Unavailable(f"this node has {limits.per_node} watchers already (watch_max_per_node)",
                               retry_after_s=5, code="too_many_watchers")
         if w is None:
-            w = self.sessions[sid] = Watched(shard, deque(maxlen=limits.ring_events))
+            w = self.sessions[sid] = Watched(shard, deque())
         w.life = life
         self.idle.pop(sid, None)
-        watcher = Watcher(self, limits.buffer_events)
+        watcher = Watcher(self, limits.buffer_events, limits.buffer_bytes)
         w.watchers.add(watcher)
         self.watchers += 1
         self.opened_total += 1

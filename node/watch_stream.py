@@ -162,7 +162,7 @@ class Watch:
                 yield self._reset(state, "overflow", counted=True)
                 continue
             if watcher.buffer:
-                c = watcher.buffer.popleft()
+                c = watcher.take()
                 version, _, kind, life = c[:4]
                 if version <= self.sent and life == self.life:
                     continue

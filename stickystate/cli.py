@@ -46,7 +46,9 @@ def _node(ns: argparse.Namespace) -> None:
                             snapshot_every_events=ns.snapshot_every_events,
                             snapshot_max_age_s=ns.snapshot_max_age_s, encryption=ns.encryption, master_keys=master,
                             watch=WatchLimits(per_session=ns.watch_max_per_session, per_node=ns.watch_max_per_node,
-                                              buffer_events=ns.watch_buffer_events, ring_events=ns.watch_ring_events,
+                                              buffer_events=ns.watch_buffer_events,
+                                              buffer_bytes=ns.watch_buffer_bytes, ring_events=ns.watch_ring_events,
+                                              ring_bytes=ns.watch_ring_bytes,
                                               heartbeat_s=ns.watch_heartbeat_s))
     # What the imports made (modules, classes, functions: ~45k objects) lives as long as the
     # process: keep it out of the cyclic GC's full passes, which otherwise walk it every

@@ -106,7 +106,11 @@ NODE = [
     Option("watch_max_per_node", int, 10_000, "watchers this node serves; over it: 503"),
     Option("watch_buffer_events", int, 1000, "changes buffered per watcher that does not keep up; "
            "over it the buffer is dropped and the watcher gets a reset"),
+    Option("watch_buffer_bytes", int, 4 * 1024 * 1024, "and at most this many bytes of them (the changes' "
+           "JSON); over it, the same"),
     Option("watch_ring_events", int, 128, "recent changes kept per watched session, to resume from memory"),
+    Option("watch_ring_bytes", int, 256 * 1024, "at most this many bytes of those changes (JSON) per watched "
+           "session; the newest is always kept"),
     Option("watch_heartbeat_s", float, 15.0, "a comment line on every watch stream this often"),
     Option("encryption", _onoff, True, "on|off: on seals every session record under its own data key "
            "(needs master keys); off stores plaintext and a delete erases nothing (must be said explicitly)"),

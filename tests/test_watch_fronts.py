@@ -167,3 +167,50 @@ async def test_a_stream_waiting_for_the_log_keeps_its_keep_alives_and_ends_when_
         finally:
             await frames.aclose()
             watch.close()
+
+
+def _hub_with_watcher(**limits: Any) -> tuple[Any, Any, Any]:
+    from stickystate.node.watch import WatchHub, life_of
+
+    hub = WatchHub(WatchLimits(**limits))
+    state = {"created_at": 1.0, "version": 1, "data": {}, "key_expiry": {}}
+    w, watcher = hub.subscribe(0, "s", life_of(state))
+    return hub, w, watcher
+
+
+def _change(hub: Any, version: int, text: str) -> None:
+    event = {"sid": "s", "op": "set", "ver": version, "epoch": 1, "at": 1.0, "idem": "router-x", "args": {"t": text}}
+    hub.changed(0, event, {"created_at": 1.0, "version": version, "data": {"t": text}, "key_expiry": {}})
+
+
+def test_a_ring_keeps_its_changes_encoded_bounded_by_bytes_and_out_of_the_gc() -> None:
+    """node/watch.py: a ring's changes are tuples of atomic values (the cyclic GC stops
+    tracking them at its first pass: rings of slotted objects and their dicts made every
+    full pass walk 300k objects per 400 watched sessions), and a ring keeps at most
+    ring_bytes of them; the newest is kept even when it alone is larger."""
+    import gc
+
+    hub, w, watcher = _hub_with_watcher(ring_events=100, ring_bytes=4000)
+    for v in range(2, 12):
+        _change(hub, v, "x" * 400)  # ~870 bytes of JSON each (event + data)
+    assert [c[0] for c in w.ring] == [8, 9, 10, 11] and w.ring_bytes <= 4000
+    assert w.ring_bytes == sum(len(c[4]) + len(c[5]) for c in w.ring)
+    gc.collect()
+    assert not any(gc.is_tracked(c) for c in w.ring)
+    assert orjson.loads(w.ring[-1][4]) == {"op": "set", "ver": 11, "epoch": 1, "at": 1.0, "args": {"t": "x" * 400}}
+    _change(hub, 12, "y" * 9000)
+    assert [c[0] for c in w.ring] == [12] and w.ring_bytes > 4000
+
+
+def test_a_watchers_buffer_is_bounded_by_bytes_and_overflows_to_a_reset() -> None:
+    hub, w, watcher = _hub_with_watcher(buffer_events=100, buffer_bytes=3000)
+    _change(hub, 2, "x" * 5000)  # larger than the bound alone: still buffered (a change is never split)
+    assert len(watcher.buffer) == 1 and not watcher.overflowed
+    watcher.take()
+    assert watcher.bytes == 0
+    for v in (3, 4, 5):
+        _change(hub, v, "x" * 400)  # ~870 bytes each
+    assert len(watcher.buffer) == 3 and 0 < watcher.bytes <= 3000
+    _change(hub, 6, "x" * 400)  # over 3000 bytes: dropped, the watcher gets a reset
+    assert watcher.overflowed and not watcher.buffer and watcher.bytes == 0
+    assert hub.resets["overflow"] == 1
