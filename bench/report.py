@@ -131,6 +131,57 @@ def node_cpu_us_per_ok(step: dict[str, Any]) -> float | None:
     return None if nodes is None or not rate else 1e4 * nodes / rate
 
 
+NOT_SERVER = ("generator", "machine_busy_pct", "other_pct", "probe")
+CPU_RATE = 2000.0  # the rate CPU per turn is compared at (issue 12)
+
+
+def cpu_per_turn(step: dict[str, Any] | None, system: str) -> dict[str, float] | None:
+    """Server-side CPU per answered request in a step, microseconds, by process kind
+    (router, nodes, kafka; server, redis-server) and ``total``. A direct system's router
+    only serves the shard map: it is not counted."""
+    if step is None or not step.get("achieved_rate"):
+        return None
+    rate = step["achieved_rate"]
+    out = {k: 1e4 * v / rate for k, v in step["cpu_pct"].items()
+           if k not in NOT_SERVER and not (k == "router" and system != "router")}
+    out["total"] = sum(out.values())
+    return out
+
+
+def cpu_step(doc: dict[str, Any], system: str, mix: str, rate: float = CPU_RATE) -> dict[str, Any] | None:
+    """The system's step at ``rate`` (else the ladder rate closest to it)."""
+    steps = [s for s in _steps(doc, system, mix) if s.get("phase") in ("sweep", "fill")]
+    if not steps:
+        return None
+    return min(steps, key=lambda s: (abs(s["target_rate"] - rate), s["target_rate"]))
+
+
+def cpu_table(doc: dict[str, Any], mix: str, rate: float = CPU_RATE) -> list[str]:
+    """Markdown: CPU per turn by process kind, every system, at (about) ``rate``."""
+    rows = []
+    kinds: list[str] = []
+    for system in summarize(doc).get(mix, {}):
+        step = cpu_step(doc, system, mix, rate)
+        per = cpu_per_turn(step, system)
+        if step is None or per is None:
+            continue
+        kinds += [k for k in per if k != "total" and k not in kinds]
+        rows.append((system, step, per))
+    if not rows:
+        return []
+    lines = [f"## CPU per turn ({mix} mix)", "",
+             f"Microseconds of CPU per answered request at {rate:g} offered/s (or the closest ladder rate), by "
+             "process kind; total = the server side (a direct system's router, which only serves the shard map, "
+             "is left out; Kafka is counted only when the run started its own broker):", "",
+             "| system | offered/s | achieved/s | total | " + " | ".join(kinds) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    for system, step, per in rows:
+        lines.append(f"| {system} | {step['target_rate']:g} | {_f(step['achieved_rate'])} | {_f(per['total'])} | "
+                     + " | ".join(_f(per.get(k)) if k in per else "-" for k in kinds) + " |")
+    lines.append("")
+    return lines
+
+
 def encryption_cost(doc: dict[str, Any], mix: str) -> tuple[float | None, float | None, float | None]:
     """Node CPU per request with encryption (direct-raw) and without (direct-plain), medians
     over the ladder rates both kept up with in this run (whatever the latency: CPU per
@@ -235,6 +286,39 @@ def targets(doc: dict[str, Any], mix: str = HEADLINE_MIX, pct: str = "p99") -> l
     raw_cpu = summ.get("direct-raw", {}).get("gen_cpu_us_per_ok")
     add("(information) the Python client's own cost: load generator CPU per request, direct (AsyncClient) vs "
         "direct-raw", f"{_f(client_cpu)} us vs {_f(raw_cpu)} us", _ratio(client_cpu, raw_cpu), "-", None, info=True)
+    # issue 12: CPU per turn at 2 000/s, replication cost, durability log, the broker
+    def cpu(system: str) -> dict[str, float] | None:
+        return cpu_per_turn(cpu_step(doc, system, mix), system)
+
+    direct = "direct-raw" if summ.get("direct-raw") else "direct"
+    c_dir, c_router, c_redis, c_off = cpu(direct), cpu("router"), cpu(BASELINE), cpu("direct-repl-off")
+    tot = lambda c: None if c is None else c["total"]  # noqa: E731
+
+    def at(system: str) -> str:
+        step = cpu_step(doc, system, mix)
+        return "" if step is None or step["target_rate"] == CPU_RATE else f" (at {step['target_rate']:g}/s)"
+
+    for system, c, goal in ((direct, c_dir, 0.5), ("router", c_router, 0.75)):
+        r = _ratio(tot(c), tot(c_redis))
+        add(f"CPU per turn at {CPU_RATE:g}/s, server side: {system} vs {BASELINE} (servers + Redis)",
+            f"{_f(tot(c))} us vs {_f(tot(c_redis))} us{at(system)}", r, f"<= {goal:g}x", None if r is None else r <= goal)
+    r = _ratio(tot(c_dir), tot(c_off))
+    add(f"replication cost: CPU per turn at {CPU_RATE:g}/s, {direct} vs direct-repl-off",
+        f"{_f(tot(c_dir))} us vs {_f(tot(c_off))} us", r, "<= 1.25x", None if r is None else r <= 1.25)
+    s90 = summarize(doc, "p90").get(mix, {})
+    a90, b90 = s90.get(direct, {}).get("slo_rate"), s90.get("direct-repl-off", {}).get("slo_rate")
+    r = _ratio(a90, b90)
+    add(f"replication cost: highest rate at the p90 SLO, {direct} vs direct-repl-off",
+        f"{_f(a90)}/s vs {_f(b90)}/s", r, ">= 0.75x", None if r is None else r >= 0.75)
+    r = _ratio(thr("direct-log"), thr(direct))
+    add(f"Durability log: highest rate at the SLO, direct-log vs {direct} (memory)",
+        f"{_f(thr('direct-log'))}/s vs {_f(thr(direct))}/s", r, ">= 0.5x", None if r is None else r >= 0.5)
+    log_step = _step_at(doc, "direct-log", mix, CPU_RATE)
+    p = log_step["latency_ms"][pct] if log_step else None
+    add(f"Durability log: {P} at {CPU_RATE:g}/s", f"{_f(p, 1)} ms", p, "<= 10 ms", None if p is None else p <= 10)
+    k = None if c_dir is None else c_dir.get("kafka")
+    add(f"broker CPU per turn at {CPU_RATE:g}/s ({direct})", f"{_f(k)} us", k, "<= 20 us",
+        None if k is None else k <= 20)
     cs = summ.get("client-side", {}).get("bytes_per_turn")
     for system in ("router", "direct-raw"):
         bs = summ.get(system, {}).get("bytes_per_turn")
@@ -332,6 +416,7 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
                 lines.append(f"| {system} | {_f(st['achieved_rate'])}/s | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
                              f"{_ms(lat['p99'])} | {_ms(lat['p99_9'])} | {_ms(lat['max'])} |")
         lines.append("")
+    lines += cpu_table(doc, HEADLINE_MIX)
     lines.append(f"## Targets ({HEADLINE_MIX} mix)")
     lines.append("")
     lines.append("| target | measured | ratio | goal | result | ratio, p90 SLO variant | result, p90 variant |")
@@ -366,9 +451,8 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
     for s in doc["steps"]:
         lat = s["latency_ms"]
         cpu = s["cpu_pct"]
-        skip = ("generator", "machine_busy_pct", "other_pct", "probe")
-        server = sum(v for k, v in cpu.items() if k not in skip)
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k not in skip)
+        server = sum(v for k, v in cpu.items() if k not in NOT_SERVER)
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k not in NOT_SERVER)
         lines.append(f"| {s['system']} | {s['mix']} | {s['target_rate']:g} | {s['achieved_rate']:g} | "
                      f"{_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99_9'])} | "
                      f"{_ms(lat['max'])} | {s['errors']} | {_f(s['bytes_per_turn'])} | "

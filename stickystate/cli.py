@@ -34,7 +34,8 @@ def _node(ns: argparse.Namespace) -> None:
                              partitions=ns.partitions, replication_factor=ns.replication_factor,
                              min_insync_replicas=ns.min_insync_replicas,
                              queue_max=ns.queue_max, kafka_deadline_s=ns.kafka_deadline_s,
-                             linger_ms=ns.linger_ms)
+                             linger_ms=ns.linger_ms, fetch_max_wait_ms=ns.fetch_max_wait_ms,
+                             fetch_min_bytes=ns.fetch_min_bytes)
     limits = Limits(max_body_bytes=ns.max_body_bytes, max_state_bytes=ns.max_state_bytes,
                     max_list_len=ns.max_list_len, max_depth=ns.max_depth)
     settings = NodeSettings(node_id=ns.node_id, host=ns.host, port=ns.port, liveness_port=ns.liveness_port,

@@ -76,6 +76,12 @@ def test_quick_writes_its_files(quick_run: dict[str, Any]) -> None:
         assert [r[0] for r in rows] == list(systems), (mix, rows)
         for row in rows:
             assert row[11] == f"0 / {systems[row[0]]['sent']}" and systems[row[0]]["sent"] > 0, (mix, row)
+    # CPU per turn by process kind (issue 12), every system of the headline mix; total = the server side
+    cpu = table_rows(report, "## CPU per turn (write-heavy mix)")
+    assert [r[0] for r in cpu] == list(doc["summary"]["write-heavy"])
+    for row in cpu:
+        parts = [float(c.replace(",", "")) for c in row[4:] if c != "-"]
+        assert parts and abs(float(row[3].replace(",", "")) - sum(parts)) <= len(parts), row
     steps = table_rows(report, "## Every step")
     assert [(r[0], r[1], float(r[2]), int(r[9])) for r in steps] == \
         [(s["system"], s["mix"], s["target_rate"], 0) for s in doc["steps"]]
