@@ -295,7 +295,7 @@ class Ownership:
                 continue
             except KeyNotRead as exc:
                 # Its data key is further in the keys partition than read yet: read this
-                # record again once the keys follower is past it (a fetch or two). A record
+                # record again once the keys follower is past it (hurried: a fetch or two). A record
                 # naming a key that never comes (forged) is refused after KEY_WAIT_S.
                 blocked = self._key_waits.get(s)
                 if blocked is None or blocked[0] != rec.offset:
@@ -307,6 +307,7 @@ class Ownership:
                               extra={"shard": s, "offset": rec.offset, "error": str(exc)})
                     shard.skip_record(rec.offset, now)
                     continue
+                self.erasure.follower.hurry(s, exc.koff + 1, KEY_WAIT_S)  # the keys follower reads lazily
                 self.follower.follow(s, rec.offset)
                 break
             except events.BadEvent as exc:  # undecodable, or sealed records that fail authentication

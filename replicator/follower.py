@@ -1,11 +1,28 @@
-"""Follows partitions of the ``changes`` topic with one consumer per node process.
+"""Follows partitions of the ``changes`` topic for a node process.
 
 The node decides which shards to follow (standby ones, to keep their state warm;
 recovering ones, from their checkpoint; owned ones only while a claim is read back or
 a hole in the owner's acknowledgements is settled, see node/shard.py) and
-receives records through ``on_records(shard, records)``, called synchronously from the
-follower task in log order. Assignment changes are applied by the follower task itself
-between fetches, so the consumer is only ever touched from one task.
+receives records through ``on_records(shard, records)``, called synchronously in log
+order. Assignment changes are applied by each reader's task itself between fetches, so a
+consumer is only ever touched from one task.
+
+Two readers, each an aiokafka consumer with its own connection to the broker:
+
+- the **lazy** one reads the standby shards: a fetch waits at the broker for
+  ``fetch_min_bytes`` or ``fetch_max_wait_ms`` (defaults 256 KiB, 200 ms), so a standby
+  costs the broker and itself a few fetches a second instead of one per produce round (at
+  20 ms / 16 KiB, the fetches were a quarter of a replicating node's and the broker's CPU
+  per turn);
+- the **eager** one (1 byte, ``EAGER_WAIT_MS``) reads a shard while someone waits for its
+  position (``wait_position``: a takeover catching up and reading its claim back, a ``log``
+  write settling a hole) and answers ``end_offsets``. It has a connection of its own because
+  the broker answers one request per connection at a time: a request behind a parked lazy
+  fetch would wait for it.
+
+A shard moves between readers at its delivered position; a reader whose assignment changed
+while it fetched drops that fetch's records (they are fetched again), so a record is
+delivered once, in order.
 """
 
 from __future__ import annotations
@@ -23,6 +40,99 @@ from stickystate.replicator.settings import ReplicatorSettings
 log = logging.getLogger("stickystate.replicator")
 
 OnRecords = Callable[[int, Sequence[Any]], None]
+EAGER_WAIT_MS = 10
+POLL_MS = 100  # a reader's getmany wait: its task wakes at least this often
+
+
+class _Reader:
+    """One consumer and the shards it reads (decided by the follower)."""
+
+    def __init__(self, follower: Follower, name: str, eager: bool) -> None:
+        self.follower = follower
+        self.name = name
+        self.eager = eager
+        self.consumer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.dirty = asyncio.Event()
+        self.shards: set[int] = set()
+
+    async def start(self) -> None:
+        s = self.follower.settings
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=f"{self.follower.client_id}-{self.name}",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=min(EAGER_WAIT_MS, s.fetch_max_wait_ms) if self.eager else s.fetch_max_wait_ms,
+            fetch_min_bytes=1 if self.eager else s.fetch_min_bytes,
+            request_timeout_ms=s.request_timeout_ms + (0 if self.eager else s.fetch_max_wait_ms),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await self.consumer.start()
+        self.task = asyncio.create_task(self._run(), name=f"follower-{self.follower.client_id}-{self.name}")
+        self.task.add_done_callback(self.follower._on_reader_done)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+        if self.consumer is not None:
+            try:
+                await asyncio.wait_for(self.consumer.stop(), 5)
+            except Exception as exc:
+                log.debug("consumer stop failed", extra={"error": repr(exc)})
+            self.consumer = None
+
+    def _apply_assignment(self) -> None:
+        assert self.consumer is not None
+        f = self.follower
+        self.dirty.clear()
+        self.shards = {s for s in f._wanted if f._reader_of(s) is self}
+        topic = f.topic
+        self.consumer.assign([TopicPartition(topic, s) for s in sorted(self.shards)])
+        for shard in self.shards:
+            # After assign() positions are reset; put every partition where it is to be read from.
+            seek = f._wanted[shard]
+            self.consumer.seek(TopicPartition(topic, shard), seek if seek is not None else f._positions.get(shard, 0))
+            f._wanted[shard] = None
+
+    async def _run(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        f = self.follower
+        while True:
+            if self.dirty.is_set():
+                self._apply_assignment()
+            if not self.shards:
+                await self.dirty.wait()
+                continue
+            try:
+                batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=2000)
+            except KafkaError as exc:
+                log.warning("fetch failed", extra={"error": repr(exc), "reader": self.name})
+                await asyncio.sleep(0.2)
+                continue
+            if self.dirty.is_set():
+                continue  # the assignment changed while fetching: these records are read again after it
+            for tp, records in batches.items():
+                shard = tp.partition
+                if shard not in self.shards or not records or self.dirty.is_set():
+                    continue
+                # Position first: on_records may re-seek the shard (follow(shard, 0)).
+                f._positions[shard] = records[-1].offset + 1
+                f.records_total += len(records)
+                f.on_records(shard, records)
+            if not self.dirty.is_set():
+                # The consumer's fetch position can be past the last record delivered (e.g. the
+                # first offsets were removed by retention).
+                for shard in self.shards:
+                    pos = _fetch_position(consumer, TopicPartition(f.topic, shard))
+                    if pos is not None and pos > f._positions.get(shard, 0):
+                        f._positions[shard] = pos
+            async with f._progress:
+                f._progress.notify_all()
 
 
 class Follower:
@@ -33,55 +143,63 @@ class Follower:
         self.client_id = client_id
         self.on_records = on_records
         self._wanted: dict[int, int | None] = {}  # shard -> offset to seek to (None: keep position)
-        self._dirty = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._urgent: dict[int, int] = {}  # shard -> wait_position calls waiting for it (the eager reader's)
+        self._lazy = _Reader(self, "lazy", eager=False)
+        self._eager = _Reader(self, "eager", eager=True)
         self._positions: dict[int, int] = {}
         self._progress = asyncio.Condition()
+        self._started = False
+        self._hurries: set[asyncio.Task[None]] = set()
         self.records_total = 0
+        self.eager_moves_total = 0  # shards moved to the eager reader for a wait
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            client_id=self.client_id,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-            fetch_min_bytes=self.settings.fetch_min_bytes,
-            request_timeout_ms=self.settings.request_timeout_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name=f"follower-{self.client_id}")
+        await self._eager.start()
+        await self._lazy.start()
+        self._started = True
+        self._changed()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self._consumer is not None:
-            try:
-                await asyncio.wait_for(self._consumer.stop(), 5)
-            except Exception as exc:
-                log.debug("consumer stop failed", extra={"error": repr(exc)})
-            self._consumer = None
+        self._started = False
+        for task in list(self._hurries):
+            task.cancel()
+        await asyncio.gather(*self._hurries, return_exceptions=True)
+        await self._lazy.stop()
+        await self._eager.stop()
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return all(r.task is not None and not r.task.done() for r in (self._lazy, self._eager))
+
+    def _on_reader_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("follower reader died", exc_info=task.exception())
+        asyncio.get_running_loop().create_task(self._notify())  # waiters see the follower dead
+
+    async def _notify(self) -> None:
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _reader_of(self, shard: int) -> _Reader:
+        return self._eager if shard in self._urgent else self._lazy
+
+    def _changed(self, shard: int | None = None) -> None:
+        """The assignment changed (of ``shard``, else of any): the readers concerned re-apply theirs."""
+        for reader in (self._lazy, self._eager):
+            if shard is None or shard in reader.shards or reader is self._reader_of(shard):
+                reader.dirty.set()
 
     def follow(self, shard: int, from_offset: int | None) -> None:
         """Follow a shard from ``from_offset`` (0 = the start), or keep its position if None."""
         if from_offset is not None or shard not in self._wanted:
             self._wanted[shard] = from_offset if from_offset is not None else 0
             self._positions[shard] = from_offset or 0
-        self._dirty.set()
+        self._changed(shard)
 
     def unfollow(self, shard: int) -> None:
         if self._wanted.pop(shard, -1) != -1:
             self._positions.pop(shard, None)
-            self._dirty.set()
+            self._changed(shard)
 
     def following(self) -> set[int]:
         return set(self._wanted)
@@ -90,72 +208,61 @@ class Follower:
         return self._positions.get(shard)
 
     async def end_offsets(self, shards: Sequence[int]) -> dict[int, int]:
-        assert self._consumer is not None
+        consumer = self._eager.consumer  # its connection is never parked behind a lazy fetch
+        assert consumer is not None
         tps = [TopicPartition(self.topic, s) for s in shards]
-        ends = await self._consumer.end_offsets(tps)
+        ends = await consumer.end_offsets(tps)
         return {tp.partition: off for tp, off in ends.items()}
 
     async def wait_position(self, shard: int, offset: int, timeout_s: float) -> None:
-        """Wait until every record of ``shard`` before ``offset`` has been delivered."""
-        # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of raising when the
-        # condition comes true in the same step as a cancel, and a takeover called off while
-        # catching up here went on (node/ownership.py, tests/test_acquire_called_off.py)
-        async with self._progress, asyncio.timeout(timeout_s):
-            await self._progress.wait_for(
-                lambda: self._positions.get(shard, -1) >= offset or shard not in self._wanted or not self.alive)
+        """Wait until every record of ``shard`` before ``offset`` has been delivered (read by
+        the eager reader meanwhile)."""
+        def reached() -> bool:
+            return self._positions.get(shard, -1) >= offset or shard not in self._wanted or not self.alive
+
+        if not reached():
+            self._urgent[shard] = self._urgent.get(shard, 0) + 1
+            if self._urgent[shard] == 1:
+                self.eager_moves_total += 1
+                self._move(shard)
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of raising when the
+                # condition comes true in the same step as a cancel, and a takeover called off while
+                # catching up here went on (node/ownership.py, tests/test_acquire_called_off.py)
+                async with self._progress, asyncio.timeout(timeout_s):
+                    await self._progress.wait_for(reached)
+            finally:
+                self._urgent[shard] -= 1
+                if not self._urgent[shard]:
+                    del self._urgent[shard]
+                    self._move(shard)
         if not self.alive:
             raise RuntimeError("follower stopped")
         if shard not in self._wanted:
             raise LookupError(f"shard {shard} is no longer followed")
 
-    def _apply_assignment(self) -> None:
-        assert self._consumer is not None
-        self._dirty.clear()
-        topic = self.topic
-        self._consumer.assign([TopicPartition(topic, s) for s in sorted(self._wanted)])
-        for shard, offset in list(self._wanted.items()):
-            # After assign() positions are reset; put every partition where we were.
-            target = offset if offset is not None else self._positions.get(shard, 0)
-            self._consumer.seek(TopicPartition(topic, shard), target)
-            self._wanted[shard] = None
+    def hurry(self, shard: int, offset: int, timeout_s: float) -> None:
+        """Read ``shard`` eagerly until ``offset`` (or ``timeout_s``), without waiting here: a
+        reader of another topic needs this one's records first (a change whose data key the
+        keys follower has not read yet, node/ownership.py)."""
+        if self._positions.get(shard, -1) >= offset or shard not in self._wanted or not self.alive:
+            return
 
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
-        while True:
-            if self._dirty.is_set():
-                self._apply_assignment()
-            if not self._wanted:
-                await self._dirty.wait()
-                continue
+        async def wait() -> None:
             try:
-                batches = await consumer.getmany(timeout_ms=100, max_records=2000)
-            except KafkaError as exc:
-                log.warning("fetch failed", extra={"error": repr(exc)})
-                await asyncio.sleep(0.2)
-                continue
-            if self._dirty.is_set():
-                # Assignment changed while fetching: records of a dropped or re-seeked
-                # shard must not be delivered; positions of the others are kept.
-                batches = {tp: recs for tp, recs in batches.items()
-                           if tp.partition in self._wanted and self._wanted[tp.partition] is None}
-            for tp, records in batches.items():
-                shard = tp.partition
-                if shard not in self._wanted or not records:
-                    continue
-                # Position first: on_records may re-seek the shard (follow(shard, 0)).
-                self._positions[shard] = records[-1].offset + 1
-                self.records_total += len(records)
-                self.on_records(shard, records)
-            # The consumer's fetch position can be past the last record delivered (e.g. the
-            # first offsets were removed by retention): take it for shards not being re-seeked.
-            for shard, seek in self._wanted.items():
-                if seek is None:
-                    pos = _fetch_position(consumer, TopicPartition(self.topic, shard))
-                    if pos is not None and pos > self._positions.get(shard, 0):
-                        self._positions[shard] = pos
-            async with self._progress:
-                self._progress.notify_all()
+                await self.wait_position(shard, offset, timeout_s)
+            except (TimeoutError, LookupError, RuntimeError):
+                pass  # the caller reads again and decides (e.g. refuses a key that never comes)
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._hurries.add(task)
+        task.add_done_callback(self._hurries.discard)
+
+    def _move(self, shard: int) -> None:
+        """``shard`` changed readers: both re-apply their assignment (at its delivered position)."""
+        if shard in self._wanted:
+            self._lazy.dirty.set()
+            self._eager.dirty.set()
 
 
 def _fetch_position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:

@@ -25,11 +25,12 @@ class ReplicatorSettings:
     kafka_deadline_s: float = 5.0  # oldest unacknowledged event older than this -> 503
     linger_ms: int = 5  # at most one produce round per 5 ms under load; Durability: log and claims skip it (producer.py)
     request_timeout_ms: int = 10_000
-    # The follower reads standby partitions (and an owner's only to settle a hole or a
-    # check): a fetch waits for this many bytes, or at most fetch_max_wait_ms, so one
-    # fetch carries many produce rounds' records instead of one each.
-    fetch_max_wait_ms: int = 20
-    fetch_min_bytes: int = 16 * 1024
+    # The follower's lazy reader reads standby partitions: a fetch waits for this many
+    # bytes, or at most fetch_max_wait_ms, so one fetch carries many produce rounds' records
+    # instead of one each. Whoever waits for a position (a takeover, a hole) has the shard
+    # read by the eager reader meanwhile (replicator/follower.py).
+    fetch_max_wait_ms: int = 200
+    fetch_min_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if not self.snapshots_topic:
@@ -58,6 +59,8 @@ class ReplicatorSettings:
             raise ValueError("queue_max must be >= 1")
         if not 0 <= self.linger_ms <= 10_000:
             raise ValueError("linger_ms must be in 0..10000")
+        if not 0 <= self.fetch_max_wait_ms <= 60_000 or self.fetch_min_bytes < 1:
+            raise ValueError("fetch_max_wait_ms must be in 0..60000 and fetch_min_bytes >= 1")
         if not 0 <= self.fetch_max_wait_ms <= 60_000 or self.fetch_min_bytes < 1:
             raise ValueError("fetch_max_wait_ms must be in 0..60000 and fetch_min_bytes >= 1")
         if self.kafka_deadline_s <= 0:

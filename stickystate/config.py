@@ -84,10 +84,10 @@ NODE = [
     Option("linger_ms", int, 5, "under load, at most one produce round to Kafka per this many ms: "
            "fewer requests (less CPU on node and broker) against a longer window in which a memory "
            "write is answered but not yet in Kafka (log writes and claims never wait for it)"),
-    Option("fetch_max_wait_ms", int, 20, "a standby's fetch waits at most this long for fetch_min_bytes: "
+    Option("fetch_max_wait_ms", int, 200, "a standby's fetch waits at most this long for fetch_min_bytes: "
            "fewer fetch requests (less CPU on node and broker) against standbys further behind (a takeover "
-           "reads the rest from the log)"),
-    Option("fetch_min_bytes", int, 16 * 1024, "bytes a standby's fetch waits for (up to fetch_max_wait_ms)"),
+           "or a hole is read by a second, eager reader)"),
+    Option("fetch_min_bytes", int, 256 * 1024, "bytes a standby's fetch waits for (up to fetch_max_wait_ms)"),
     Option("max_body_bytes", int, 1_048_576, "request body limit (413)"),
     Option("max_state_bytes", int, 1_048_576, "session data size limit, as JSON (413)"),
     Option("max_list_len", int, 10_000, "longest list an append may produce (413)"),

@@ -74,7 +74,8 @@ async def test_metrics_add_up_after_a_known_workload(cluster: LocalCluster) -> N
             break
         await asyncio.sleep(0.1)
         async with aiohttp.ClientSession() as http:
-            standby = sum(total(await scrape(http, u), "stickystate_sessions", role="standby") for u in node_urls)
+            scraped = [await scrape(http, u) for u in node_urls]
+        standby = sum(total(m, "stickystate_sessions", role="standby") for m in scraped)
     assert standby - standby_before == creates  # one standby per shard
     assert sum(total(a, "stickystate_replication_queue_depth") for a in after_nodes) == 0
     routed = total(after_router, "stickystate_router_requests_total") - total(before_router, "stickystate_router_requests_total")
