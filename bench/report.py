@@ -506,6 +506,9 @@ def profiles_markdown(doc: dict[str, Any], link_prefix: str = "", top: int = 8) 
             lines.append(f"  - top own: " + "; ".join(f"`{f}` {p:.1f}%" for f, p in s["top_own"][:top]))
             incl = [(f, p) for f, p in s["top_inclusive"] if p < 99.5][:top]
             lines.append(f"  - top incl.: " + "; ".join(f"`{f}` {p:.0f}%" for f, p in incl))
+        if pr.get("kafka_jfr"):
+            lines.append(f"- **kafka**: JFR recording `{pr['kafka_jfr']}`, summary in `kafka-jfr.txt` next to it "
+                         "(shares per thread group, request handler and stage)")
         lines.append("")
     return lines
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stickystate.bench import loadgen
+from stickystate.bench import jfr
 from stickystate.bench import profile as pyspy
 from stickystate.bench.procs import CpuMeter, HiccupMeter, RedisServer, ServerGroup
 from stickystate.protocol import shard_of
@@ -616,6 +617,8 @@ class Runner:
         targets = env.python_procs()
         recs = [pyspy.start(name, pid, out_dir, cfg.profile_rate_hz, cfg.profile_native)
                 for name, pid in targets.items()]
+        kafka_pid = getattr(env, "kafka_pid", None)
+        jfr_on = bool(kafka_pid) and jfr.start(kafka_pid)  # the broker's side, when the bench runs it
         per_proc = CpuMeter({name: [pid] for name, pid in targets.items()})
         per_proc.start()
         t0 = time.monotonic()
@@ -628,11 +631,13 @@ class Runner:
             procs = {r.name: pyspy.finish(r, wall, cfg.profile_rate_hz, f"{sysdef.name} {mix} {rate:g}/s",
                                           cpu.get(r.name))
                      for r in recs}
+            recording = jfr.stop(kafka_pid, out_dir) if jfr_on else None
         self.profiles.append({
             "system": sysdef.name, "mix": mix, "rate": rate, "dir": str(out_dir),
             "step": {k: step[k] for k in ("target_rate", "achieved_rate", "latency_ms", "errors", "cpu_pct",
                                           "hiccups", "bytes_per_turn")},
             "procs": procs,
+            "kafka_jfr": str(recording) if recording else None,
         })
         self.save()
 

@@ -286,3 +286,42 @@ async def test_loadgen_checks_catch_a_version_that_does_not_grow() -> None:
     assert (first["ok"], first["checks"]["ok"], first["checks"]["fail"]) == (20, 20, 0)
     assert (stuck["ok"], stuck["checks"]["ok"], stuck["checks"]["fail"]) == (20, 0, 20)
     assert "check failed (turn)" in stuck["checks"]["examples"][0]
+
+
+def test_broker_profile_summary_from_jfr_samples() -> None:
+    """bench/jfr.py: samples as ``jfr print --json`` gives them (classes with slashes, frames
+    top first) -> shares per thread group, per KafkaApis handler and per stage, inclusive."""
+    from stickystate.bench import jfr
+
+    def frame(cls: str, method: str) -> dict[str, Any]:
+        return {"method": {"type": {"name": cls}, "name": method}, "lineNumber": 1, "type": "JIT compiled"}
+
+    def sample(thread: str, *frames: tuple[str, str]) -> dict[str, Any]:
+        return {"type": "jdk.ExecutionSample",
+                "values": {"sampledThread": {"javaName": thread},
+                           "stackTrace": {"truncated": False, "frames": [frame(c, m) for c, m in frames]}}}
+
+    produce = (("org/apache/kafka/storage/internals/log/UnifiedLog", "append"),
+               ("kafka/server/ReplicaManager", "appendRecords"),
+               ("kafka/server/KafkaApis", "handleProduceRequest"),
+               ("kafka/server/KafkaApis", "handle"),
+               ("kafka/server/KafkaRequestHandler", "run"))
+    doc = {"recording": {"events": [
+        sample("data-plane-kafka-request-handler-0", *produce),
+        sample("data-plane-kafka-request-handler-3", *produce[1:]),
+        sample("data-plane-kafka-request-handler-1", ("kafka/server/KafkaApis", "handleFetchRequest"),
+               ("kafka/server/KafkaApis", "handle"), ("kafka/server/KafkaRequestHandler", "run")),
+        sample("data-plane-kafka-network-thread-1-ListenerName(PLAINTEXT)-PLAINTEXT-2",
+               ("org/apache/kafka/common/network/Selector", "poll")),
+    ]}}
+    samples = jfr.parse_samples(doc)
+    assert samples[0] == ("data-plane-kafka-request-handler-0", ["UnifiedLog.append", "ReplicaManager.appendRecords",
+                          "KafkaApis.handleProduceRequest", "KafkaApis.handle", "KafkaRequestHandler.run"])
+    s = jfr.summarise(samples)
+    assert s["thread"] == {"data-plane-kafka-request-handler-N": 3,
+                           "data-plane-kafka-network-thread-N-ListenerName(PLAINTEXT)-PLAINTEXT-N": 1}
+    assert s["request handler (inclusive)"] == {"KafkaApis.handleProduceRequest": 2, "KafkaApis.handleFetchRequest": 1}
+    assert s["stage (inclusive)"]["KafkaRequestHandler.run"] == 3 and s["stage (inclusive)"]["UnifiedLog.append"] == 1
+    assert s["own (top frame)"]["ReplicaManager.appendRecords"] == 1
+    text = jfr.summary_text(samples)
+    assert text.startswith("# Kafka broker, JFR execution samples: 4") and " 50.0%  KafkaApis.handleProduceRequest" in text
