@@ -22,17 +22,23 @@ from tests.watching import take
 PARTITIONS = 4
 
 
+async def serve_every_shard(node: Any) -> None:
+    """Assign every shard to the one node and wait until it serves them all (no Kafka:
+    recovery is immediate, each wait is on the shard's own recovery event)."""
+    await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
+    deadline = time.monotonic() + 10
+    while len(node.store.serving) < PARTITIONS:
+        assert time.monotonic() < deadline, "shards not served"
+        await node.store.recovering[next(iter(node.store.recovering))].wait()
+
+
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-front", "aiohttp"])
 async def test_a_front_streams_the_watch_and_frees_the_watcher_when_the_client_goes(fast_path: bool) -> None:
     settings = NodeSettings(auth="open", port=0, fast_path=fast_path, replication=False,
                             replicator=ReplicatorSettings(partitions=PARTITIONS),
                             watch=WatchLimits(ring_events=2, heartbeat_s=0.5))
     async with running(settings) as node:
-        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
-        deadline = time.monotonic() + 10
-        while len(node.store.serving) < PARTITIONS:
-            assert time.monotonic() < deadline, "shards not served"
-            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        await serve_every_shard(node)
         base = f"http://127.0.0.1:{node.port}"
         hub = node.store.watch
         async with aiohttp.ClientSession() as http:
@@ -132,11 +138,7 @@ async def test_a_stream_waiting_for_the_log_keeps_its_keep_alives_and_ends_when_
                             replicator=ReplicatorSettings(partitions=PARTITIONS),
                             watch=WatchLimits(heartbeat_s=0.2))
     async with running(settings) as node:
-        await node.store.assign(1, {s: "n1" for s in range(PARTITIONS)}, {})
-        deadline = time.monotonic() + 10
-        while len(node.store.serving) < PARTITIONS:
-            assert time.monotonic() < deadline, "shards not served"
-            await node.store.recovering[next(iter(node.store.recovering))].wait()
+        await serve_every_shard(node)
         base = f"http://127.0.0.1:{node.port}"
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": "s1", "data": {"n": 0}})) as resp:
