@@ -65,6 +65,9 @@ class _StoreCollector(Collector):
             ("replication_send_seconds", "Sum of enqueue-to-acknowledgement time of acknowledged events",
              rep.send_latency_sum_s),
             ("replication_producer_rebuilds", "Kafka producers rebuilt after a failure", rep.rebuilds_total),
+            ("replication_batches", "Record batches handed to the Kafka producer (one per partition per round, "
+             "snapshots' included): the broker's work goes by batches",
+             rep.batches_total),
             ("expirations", "Sessions expired by TTL", st.expiry.expired_total),
             ("recoveries", "Shards acquired (rebuilt or promoted)", own.recoveries_total),
             ("recovery_events_replayed", "Change events applied while rebuilding shards", own.recovery_events_total),
