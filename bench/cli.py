@@ -27,6 +27,13 @@ DEFAULT_RATES = [200, 400, 650, 1000, 1300, 1600, 2000, 2500, 3200, 4000, 5000, 
 QUICK_RATES = [200]
 
 
+def _kafka_prop(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrivals", choices=["uniform", "poisson"], default="uniform")
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", ""),
                    help="use this Kafka (default: $KAFKA_BOOTSTRAP, else start a local broker once)")
+    p.add_argument("--kafka-prop", action="append", default=[], metavar="KEY=VALUE", type=_kafka_prop,
+                   help="a server.properties setting of the broker the harness starts (repeatable; e.g. "
+                        "num.io.threads=2), to measure the broker's own settings")
     p.add_argument("--noisy-pct", type=float, default=25.0,
                    help="a step during which other processes used more than this %% of one core is noisy")
     p.add_argument("--stall-pct", type=float, default=0.8,
@@ -136,6 +146,7 @@ def config_from_args(ns: argparse.Namespace) -> Config:
         slo_p99_ms=ns.slo_p99_ms,
         arrivals=ns.arrivals,
         kafka_bootstrap=ns.kafka_bootstrap,
+        kafka_props=dict(ns.kafka_prop),
         seed=ns.seed,
         quick=quick,
         check_every=10 if quick else 50,

@@ -58,6 +58,9 @@ SYSTEMS: dict[str, SystemDef] = {s.name: s for s in (
     SystemDef("direct-repl-off", "straight to node, replication off", "sticky", "cluster-off", "direct"),
     SystemDef("direct-plain", "straight to node, encryption off", "sticky", "cluster-plain", "direct"),
 )}
+# A profile step lasts at least this long: JFR samples each running broker thread every 10-20 ms,
+# and a 3 s step gave it a few dozen samples.
+PROFILE_MIN_STEP_S = 10.0
 MAIN_SYSTEMS = ("router", "direct", "direct-raw", "redis-naive", "redis-atomic", "client-side")
 # the replication cost: the same raw requests at three durabilities
 REPLICATION_SYSTEMS = ("direct-repl-off", "direct-raw", "direct-log", "direct-plain")
@@ -93,6 +96,7 @@ class Config:
     saturation_p99_ms: float = 1000.0
     arrivals: str = "uniform"
     kafka_bootstrap: str = ""
+    kafka_props: dict[str, str] = field(default_factory=dict)  # --kafka-prop: the local broker's settings
     seed_concurrency: int = 32
     seed: int = 1
     quick: bool = False
@@ -367,7 +371,8 @@ class Runner:
         ensure_jars()
         t0 = time.monotonic()
         log("starting Kafka (KRaft, one broker) ...")
-        self.kafka = LocalKafka(self.logs / "kafka", log_file=self.logs / "kafka.log")
+        self.kafka = LocalKafka(self.logs / "kafka", log_file=self.logs / "kafka.log",
+                                extra_props=dict(self.cfg.kafka_props))
         self.kafka.start()
         self.kafka_bootstrap = self.kafka.bootstrap
         log(f"Kafka ready at {self.kafka_bootstrap} in {time.monotonic() - t0:.1f}s")
@@ -621,10 +626,11 @@ class Runner:
         jfr_on = bool(kafka_pid) and jfr.start(kafka_pid)  # the broker's side, when the bench runs it
         per_proc = CpuMeter({name: [pid] for name, pid in targets.items()})
         per_proc.start()
+        seconds = cfg.step_s if cfg.quick else max(cfg.step_s, PROFILE_MIN_STEP_S)
         t0 = time.monotonic()
         try:
             step = self._measure(gen, {**comps, "py-spy": [r.popen.pid for r in recs]}, sysdef.name, mix, rate,
-                                 cfg.step_s, MIXES[mix], phase="profile")
+                                 seconds, MIXES[mix], phase="profile")
         finally:
             wall = time.monotonic() - t0
             cpu = per_proc.stop()

@@ -325,3 +325,22 @@ def test_broker_profile_summary_from_jfr_samples() -> None:
     assert s["own (top frame)"]["ReplicaManager.appendRecords"] == 1
     text = jfr.summary_text(samples)
     assert text.startswith("# Kafka broker, JFR execution samples: 4") and " 50.0%  KafkaApis.handleProduceRequest" in text
+
+
+def test_broker_settings_for_an_ab_reach_the_local_broker(tmp_path: Path) -> None:
+    """--kafka-prop KEY=VALUE (repeatable) becomes the Config's kafka_props, which the
+    harness gives the broker it starts (LocalKafka extra_props, over its own settings);
+    anything but KEY=VALUE is refused at parsing."""
+    from stickystate.bench.cli import build_parser, config_from_args
+    from stickystate.kafka_local import LocalKafka
+
+    parser = build_parser()
+    ns = parser.parse_args(["--out", str(tmp_path), "--kafka-prop", "num.io.threads=2",
+                            "--kafka-prop", " num.network.threads = 1"])
+    cfg = config_from_args(ns)
+    assert cfg.kafka_props == {"num.io.threads": "2", "num.network.threads": "1"}
+    assert config_from_args(parser.parse_args(["--out", str(tmp_path)])).kafka_props == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kafka-prop", "num.io.threads"])
+    props = LocalKafka(tmp_path / "k", extra_props=cfg.kafka_props).server_properties()
+    assert props["num.io.threads"] == "2" and props["num.network.threads"] == "1"
