@@ -178,12 +178,14 @@ def test_profile_summary_and_flame_graph_from_collapsed_stacks() -> None:
         "json_response (node/http.py) 10",
         "main (cli.py);Runner.run (asyncio/runners.py);Fetcher._fetch_requests_routine (aiokafka/consumer/fetcher.py)"
         ";Schema.decode (aiokafka/protocol/types.py) 20",
+        # the liveness echo thread, blocked in recvfrom: py-spy samples it, it is not CPU
+        "_bootstrap (threading.py);run (threading.py);LivenessEcho._run (node/liveness.py) 30",
         "garbage line",
     ])
     stacks = profile.parse_collapsed(text)
-    assert len(stacks) == 4
+    assert len(stacks) == 5
     s = profile.summarize(stacks, duration_s=2.0, rate_hz=100)
-    assert s["samples"] == 100 and s["active_pct"] == 50.0
+    assert s["samples"] == 100 and s["blocked_samples"] == 30 and s["active_pct"] == 50.0
     areas = dict(s["by_area"])
     assert areas == {profile.EVENT_LOOP: 50.0, "Kafka consumer: aiokafka Fetcher": 20.0,
                      "node: store.write (apply, limits, hand-over to the replicator)": 20.0,
