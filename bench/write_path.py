@@ -5,7 +5,9 @@ same machine); not a test, and its figures are this machine's.
 - store.write: NodeStore.write with replication off (serving_shard, apply, limits,
   commit), with and without an Idempotency-Key per write (the router adds one to every
   write it forwards), and with 10 watchers on every session (the watch hook: a change
-  into each watcher's buffer; the frames are made by the streams, not here);
+  into each watcher's buffer; the frames are made by the streams, not here); and on the
+  benchmark's own shape (1,000 sessions, each a window of 50 messages of ~300 bytes, turns
+  spread over them: the states are cold in the caches, as on a node);
 - standby replay + promotion: Shard.apply_record over a log of appends as a standby
   (the compact form), then unpack_all;
 - own_acked: the owner verifying its records from Kafka's acknowledgements, in batches;
@@ -98,6 +100,36 @@ async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) ->
         await store.stop()
 
 
+async def _window_writes(ops: int, rounds: int, sessions: int = 1000, window: int = 50) -> list[float]:
+    """``stickystate bench``'s turn: an append to a 50-message window, over 1,000 sessions."""
+    from stickystate.bench.loadgen import message_doc
+
+    store = NodeStore(NodeSettings(auth="open", replication=False, snapshot_every_events=0))
+    await store.start()
+    try:
+        await store.assign(0, {s: store.me for s in range(store.partitions)}, {})
+        while store.recovering:
+            await asyncio.sleep(0.001)
+        sids = [f"bench-{i}" for i in range(sessions)]
+        for i, sid in enumerate(sids):
+            await store.write({"op": "create", "sid": sid, "ttl_s": 3600.0,
+                               "data": {"messages": [message_doc(i * window + n, 300) for n in range(window)]}})
+        out, n = [], sessions * window
+        for _ in range(rounds):
+            batch = [{"op": "append", "sid": sids[(i * 7919) % sessions], "field": "messages",
+                      "items": [message_doc(n + i, 300)], "max_len": window} for i in range(ops)]
+            n += ops
+            gc.collect()
+            t0 = time.process_time()
+            for op in batch:
+                await store.write(op, appended_field="messages")
+            out.append(time.process_time() - t0)
+        return out
+    finally:
+        await asyncio.sleep(0.01)
+        await store.stop()
+
+
 def _standby_replay(log: list[dict[str, Any]]) -> float:
     t0 = time.process_time()
     shard = _claimed("n2")
@@ -155,6 +187,7 @@ def main() -> None:
         "store.write": asyncio.run(_store_writes(args.ops, args.rounds, idem=False)),
         "store.write + idem key": asyncio.run(_store_writes(args.ops, args.rounds, idem=True)),
         "store.write, 10 watchers": asyncio.run(_store_writes(args.ops, args.rounds, idem=False, watchers=10)),
+        "store.write, bench window": asyncio.run(_window_writes(args.ops, args.rounds)),
         "standby replay + promote": _rounds(args.rounds, lambda: _standby_replay(log)),
         "own_acked (per record)": _rounds(args.rounds, lambda: _own_acked(log)),
         "event encode+decode plain": _rounds(args.rounds, lambda: _codec_round_trip(log, Codec(None))),

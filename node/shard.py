@@ -53,7 +53,9 @@ class Shard:
     my_epoch: int | None = None  # set while this node owns the shard
     # effective claims in log order: (offset, epoch, node); used to confirm own writes
     claims: list[tuple[int, int, str]] = field(default_factory=list)
-    sizes: dict[str, int] = field(default_factory=dict)  # JSON size of each session's data (packed: its bytes)
+    # JSON size of each session's data, exact for ``sessions`` (a live append's size is computed
+    # from it: node/validate.py appended_size); a packed session's: its bytes
+    sizes: dict[str, int] = field(default_factory=dict)
     data_bytes: int = 0
     last_offset: dict[str, int] = field(default_factory=dict)  # offset of each session's last event read
     covered: int = 0  # events skipped because a loaded snapshot already holds them

@@ -28,7 +28,7 @@ from stickystate.node.idempotency import DELIVERY, EPOCH, FP, STATE, STATUS, Ide
 from stickystate.node.ops import Op, Session, apply
 from stickystate.node.roles import ShardRoles
 from stickystate.node.shard import DELETED, Shard
-from stickystate.node.validate import Limits, check_precondition, check_state
+from stickystate.node.validate import Limits, appended_size, check_precondition, check_state
 from stickystate.node.verification import OwnerVerification, StallGuard
 from stickystate.replicator.errors import ReplicationError
 from stickystate.replicator.follower import Follower
@@ -141,7 +141,13 @@ class Writes:
             self.expiry.expire_now(shard, sid)
         check_precondition(if_match, None if current is None else current["version"])
         new, event = apply(current, op, now)
-        size = check_state(new["data"], self.limits, appended_field) if new is not None else 0
+        size = None
+        if (op["op"] == "append" and new is not None and current is not None
+                and new["key_expiry"] is current["key_expiry"]):  # no key expired: only the list changed
+            old_size = shard.sizes.get(sid)
+            if old_size is not None:
+                size = appended_size(current["data"], old_size, new["data"], op["field"], op["items"])
+        size = check_state(new["data"], self.limits, appended_field, size) if new is not None else 0
         epoch = shard.my_epoch
         assert epoch is not None
         event["node"] = self.me

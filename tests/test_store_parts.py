@@ -99,3 +99,49 @@ async def test_expiry_stops_even_when_woken_just_before() -> None:
     await asyncio.sleep(0)
     expiry.schedule({"id": "s", "expires_at": time.time() + 60})  # sets its wake-up event
     await asyncio.wait_for(expiry.stop(), 5.0)
+
+
+async def test_a_shard_keeps_each_sessions_exact_size_through_appends_windows_and_expired_keys() -> None:
+    """Writes.write sizes an append from the session's previous size (validate.appended_size)
+    rather than encoding the whole state: the shard's sizes and data_bytes must stay what
+    encoding gives, through a window that cuts, a new list field, and an append right after
+    a key expired (then the whole state is measured again); the size limit still holds."""
+    import orjson
+
+    from stickystate.errors import PayloadTooLarge
+
+    now = [1000.0]
+    store = NodeStore(NodeSettings(auth="open", replication=False, node_id="n1"), clock=lambda: now[0])
+    await store.start()
+    try:
+        await store.assign(1, {s: "n1" for s in range(store.partitions)}, {})
+        await _until(lambda: store.ready)
+        await store.write({"op": "create", "sid": "s1", "data": {"m": [], "t": "x"}, "ttl_s": 600.0})
+        await store.write({"op": "set_key", "sid": "s1", "key": "tmp", "value": "y" * 50, "ttl_s": 5.0})
+        shard = store.roles.shards[store.shard_for("s1")]
+
+        def exact() -> None:
+            state = shard.sessions["s1"]
+            assert shard.sizes["s1"] == len(orjson.dumps(state["data"]))
+            assert shard.data_bytes == sum(len(orjson.dumps(s["data"])) for s in shard.sessions.values())
+
+        for i in range(12):
+            await store.write({"op": "append", "sid": "s1", "field": "m", "items": [{"i": i, "text": "é" * i}],
+                               "max_len": 5}, appended_field="m")
+            exact()
+        await store.write({"op": "append", "sid": "s1", "field": "other", "items": [1, 2, 3], "max_len": 2},
+                          appended_field="other")
+        exact()
+        now[0] += 10  # "tmp" expired: the append also drops it
+        await store.write({"op": "append", "sid": "s1", "field": "m", "items": ["z"], "max_len": 5}, appended_field="m")
+        assert "tmp" not in shard.sessions["s1"]["data"]
+        exact()
+        before = shard.sessions["s1"]
+        big = "b" * store.settings.limits.max_state_bytes
+        with pytest.raises(PayloadTooLarge):
+            await store.write({"op": "append", "sid": "s1", "field": "m", "items": [big], "max_len": 5},
+                              appended_field="m")
+        assert shard.sessions["s1"] is before  # refused: nothing changed
+        exact()
+    finally:
+        await store.stop()
