@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from stickystate import crypto
@@ -67,14 +68,25 @@ def _log(ops: int) -> list[dict[str, Any]]:
     return out
 
 
-async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) -> list[float]:
-    store = NodeStore(NodeSettings(auth="open", replication=False, snapshot_every_events=0,
-                                   watch=WatchLimits(buffer_events=ops * rounds, per_node=SESSIONS * 100)))
+@contextlib.asynccontextmanager
+async def _serving_store(settings: NodeSettings) -> AsyncIterator[NodeStore]:
+    """A started store serving every shard (replication off), stopped on the way out."""
+    store = NodeStore(settings)
     await store.start()
     try:
         await store.assign(0, {s: store.me for s in range(store.partitions)}, {})
         while store.recovering:
             await asyncio.sleep(0.001)
+        yield store
+    finally:
+        await asyncio.sleep(0.01)
+        await store.stop()
+
+
+async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) -> list[float]:
+    settings = NodeSettings(auth="open", replication=False, snapshot_every_events=0,
+                            watch=WatchLimits(buffer_events=ops * rounds, per_node=SESSIONS * 100))
+    async with _serving_store(settings) as store:
         sids = [f"bench-{i}" for i in range(SESSIONS)]
         for sid in sids:
             result = await store.write({"op": "create", "sid": sid, "data": {"m": []}, "ttl_s": 3600.0})
@@ -95,21 +107,13 @@ async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) ->
                     await store.write(op)
             out.append(time.process_time() - t0)
         return out
-    finally:
-        await asyncio.sleep(0.01)
-        await store.stop()
 
 
 async def _window_writes(ops: int, rounds: int, sessions: int = 1000, window: int = 50) -> list[float]:
     """``stickystate bench``'s turn: an append to a 50-message window, over 1,000 sessions."""
     from stickystate.bench.loadgen import message_doc
 
-    store = NodeStore(NodeSettings(auth="open", replication=False, snapshot_every_events=0))
-    await store.start()
-    try:
-        await store.assign(0, {s: store.me for s in range(store.partitions)}, {})
-        while store.recovering:
-            await asyncio.sleep(0.001)
+    async with _serving_store(NodeSettings(auth="open", replication=False, snapshot_every_events=0)) as store:
         sids = [f"bench-{i}" for i in range(sessions)]
         for i, sid in enumerate(sids):
             await store.write({"op": "create", "sid": sid, "ttl_s": 3600.0,
@@ -125,9 +129,6 @@ async def _window_writes(ops: int, rounds: int, sessions: int = 1000, window: in
                 await store.write(op, appended_field="messages")
             out.append(time.process_time() - t0)
         return out
-    finally:
-        await asyncio.sleep(0.01)
-        await store.stop()
 
 
 def _standby_replay(log: list[dict[str, Any]]) -> float:
