@@ -58,10 +58,13 @@ class LivenessEcho:
                 return
             if len(data) != LIVENESS_PING_BYTES:
                 continue  # not a ping: no answer (and no amplification)
+            # Counted before it leaves: whoever received an echo finds it counted (counted after
+            # sendto, the pinger could read the count first; a fresh-clone CI run caught that).
+            self.echoed_total += 1
             try:
                 sock.sendto(data, addr)
-                self.echoed_total += 1
             except OSError:
+                self.echoed_total -= 1
                 continue  # the pinger went away; the next ping comes from elsewhere or not at all
 
     def close(self) -> None:
