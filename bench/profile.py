@@ -133,6 +133,11 @@ EVENT_LOOP = "event loop itself (uvloop C code, callbacks, epoll)"
 BLOCKED_LEAVES = ("LivenessEcho._run (",)
 
 
+def blocked(frames: list[str]) -> bool:
+    """A sample of a helper thread waiting in a system call (``BLOCKED_LEAVES``): not CPU."""
+    return bool(frames) and frames[-1].startswith(BLOCKED_LEAVES)
+
+
 def area_of(frames: list[str]) -> str:
     joined = ";".join(frames)
     for name, patterns in AREAS:
@@ -147,7 +152,7 @@ def summarize(stacks: Stacks, duration_s: float, rate_hz: int, top: int = 25) ->
     """Shares of the samples: per area (``AREAS``), per package of the innermost frame,
     and top functions by own (innermost) and inclusive (anywhere in the stack, once per
     stack) samples."""
-    blocked = 0  # samples of a helper thread blocked in a system call (BLOCKED_LEAVES)
+    blocked_samples = 0
     areas: Counter[str] = Counter()
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -156,24 +161,24 @@ def summarize(stacks: Stacks, duration_s: float, rate_hz: int, top: int = 25) ->
         frames = [f for f in frames if _is_python_frame(f) or not f.startswith(("process ", "thread "))]
         if not frames:
             continue
-        leaf = frames[-1]
-        if leaf.startswith(BLOCKED_LEAVES):
-            blocked += count
+        if blocked(frames):
+            blocked_samples += count
             continue
+        leaf = frames[-1]
         areas[area_of(frames)] += count
         own[leaf] += count
         by_pkg[package_of(leaf)] += count
         for f in set(frames):
             incl[f] += count
 
-    total = sum(c for _, c in stacks) - blocked
+    total = sum(c for _, c in stacks) - blocked_samples
 
     def pct(n: int) -> float:
         return round(100.0 * n / total, 1) if total else 0.0
 
     return {
         "samples": total,
-        "blocked_samples": blocked,
+        "blocked_samples": blocked_samples,
         "duration_s": round(duration_s, 2),
         "rate_hz": rate_hz,
         # running, runnable or in a system call: more than the CPU used on a busy machine
@@ -211,7 +216,7 @@ def flamegraph_svg(stacks: Stacks, title: str, width: int = 1200, row_px: int = 
     samples of threads blocked in a system call (``BLOCKED_LEAVES``), as in ``summarize``."""
     tree: dict[str, Any] = {"n": 0, "kids": {}}
     for frames, count in stacks:
-        if frames and frames[-1].startswith(BLOCKED_LEAVES):
+        if blocked(frames):
             continue
         node = tree
         node["n"] += count

@@ -123,6 +123,7 @@ def log(msg: str) -> None:
 
 class Env:
     name = ""
+    kafka_pid: int | None = None  # the broker the harness started for this system, if any
 
     def targets(self, sysdef: SystemDef, sids: list[str]) -> tuple[list[tuple[str, int]], list[int]]:
         raise NotImplementedError
@@ -622,8 +623,8 @@ class Runner:
         targets = env.python_procs()
         recs = [pyspy.start(name, pid, out_dir, cfg.profile_rate_hz, cfg.profile_native)
                 for name, pid in targets.items()]
-        kafka_pid = getattr(env, "kafka_pid", None)
-        jfr_on = bool(kafka_pid) and jfr.start(kafka_pid)  # the broker's side, when the bench runs it
+        kafka_pid = env.kafka_pid
+        jfr_on = kafka_pid is not None and jfr.start(kafka_pid)  # the broker's side, when the bench runs it
         per_proc = CpuMeter({name: [pid] for name, pid in targets.items()})
         per_proc.start()
         seconds = cfg.step_s if cfg.quick else max(cfg.step_s, PROFILE_MIN_STEP_S)
@@ -637,7 +638,7 @@ class Runner:
             procs = {r.name: pyspy.finish(r, wall, cfg.profile_rate_hz, f"{sysdef.name} {mix} {rate:g}/s",
                                           cpu.get(r.name))
                      for r in recs}
-            recording = jfr.stop(kafka_pid, out_dir) if jfr_on else None
+            recording = jfr.stop(kafka_pid, out_dir) if jfr_on and kafka_pid is not None else None
         self.profiles.append({
             "system": sysdef.name, "mix": mix, "rate": rate, "dir": str(out_dir),
             "step": {k: step[k] for k in ("target_rate", "achieved_rate", "latency_ms", "errors", "cpu_pct",

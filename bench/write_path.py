@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from stickystate import crypto
+from stickystate.bench.loadgen import message_doc
 from stickystate.node.ops import apply
 from stickystate.replicator.keys import Codec, KeyRing
 from stickystate.node.settings import NodeSettings
@@ -111,8 +112,6 @@ async def _store_writes(ops: int, rounds: int, idem: bool, watchers: int = 0) ->
 
 async def _window_writes(ops: int, rounds: int, sessions: int = 1000, window: int = 50) -> list[float]:
     """``stickystate bench``'s turn: an append to a 50-message window, over 1,000 sessions."""
-    from stickystate.bench.loadgen import message_doc
-
     async with _serving_store(NodeSettings(auth="open", replication=False, snapshot_every_events=0)) as store:
         sids = [f"bench-{i}" for i in range(sessions)]
         for i, sid in enumerate(sids):
