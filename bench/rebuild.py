@@ -4,7 +4,8 @@ For each history length (default 20 and 2,000 changes per session) and with snap
 on and off, it starts a fresh 2-node stickystate cluster (no standbys, so a takeover
 is a rebuild from Kafka, not a promotion), gives every session a 50-message window
 (~300-byte messages, the bench workload) and then the given number of appends, waits
-until the owners' snapshots are due (``--snapshot-max-age-s`` + 1 s), kills the node
+until every change is acknowledged by Kafka and (with snapshots) covered by a
+checkpoint (the nodes' ``stickystate_snapshot_tail_events`` is 0), kills the node
 owning the first session with SIGKILL and reads, from the survivor, how long rebuilding
 the victim's shards took and what it read: snapshot records, tail records of ``changes``.
 
@@ -22,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +51,24 @@ def _wait(pred: Any, timeout_s: float, what: str) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _backlog(node_url: str, snapshots: bool) -> int:
+    """Events a node has not yet had acknowledged by Kafka, plus (with snapshots) the
+    records after its shards' last checkpoint (node metrics)."""
+    names = ("stickystate_replication_queue_depth ",) + (("stickystate_snapshot_tail_events ",) if snapshots else ())
+    with urllib.request.urlopen(node_url + "/metrics", timeout=2.0) as resp:  # noqa: S310 - loopback only
+        text = resp.read().decode()
+    return sum(int(float(line.split()[1])) for line in text.splitlines() if line.startswith(names))
+
+
+def _epochs(recoveries: list[dict[str, Any]], shards: set[int]) -> dict[int, int]:
+    """The highest epoch at which each of ``shards`` was acquired, from /internal/status's recoveries."""
+    out: dict[int, int] = {}
+    for r in recoveries:
+        if r["shard"] in shards:
+            out[r["shard"]] = max(out.get(r["shard"], 0), r["epoch"])
+    return out
 
 
 async def _load(router: str, sids: list[str], changes: int, window: int, message_bytes: int, concurrency: int) -> int:
@@ -95,25 +115,34 @@ def run_case(kafka: str, data_dir: Path, changes: int, snapshots: bool, args: ar
         errors = asyncio.run(_load(c.router_url, sids, changes, args.window, args.message_bytes, args.concurrency))
         log(f"  wrote {args.sessions} sessions x ({changes} + 1 window) changes in {time.monotonic() - t0:.1f}s"
             f" ({errors} errors)")
-        _wait(lambda: all(http_json(c.node_url(n) + "/internal/status")[1]["replication_queue"] == 0
-                          for n in c.node_ids()), 120, "replication queues to drain")
-        time.sleep(args.snapshot_max_age_s + 1.0)
+        # Every change is in Kafka and, with snapshots on, covered by an acknowledged
+        # checkpoint (no record after the last checkpoint, nothing queued): waited for,
+        # not slept on, so that a late snapshot on a loaded machine cannot leave a
+        # session outside the checkpoint the rebuild starts from.
+        _wait(lambda: all(_backlog(c.node_url(n), snapshots) == 0 for n in c.node_ids()), 120,
+              "replication queues to drain and the snapshots to cover every change")
         view = c.cluster_view()
         victim = view["shards"][str(shard_of(sids[0], c.partitions))]
         survivor = next(n for n in c.node_ids() if n != victim)
         moved = {int(s) for s, owner in view["shards"].items() if owner == victim}
         moved_sessions = [sid for sid in sids if shard_of(sid, c.partitions) in moved]
+        # The victim's epoch of each moved shard: the takeover's recovery is the survivor's
+        # record of a later epoch (the survivor may hold older records of these shards
+        # from start-up, when shards moved between the two nodes).
+        before = _epochs(http_json(c.node_url(victim) + "/internal/status")[1]["recoveries"], moved)
         c.kill_node(victim)
         _wait(lambda: c.cluster_view()["settled"]
               and all(c.cluster_view()["shards"][str(s)] == survivor for s in moved), 180, "takeover")
-        _wait(lambda: {r["shard"] for r in http_json(c.node_url(survivor) + "/internal/status")[1]["recoveries"]
-                       if r["epoch"] >= 2} >= moved, 180, "recovery records")
-        recs = [r for r in http_json(c.node_url(survivor) + "/internal/status")[1]["recoveries"]
-                if r["shard"] in moved and r["epoch"] >= 2]
-        last = {}
-        for r in recs:
-            last[r["shard"]] = r
-        recs = list(last.values())
+
+        def takeovers() -> dict[int, dict[str, Any]]:
+            last: dict[int, dict[str, Any]] = {}
+            for r in http_json(c.node_url(survivor) + "/internal/status")[1]["recoveries"]:
+                if r["shard"] in moved and r["epoch"] > before.get(r["shard"], 0):
+                    last[r["shard"]] = r
+            return last
+
+        _wait(lambda: set(takeovers()) == moved, 180, "recovery records")
+        recs = list(takeovers().values())
         return {
             "changes_per_session": changes, "snapshots": snapshots, "sessions_moved": len(moved_sessions),
             "shards_moved": len(moved), "log_events_moved": len(moved_sessions) * (changes + 2),
@@ -171,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker.start()
             kafka = broker.bootstrap
         try:
-            rows = []
+            rows: list[dict[str, Any]] = []
             for changes in args.changes:
                 for snapshots in (True,) if args.no_baseline else (True, False):
                     log(f"case: {changes} changes/session, snapshots {'on' if snapshots else 'off'}")
