@@ -7,6 +7,7 @@ there, and B's final data is A's final read."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from stickystate.local_cluster import LocalCluster
 from stickystate.protocol import shard_of
 from stickystate.router.placement import Placement
 from tests.helpers import wait_until
-from tests.watching import Device
+from tests.watching import Device, take
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -163,3 +164,40 @@ async def test_two_devices_through_the_router_see_every_change_through_kill_and_
     assert set(resets) <= {"epoch", "unknown_version"}, resets
     assert len(resets) <= 1, resets
     print(f"B: {len(events)} events over {b.streams} streams, resets {resets}, final version {final['version']}")
+
+
+async def test_a_paused_owner_ends_the_routers_stream_and_the_watcher_resumes_on_the_new_owner(
+        start_cluster: Callable[..., LocalCluster]) -> None:
+    """A paused owner keeps its connections open: the router ends the client's stream
+    when it declares the owner dead (router/streams.py), not when TCP notices, and the
+    client's resume with its last id reaches the new owner: every change after it, once."""
+    cluster = start_cluster(nodes=2, partitions=4, standbys=1)
+    base = cluster.router_url
+    sid = "paused-watch"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": sid, "data": {"turns": []}}),
+                             headers={"Durability": "log"}) as resp:
+            assert resp.status == 201
+        owner = cluster.owner_of_shard(shard_of(sid, 4))
+        for i in range(3):
+            await append(http, base, sid, 2 * i + 1)  # odd: Durability log
+        resp = await http.get(f"{base}/v1/sessions/{sid}/watch")
+        assert resp.status == 200
+        (first,) = await take(resp, 1)
+        assert (first.kind, first.version) == ("state", 4)
+        cluster.signal_node(owner, signal.SIGSTOP)
+        try:
+            # the stream ends (the router closed it), long before any TCP timeout would
+            tail = await asyncio.wait_for(resp.content.read(), 30)
+            assert b"event: change" not in tail
+            await wait_until(lambda: cluster.owner_of_shard(shard_of(sid, 4)) != owner, 30, "takeover")
+            for i in range(3, 5):
+                await append(http, base, sid, 2 * i + 1)
+            async with http.get(f"{base}/v1/sessions/{sid}/watch", headers={"Last-Event-ID": first.id}) as again:
+                assert again.status == 200
+                events = await take(again, 2)
+        finally:
+            cluster.signal_node(owner, signal.SIGCONT)
+            resp.close()
+    assert [(e.kind, e.version) for e in events] == [("change", 5), ("change", 6)], events
+    assert [e.data["event"]["items"] for e in events] == [[7], [9]]

@@ -332,6 +332,10 @@ class ClientConnection(asyncio.Protocol):
         if not self._lost and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    @property
+    def paused(self) -> bool:
+        return self._writable is not None
+
     async def drain(self) -> None:
         if self._lost:
             raise ConnectionResetError("client gone")

@@ -25,6 +25,11 @@ class StreamSink(Protocol):
 
     async def drain(self) -> None: ...
 
+    @property
+    def paused(self) -> bool:
+        """The client's buffer is over its high-water mark (``drain`` would wait)."""
+        ...
+
 
 class Streaming:
     """A streamed answer: the status and headers (framing is added here), and the pump
