@@ -160,6 +160,7 @@ def streaming_of(watch: Watch, rid: bytes) -> Streaming:
     """A watch as a streamed answer: its frames written as they come (stickystate/http/stream.py)."""
 
     async def pump(sink: StreamSink) -> None:
+        watch.sink = sink  # changes may be written straight from the write path (node/watch.py)
         try:
             async for chunk in watch.frames():
                 sink.send(chunk)

@@ -32,9 +32,12 @@ each version's data), else (retention removed them, the lifetime's start is gone
 The resumes of one shard waiting for the log share one scan of its partition
 (``SharedLogReads``), and a stream waiting for it still sends its keep-alive comments.
 
-A watcher never slows the owner: ``changed`` only appends to each watcher's bounded
-buffer; on overflow the buffer is emptied and the watcher gets a ``reset`` with the
-state as it is when it catches up.
+A watcher never slows the owner: ``changed`` writes a change straight to a watcher's
+client only when the stream is waiting with nothing to send and the client's connection
+takes it (below its high-water mark: a write that cannot block); otherwise it appends to
+the watcher's bounded buffer, and the stream's task sends it. On overflow the buffer is
+emptied and the watcher gets a ``reset`` with the state as it is when it catches up. The
+frame of a change is built once for all the watchers of a session that see it alike.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class Watcher:
     with the ring and every other watcher of the session: the bytes are what this buffer
     alone may keep alive)."""
 
-    __slots__ = ("limit", "limit_bytes", "buffer", "bytes", "overflowed", "ended", "wake", "hub")
+    __slots__ = ("limit", "limit_bytes", "buffer", "bytes", "overflowed", "ended", "wake", "hub", "direct")
 
     def __init__(self, hub: WatchHub, limit: int, limit_bytes: int) -> None:
         self.hub = hub
@@ -134,11 +137,19 @@ class Watcher:
         self.overflowed = False
         self.ended: str | None = None
         self.wake = asyncio.Event()
+        # Set by the stream while it waits with nothing left to send (node/watch_stream.py
+        # ``Watch._direct``): a change is then written to the client from here, without
+        # waking the stream's task; False when it cannot be (client behind, not a plain
+        # change), and the change is buffered as usual.
+        self.direct: Callable[[Change], bool] | None = None
 
     def push(self, change: Change) -> None:
         if self.overflowed:
             return
         buffer = self.buffer
+        direct = self.direct
+        if direct is not None and not buffer and direct(change):
+            return
         held = len(buffer)
         size = _size(change)
         if held and (held >= self.limit or self.bytes + size > self.limit_bytes):
@@ -189,6 +200,9 @@ class WatchHub:
         self.opened_total = 0
         self.refused_total = 0
         self.log_reads: SharedLogReads | None = None  # the handlers', for the status
+        # The frames of the change being pushed, by (epoch, public id, changes_only): the
+        # watchers of a session share them (node/watch_stream.py ``Watch._change_frame``).
+        self.frames_of: tuple[Change | None, dict[tuple[int, str, bool], bytes]] = (None, {})
 
     # -- the write path's hook ------------------------------------------------------------
     def changed(self, shard: int, event: Op, new: Session | None) -> None:

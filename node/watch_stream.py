@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from stickystate.errors import StickyError
+from stickystate.http.stream import StreamSink
 from stickystate.node.ops import Op, Session, apply, live_keys, view
 from stickystate.node.watch import Change, LogReader, Watcher, WatchHub, life_of, make_change
 
@@ -45,6 +46,7 @@ class Watch:
         self.from_log: int | None = None  # resume: the position to read the log from
         self.check_epoch: int | None = None  # resume: the sender's epoch the writer of from_log must not exceed
         self._sid_json: bytes | None = None  # b'{"sid":"<public id>"': the head of every change's event
+        self.sink: StreamSink | None = None  # the client connection, if the front lets changes be written directly
 
     def open(self, position: tuple[int, int | None, int | None] | None) -> None:
         """Subscribe and decide the first frames; synchronous (no change can slip between)."""
@@ -88,6 +90,7 @@ class Watch:
 
     def close(self) -> None:
         if self.watcher is not None:
+            self.watcher.direct = None
             self.hub.unsubscribe(self.sid, self.watcher)
             self.watcher = None
 
@@ -107,10 +110,33 @@ class Watch:
             self.hub.count_reset(cause)
         return self._state_frame("reset", state, cause=cause)
 
+    def _direct(self, c: Change) -> bool:
+        """Written straight to the client by the write path (node/watch.py ``Watcher.push``):
+        only while this stream waits with nothing to send, only a plain change of this
+        lifetime, and only if the client's connection is below its high-water mark."""
+        sink = self.sink
+        if sink is None or sink.paused or c[2] != "change" or c[3] != self.life:
+            return False
+        if c[0] > self.sent:
+            sink.send(self._change_frame(c))
+        return True
+
     def _change_frame(self, c: Change) -> bytes:
-        """The change's frame, spliced from its JSON (encoded once, node/watch.py ``make_change``)."""
+        """The change's frame, spliced from its JSON (encoded once, node/watch.py
+        ``make_change``), and shared with the other watchers of the session that see it
+        alike (the hub keeps the frames of the change being pushed)."""
         version, _, kind, life, event, data = c
         self.sent = version
+        hub = self.hub
+        key = (self.epoch, self.public_id, self.changes_only)
+        if hub.frames_of[0] is c:
+            shared = hub.frames_of[1]
+            done = shared.get(key)
+            if done is not None:
+                return done
+        else:
+            shared = {}
+            hub.frames_of = (c, shared)
         if self._sid_json is None:
             self._sid_json = b'{"sid":' + orjson.dumps(self.public_id)
         parts = [b"id: ", self._position(version, life).encode(), b"\nevent: ", kind.encode(),
@@ -119,7 +145,8 @@ class Watch:
         if data is not None and kind == "change" and not self.changes_only:
             parts += (b',"data":', data)
         parts.append(b"}\n\n")
-        return b"".join(parts)
+        shared[key] = out = b"".join(parts)
+        return out
 
     async def frames(self) -> AsyncIterator[bytes]:
         watcher = self.watcher
@@ -173,11 +200,14 @@ class Watch:
                     return
                 continue
             watcher.wake.clear()
+            watcher.direct = self._direct  # nothing left to send: the write path may write to the client
             try:
                 async with asyncio.timeout(limits.heartbeat_s):
                     await watcher.wake.wait()
             except TimeoutError:
+                watcher.direct = None
                 yield b": keep-alive\n\n"
+            watcher.direct = None
 
     async def _from_log(self) -> list[bytes]:
         """The changes after ``from_log`` read from the log, or a reset."""
