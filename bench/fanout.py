@@ -1,35 +1,43 @@
 """Watch fan-out: ``python -m stickystate.bench.fanout``.
 
-A local cluster (its own broker unless ``--kafka-bootstrap``), ``--sessions`` sessions,
-and an open-loop writer offering ``--rate`` appends per second over them through the
-router, first without watchers, then with ``--watchers`` watch streams spread evenly over
-the sessions (``?changes_only=1``, through the router, read by a separate process). For
-each phase: the appends acknowledged per second, their latency, the nodes' and the
-router's CPU (% of one core); with watchers, the delivery latency of each event to each
-watcher (the writer's acknowledgement -> the watcher's reception, both ``time.time()`` on
-this machine), p50/p99, and how many deliveries and resets there were.
+A local cluster (its own broker unless ``--kafka-bootstrap``; 2 nodes, 16 partitions, a
+router), ``--sessions`` sessions, and an open-loop writer offering appends over them
+through the router at each of ``--rates``, each rate twice back to back: without watchers,
+and with ``--watchers`` watch streams spread evenly over the sessions (``?changes_only=1``,
+through the router, opened and read by a separate process at the byte level). For each
+phase: the appends acknowledged per second, their latency, the CPU (% of one core) of the
+nodes, the router, the broker, the writer and the watcher process; with watchers, the
+delivery latency of each event to each watcher (the writer's acknowledgement -> the
+watcher's reception, both ``time.time()`` on this machine), p50/p99, and how many
+deliveries and resets there were.
 
-Goals (issue 13): delivery p99 at most 50 ms; throughput at the SLO at most 10% lower with
-the watchers. Results: ``<out>/fanout.json`` and a line per phase on stdout.
+Goals (issue 13): turn throughput at the SLO (append p99 <= ``--slo-ms``, everything
+offered acknowledged) at most 10% lower with the watchers; delivery p99 at most 50 ms.
+The measuring processes share the machine with the cluster: their CPU is in the report.
+Results: ``<out>/fanout.json``, a line per phase on stderr, a table and the summary on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from stickystate.bench.procs import CpuMeter
 from stickystate.local_cluster import LocalCluster
+from stickystate.protocol import shard_of
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -41,7 +49,19 @@ def _pct(values: list[float], q: float) -> float | None:
 
 async def _write_phase(base: str, sids: list[str], rate: float, seconds: float,
                        acks: dict[tuple[str, int], float] | None) -> dict[str, Any]:
-    """Open loop: one append every 1/rate s, round-robin over the sessions."""
+    """Open loop: one append every 1/rate s, round-robin over the sessions (the cyclic
+    garbage collector off meanwhile, as in bench/loadgen.py: the writer's own pauses are
+    not the cluster's latency)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return await _open_loop(base, sids, rate, seconds, acks)
+    finally:
+        gc.enable()
+
+
+async def _open_loop(base: str, sids: list[str], rate: float, seconds: float,
+                     acks: dict[tuple[str, int], float] | None) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     inflight: set[asyncio.Task[None]] = set()
@@ -89,53 +109,137 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 2)
 
 
-def _watch_main(base: str, sids: list[str], per_session: int, out_path: str, ready: Any, stop: Any) -> None:
-    """A separate process: the watchers. Writes ``(sid, version, received)`` triples and counts."""
-    asyncio.run(_watch_all(base, sids, per_session, out_path, ready, stop))
+def _watch_main(bases: dict[str, str], sids: list[str], per_session: int, out_path: str, ready: Any,
+                stop: Any) -> None:
+    """A separate process: the watchers. Writes ``(sid, version, received)`` triples and counts.
+    The cyclic garbage collector is off (as in bench/loadgen.py): its full collections over
+    the growing list of receptions would stall this process and count as delivery latency."""
+    gc.disable()
+    asyncio.run(_watch_all(bases, sids, per_session, out_path, ready, stop))
 
 
-async def _watch_all(base: str, sids: list[str], per_session: int, out_path: str, ready: Any, stop: Any) -> None:
+class _Watcher(asyncio.Protocol):
+    """One watch stream, read at the byte level (no HTTP client, no per-line coroutine):
+    the measuring side of the bench should cost the shared machine as little as it can.
+    Records ``(sid, version, received)`` for every ``change`` and counts resets."""
+
+    def __init__(self, sid: str, received: list[tuple[str, int, float]], counts: dict[str, int],
+                 opened: asyncio.Future[bool]) -> None:
+        self.sid = sid
+        self.received = received
+        self.counts = counts
+        self.opened = opened
+        self.buf = b""
+        self.head = True
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buf = self.buf + data
+        if self.head:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            ok = buf.startswith(b"HTTP/1.1 200")
+            if not self.opened.done():
+                self.opened.set_result(ok)
+            self.head = False
+            buf = buf[end + 4:]
+        frames = buf.split(b"\n\n")
+        self.buf = frames.pop()
+        for f in frames:
+            if b"\nevent: change\n" in f:
+                at = f.index(b'"version":') + 10
+                self.received.append((self.sid, int(f[at:f.index(b",", at)]), now))
+                self.counts["events"] += 1
+            elif b"\nevent: reset\n" in f:
+                self.counts["resets"] += 1
+                self.counts["events"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_result(False)
+
+
+async def _watch_all(bases: dict[str, str], sids: list[str], per_session: int, out_path: str, ready: Any,
+                     stop: Any) -> None:
     received: list[tuple[str, int, float]] = []
     counts = {"streams": 0, "resets": 0, "refused": 0, "events": 0}
-    opened = 0
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as http:
-        async def watch(sid: str) -> None:
-            nonlocal opened
-            async with http.get(f"{base}/v1/sessions/{sid}/watch?changes_only=1",
-                                timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-                if resp.status != 200:
-                    counts["refused"] += 1
-                    return
-                counts["streams"] += 1
-                opened += 1
-                kind = ""
-                async for line in resp.content:
-                    if line.startswith(b"event: "):
-                        kind = line[7:].strip().decode()
-                    elif line.startswith(b"data: "):
-                        now = time.time()
-                        counts["events"] += 1
-                        if kind == "change":
-                            doc = orjson.loads(line[6:])
-                            received.append((sid, doc["version"], now))
-                        elif kind == "reset":
-                            counts["resets"] += 1
+    loop = asyncio.get_running_loop()
+    transports = []
 
-        tasks = [asyncio.create_task(watch(sid)) for sid in sids for _ in range(per_session)]
-        while opened + counts["refused"] < len(tasks) and not all(t.done() for t in tasks):
-            await asyncio.sleep(0.05)
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def watch(sid: str) -> None:
+        url = urlsplit(bases[sid])
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        opened: asyncio.Future[bool] = loop.create_future()
+        transport, _ = await loop.create_connection(lambda: _Watcher(sid, received, counts, opened), host, port)
+        transports.append(transport)
+        transport.write(f"GET /v1/sessions/{sid}/watch?changes_only=1 HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                        f"Accept: text/event-stream\r\n\r\n".encode())
+        counts["streams" if await opened else "refused"] += 1
+
+    for i in range(0, len(sids) * per_session, 100):  # opened 100 at a time
+        await asyncio.gather(*(watch(sids[j % len(sids)]) for j in range(i, min(i + 100, len(sids) * per_session))))
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+    for t in transports:
+        t.close()
     Path(out_path).write_bytes(orjson.dumps({"received": received, "counts": counts}))
+
+
+def _watched_phase(base: str, bases: dict[str, str], sids: list[str], per_session: int, rate: float,
+                   seconds: float, drain_s: float, pids: dict[str, list[int]], out_path: Path) -> dict[str, Any]:
+    """One phase with the watchers: a separate process opens them, the writer offers
+    ``rate`` for ``seconds``, the watchers get ``drain_s`` more for the last events."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    out_path.unlink(missing_ok=True)
+    proc = ctx.Process(target=_watch_main, args=(bases, sids, per_session, str(out_path), ready, stop))
+    proc.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("watchers did not open in 120 s")
+        acks: dict[tuple[str, int], float] = {}
+        meter = CpuMeter(pids | {"watchers": [proc.pid or 0]})
+        meter.start()
+        phase = asyncio.run(_write_phase(base, sids, rate, seconds, acks))
+        phase["cpu_pct"] = meter.stop()  # over the writes, as without the watchers
+        time.sleep(drain_s)  # let the last events arrive (a bench's drain time, not a synchronisation)
+    finally:
+        stop.set()
+        proc.join(60)
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the watcher process failed (exit code {proc.exitcode})")
+    watched = orjson.loads(out_path.read_bytes())
+    delays = [recv - acks[(sid, ver)] for sid, ver, recv in watched["received"] if (sid, ver) in acks]
+    phase["delivery"] = {"deliveries": len(delays), "expected": len(acks) * per_session, **watched["counts"],
+                         "latency_ms": {"p50": _ms(_pct(delays, 0.5)), "p99": _ms(_pct(delays, 0.99)),
+                                        "max": _ms(max(delays) if delays else None)},
+                         "early_pct": round(100.0 * sum(d < 0 for d in delays) / max(1, len(delays)), 2)}
+    return phase
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that ended meanwhile
+
+
+def _meets_slo(phase: dict[str, Any], slo_ms: float) -> bool:
+    """Within the SLO: append p99 at most ``slo_ms``, no errors, and (nearly) everything
+    offered acknowledged (an open-loop writer falling behind is not within it)."""
+    p99 = phase["latency_ms"]["p99"]
+    return (p99 is not None and p99 <= slo_ms and phase["errors"] == 0
+            and phase["acknowledged_per_s"] >= 0.95 * phase["offered_per_s"])
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="fanout-"))
+    per_session = max(1, ns.watchers // ns.sessions)
     cluster = LocalCluster(data_dir, nodes=ns.nodes, partitions=ns.partitions, kafka_bootstrap=ns.kafka_bootstrap,
                            topic=f"fanout-{int(time.time())}",
                            node_env={"STICKYSTATE_WATCH_MAX_PER_NODE": str(ns.watchers + 100)})
@@ -151,54 +255,139 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                         assert resp.status == 201, await resp.text()
 
         asyncio.run(create())
-        pids = {"nodes": [cluster.procs[n].pid for n in cluster.node_ids()], "router": [cluster.procs["router"].pid]}
-        report: dict[str, Any] = {"config": vars(ns) | {"kafka_bootstrap": cluster.kafka_bootstrap}}
+        pids = {"nodes": [cluster.procs[n].pid for n in cluster.node_ids()], "router": [cluster.procs["router"].pid],
+                "writer": [os.getpid()]}
+        if cluster.kafka is not None and cluster.kafka.pid:
+            pids["kafka"] = [cluster.kafka.pid]
+        report: dict[str, Any] = {"config": vars(ns) | {"kafka_bootstrap": cluster.kafka_bootstrap,
+                                                        "watchers_per_session": per_session},
+                                  "steps": []}
+        if ns.pin:
+            # The measuring processes (this writer, the watcher process it spawns) on CPU 0,
+            # the cluster on the others: what the watchers cost the cluster is then not
+            # mixed up with what the watchers' own client costs the shared machine.
+            cpus = sorted(os.sched_getaffinity(0))
+            server_cpus = set(cpus[1:])
+            for name, ps in pids.items():
+                for pid in ps:
+                    if name != "writer":
+                        _pin(pid, server_cpus)
+            _pin(os.getpid(), {cpus[0]})
+            report["pinned"] = {"clients": [cpus[0]], "cluster": sorted(server_cpus)}
+        def watch_bases() -> dict[str, str]:
+            """Where each session is watched: the router, or (``--watch-via owner``, as the
+            Python client does) its owner as the cluster's view says now."""
+            if ns.watch_via == "router":
+                return dict.fromkeys(sids, base)
+            shards = cluster.cluster_view()["shards"]
+            return {sid: cluster.node_url(shards[str(shard_of(sid, ns.partitions))]) for sid in sids}
 
-        meter = CpuMeter(pids)
-        meter.start()
-        report["without_watchers"] = asyncio.run(_write_phase(base, sids, ns.rate, ns.seconds, None))
-        report["without_watchers"]["cpu_pct"] = meter.stop()
-
-        ctx = multiprocessing.get_context("spawn")
-        ready, stop = ctx.Event(), ctx.Event()
-        out_path = str(data_dir / "watch.json")
-        proc = ctx.Process(target=_watch_main, args=(base, sids, ns.watchers // ns.sessions, out_path, ready, stop))
-        proc.start()
-        if not ready.wait(120):
-            raise RuntimeError("watchers did not open in 120 s")
-        acks: dict[tuple[str, int], float] = {}
-        meter = CpuMeter(pids | {"watchers": [proc.pid or 0]})
-        meter.start()
-        phase = asyncio.run(_write_phase(base, sids, ns.rate, ns.seconds, acks))
-        deadline = time.monotonic() + 10
-        time.sleep(ns.drain_s)  # let the last events arrive (a bench's drain time, not a synchronisation)
-        phase["cpu_pct"] = meter.stop()
-        stop.set()
-        proc.join(60)
-        while not Path(out_path).exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        watched = orjson.loads(Path(out_path).read_bytes())
-        delays = [recv - acks[(sid, ver)] for sid, ver, recv in watched["received"] if (sid, ver) in acks]
-        expected = len(acks) * (ns.watchers // ns.sessions)
-        phase["delivery"] = {"deliveries": len(delays), "expected": expected, **watched["counts"],
-                             "latency_ms": {"p50": _ms(_pct(delays, 0.5)), "p99": _ms(_pct(delays, 0.99)),
-                                            "max": _ms(max(delays) if delays else None)},
-                             "early_pct": round(100.0 * sum(d < 0 for d in delays) / max(1, len(delays)), 2)}
-        report["with_watchers"] = phase
-        without, with_ = report["without_watchers"]["acknowledged_per_s"], phase["acknowledged_per_s"]
-        report["throughput_drop_pct"] = round(100.0 * (without - with_) / without, 1) if without else None
+        if ns.warmup_s > 0:  # JIT of the broker, the nodes' first batches: not in any step
+            asyncio.run(_write_phase(base, sids, ns.rates[0], ns.warmup_s, None))
+        for rate in ns.rates:
+            # the two conditions of a rate back to back, so that the machine's drift
+            # between them is small; which goes first alternates between rates
+            step: dict[str, Any] = {"offered_per_s": rate}
+            order = ("without", "with") if len(report["steps"]) % 2 == 0 else ("with", "without")
+            for cond in order:
+                if cond == "without":
+                    meter = CpuMeter(pids)
+                    meter.start()
+                    phase = asyncio.run(_write_phase(base, sids, rate, ns.seconds, None))
+                    phase["cpu_pct"] = meter.stop()
+                else:
+                    phase = _watched_phase(base, watch_bases(), sids, per_session, rate, ns.seconds, ns.drain_s,
+                                           pids, data_dir / "watch.json")
+                phase["within_slo"] = _meets_slo(phase, ns.slo_ms)
+                step[cond] = phase
+                log(f"{rate:.0f}/s {cond} watchers: {_line(phase)}")
+            report["steps"].append(step)
+        report["summary"] = summarise(report["steps"], ns.slo_ms)
         return report
     finally:
         cluster.stop()
+
+
+def server_us_per_turn(phase: dict[str, Any]) -> float | None:
+    """CPU of the cluster's processes (nodes, router, broker) per acknowledged append, µs."""
+    cpu = phase["cpu_pct"]
+    if not phase["acknowledged_per_s"]:
+        return None
+    return round(sum(cpu.get(k, 0.0) for k in ("nodes", "router", "kafka")) * 1e4 / phase["acknowledged_per_s"], 1)
+
+
+def summarise(steps: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
+    """The highest rate within the SLO without and with the watchers, their ratio, the
+    delivery latency at the highest rate within the SLO with watchers, and the median over
+    the unsaturated steps (every offered append acknowledged in both conditions) of the
+    cluster's CPU per turn with the watchers over without: what the watchers cost the
+    cluster per turn, the figure a machine of its own would turn into lost throughput."""
+    def best(cond: str) -> float | None:
+        ok = [s["offered_per_s"] for s in steps if s[cond]["within_slo"]]
+        return max(ok) if ok else None
+
+    without, with_ = best("without"), best("with")
+    at = next((s["with"] for s in steps if s["offered_per_s"] == with_), None)
+    ratios = sorted(
+        (server_us_per_turn(s["with"]) or 0.0) / (server_us_per_turn(s["without"]) or 1.0) for s in steps
+        if all(s[c]["acknowledged_per_s"] >= 0.95 * s["offered_per_s"] and s[c]["errors"] == 0
+               for c in ("without", "with")))
+    return {"slo_ms": slo_ms, "rate_at_slo_without": without, "rate_at_slo_with": with_,
+            "throughput_drop_pct": (round(100.0 * (without - with_) / without, 1) if without and with_ is not None
+                                    else None),
+            "delivery_at_slo_ms": at["delivery"]["latency_ms"] if at else None,
+            "server_cpu_per_turn_ratio_median": round(ratios[len(ratios) // 2], 3) if ratios else None,
+            "unsaturated_steps": len(ratios)}
+
+
+def log(msg: str) -> None:
+    print(f"[fanout {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _line(phase: dict[str, Any]) -> str:
+    out = (f"{phase['acknowledged_per_s']}/s acknowledged, append p50 {phase['latency_ms']['p50']} ms "
+           f"p99 {phase['latency_ms']['p99']} ms, {phase['errors']} errors, cpu {phase['cpu_pct']}")
+    if "delivery" in phase:
+        d = phase["delivery"]
+        out += (f"; delivered {d['deliveries']} of {d['expected']}, p50 {d['latency_ms']['p50']} ms "
+                f"p99 {d['latency_ms']['p99']} ms, resets {d['resets']}, refused {d['refused']}")
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = ["| offered/s | acknowledged/s without → with | append p99 ms without → with | delivery p50 / p99 ms "
+            "| delivered of expected | resets | cluster CPU µs per turn without → with "
+            "| of which nodes / router / broker % of a core, with | watcher process % |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["steps"]:
+        wo, wi = s["without"], s["with"]
+        d = wi["delivery"]
+        mark = lambda p: "" if p["within_slo"] else " ✗"  # noqa: E731
+        cpu = wi["cpu_pct"]
+        rows.append(f"| {s['offered_per_s']:.0f} | {wo['acknowledged_per_s']} → {wi['acknowledged_per_s']} "
+                    f"| {wo['latency_ms']['p99']}{mark(wo)} → {wi['latency_ms']['p99']}{mark(wi)} "
+                    f"| {d['latency_ms']['p50']} / {d['latency_ms']['p99']} | {d['deliveries']} of {d['expected']} "
+                    f"| {d['resets']} | {server_us_per_turn(wo)} → {server_us_per_turn(wi)} "
+                    f"| {cpu['nodes']} / {cpu['router']} / {cpu.get('kafka', '-')} | {cpu.get('watchers')} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stickystate.bench.fanout", description=__doc__.split("\n\n")[0])
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--watchers", type=int, default=1000, help="spread evenly over the sessions")
-    p.add_argument("--rate", type=float, default=2000.0, help="appends offered per second")
-    p.add_argument("--seconds", type=float, default=20.0, help="per phase")
-    p.add_argument("--drain-s", type=float, default=3.0, help="after the writes, before the watchers stop")
+    p.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")],
+                   default=[250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0],
+                   help="appends offered per second, one step each (comma-separated, ascending)")
+    p.add_argument("--seconds", type=float, default=10.0, help="per phase")
+    p.add_argument("--warmup-s", type=float, default=5.0, help="writes at the first rate before the first step")
+    p.add_argument("--slo-ms", type=float, default=20.0, help="append p99 of the SLO")
+    p.add_argument("--drain-s", type=float, default=2.0, help="after the writes, before the watchers stop")
+    p.add_argument("--watch-via", choices=("router", "owner"), default="router",
+                   help="where the watchers connect: the router, or each session's owner (as the Python client)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
+                   help="the writer and the watcher process on the first CPU, the cluster on the others "
+                        "(default: on with two CPUs or more)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--partitions", type=int, default=16)
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", ""))
@@ -207,14 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     report = run(ns)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "fanout.json").write_text(json.dumps(report, indent=2, default=str))
-    for phase in ("without_watchers", "with_watchers"):
-        r = report[phase]
-        print(f"{phase}: {r['acknowledged_per_s']}/s acknowledged of {r['offered_per_s']}/s offered, "
-              f"append p50 {r['latency_ms']['p50']} ms p99 {r['latency_ms']['p99']} ms, cpu {r['cpu_pct']}")
-    d = report["with_watchers"]["delivery"]
-    print(f"delivery: {d['deliveries']} of {d['expected']} expected, p50 {d['latency_ms']['p50']} ms, "
-          f"p99 {d['latency_ms']['p99']} ms, resets {d['resets']}, refused {d['refused']}; "
-          f"throughput drop {report['throughput_drop_pct']}%")
+    print(table(report))
+    s = report["summary"]
+    print(f"\nrate at the SLO (append p99 <= {s['slo_ms']:g} ms): {s['rate_at_slo_without']}/s without watchers, "
+          f"{s['rate_at_slo_with']}/s with {ns.watchers}: throughput drop {s['throughput_drop_pct']}% (goal <= 10%); "
+          f"delivery at that rate {s['delivery_at_slo_ms']} (goal p99 <= 50 ms); cluster CPU per turn with "
+          f"the watchers / without, median of {s['unsaturated_steps']} unsaturated steps: "
+          f"{s['server_cpu_per_turn_ratio_median']}")
     return 0
 
 
