@@ -391,6 +391,14 @@ def test_backoff_grows_exponentially_with_jitter() -> None:
         assert all(cap / 2 <= v <= cap for v in values) and len(values) > 1
 
 
+def test_update_waits_between_lost_rounds_from_the_third_on_with_jitter() -> None:
+    policy, rng = RetryPolicy(backoff_base_s=0.1, backoff_max_s=1.0), random.Random(1)
+    assert policy.update_pause_s(0, rng) == policy.update_pause_s(1, rng) == 0.0
+    for lost, cap in ((2, 0.1), (3, 0.2), (4, 0.4)):
+        values = {policy.update_pause_s(lost, rng) for _ in range(20)}
+        assert all(cap / 2 <= v <= cap for v in values) and len(values) > 1
+
+
 @pytest.mark.parametrize("status,cls", [(400, BadRequest), (401, Unauthorized), (404, NotFound), (409, Conflict),
                                         (412, PreconditionFailed), (413, TooLarge), (421, NotOwner),
                                         (429, RateLimited), (503, Unavailable), (500, ServerError),

@@ -74,6 +74,13 @@ class RetryPolicy:
         d = min(self.backoff_max_s, self.backoff_base_s * (2 ** min(retry, 30)))
         return d / 2 + rng.uniform(0, d / 2)
 
+    def update_pause_s(self, lost: int, rng: random.Random) -> float:
+        """update(): the wait before the next read-modify-write round after ``lost`` rounds
+        lost to a 412. None after the first (someone wrote once); then the backoff above,
+        so that writers racing on one session spread out instead of colliding again in
+        lockstep (three threads without it could each lose 16 rounds in a row)."""
+        return 0.0 if lost <= 1 else self.backoff_s(lost - 2, rng)
+
 
 @dataclass(frozen=True)
 class ClusterMap:

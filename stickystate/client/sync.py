@@ -164,9 +164,13 @@ class Client:
     def update(self, sid: str, fn: Callable[[dict[str, Any]], dict[str, Any]], **opts: Any) -> dict[str, Any]:
         """Read the session, ``fn(data)`` -> the new data, write it with If-Match; on a 412
         (someone wrote in between) read and apply again, at most
-        ``RetryPolicy.max_update_attempts`` times."""
+        ``RetryPolicy.max_update_attempts`` times, with a jittered backoff from the third
+        round on (``RetryPolicy.update_pause_s``)."""
         error: PreconditionFailed | None = None
-        for _ in range(self._core.retry.max_update_attempts):
+        core = self._core
+        for lost in range(core.retry.max_update_attempts):
+            if lost > 1:
+                time.sleep(core.retry.update_pause_s(lost, core.rng))
             current = self.get(sid)
             try:
                 return self.replace(sid, fn(copy.deepcopy(current["data"])), if_match=current["version"], **opts)
