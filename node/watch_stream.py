@@ -115,7 +115,8 @@ class Watch:
         only while this stream waits with nothing to send, only a plain change of this
         lifetime, and only if the client's connection is below its high-water mark."""
         sink = self.sink
-        if sink is None or sink.paused or c[2] != "change" or c[3] != self.life:
+        assert sink is not None  # set only with a sink (``frames``)
+        if sink.paused or c[2] != "change" or c[3] != self.life:
             return False
         if c[0] > self.sent:
             sink.send(self._change_frame(c))
@@ -200,14 +201,18 @@ class Watch:
                     return
                 continue
             watcher.wake.clear()
-            watcher.direct = self._direct  # nothing left to send: the write path may write to the client
+            if self.sink is not None:  # nothing left to send: the write path may write to the client
+                watcher.direct = self._direct
             try:
                 async with asyncio.timeout(limits.heartbeat_s):
                     await watcher.wake.wait()
+                idle = False
             except TimeoutError:
+                idle = True
+            finally:
                 watcher.direct = None
+            if idle:
                 yield b": keep-alive\n\n"
-            watcher.direct = None
 
     async def _from_log(self) -> list[bytes]:
         """The changes after ``from_log`` read from the log, or a reset."""

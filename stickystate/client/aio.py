@@ -186,8 +186,8 @@ class AsyncClient:
         error: PreconditionFailed | None = None
         core = self._core
         for lost in range(core.retry.max_update_attempts):
-            if lost > 1:
-                await asyncio.sleep(core.retry.update_pause_s(lost, core.rng))
+            if pause := core.retry.update_pause_s(lost, core.rng):
+                await asyncio.sleep(pause)
             current = await self.get(sid)
             new = fn(copy.deepcopy(current["data"]))
             if inspect.isawaitable(new):

@@ -169,8 +169,8 @@ class Client:
         error: PreconditionFailed | None = None
         core = self._core
         for lost in range(core.retry.max_update_attempts):
-            if lost > 1:
-                time.sleep(core.retry.update_pause_s(lost, core.rng))
+            if pause := core.retry.update_pause_s(lost, core.rng):
+                time.sleep(pause)
             current = self.get(sid)
             try:
                 return self.replace(sid, fn(copy.deepcopy(current["data"])), if_match=current["version"], **opts)
