@@ -1,13 +1,15 @@
 """Watch fan-out: ``python -m stickystate.bench.fanout``.
 
 A local cluster (its own broker unless ``--kafka-bootstrap``; 2 nodes, 16 partitions, a
-router), ``--sessions`` sessions, and an open-loop writer offering appends over them
-through the router at each of ``--rates``, each rate twice back to back: without watchers,
+router), ``--sessions`` sessions, and an open-loop writer (raw keep-alive HTTP/1.1, as
+bench/loadgen.py: latency from each append's intended send time) offering appends over
+them through the router at each of ``--rates``, each rate twice back to back: without watchers,
 and with ``--watchers`` watch streams spread evenly over the sessions (``?changes_only=1``,
 through the router unless ``--watch-via owner``, opened and read by a separate process at
 the byte level). For each
 phase: the appends acknowledged per second, their latency, the CPU (% of one core) of the
-nodes, the router, the broker, the writer and the watcher process, and the nodes' and
+nodes (and of that, their time in the kernel), the router, the broker, the writer and the
+watcher process, and the nodes' and
 the router's CPU per turn (what serves the watchers); with watchers, the
 delivery latency of each event to each watcher (the writer's acknowledgement -> the
 watcher's reception, both ``time.time()`` on this machine), p50/p99, and how many
@@ -40,6 +42,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from stickystate.bench.loadgen import Pool, Req
 from stickystate.bench.procs import CpuMeter
 from stickystate.local_cluster import LocalCluster
 from stickystate.protocol import shard_of
@@ -65,49 +68,92 @@ async def _write_phase(base: str, sids: list[str], rate: float, seconds: float,
         gc.enable()
 
 
+class _Writer:
+    """The open-loop writer's side of bench/loadgen.py's keep-alive ``Pool`` (raw HTTP/1.1,
+    one request in flight per connection, a new connection when all are busy): what the
+    measuring process costs the shared machine per append is a fraction of an HTTP
+    client library's, and a request's latency runs from its intended send time."""
+
+    def __init__(self, acks: dict[tuple[str, int], float] | None) -> None:
+        self.acks = acks
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.errors_by: dict[str, int] = {}  # http_<status>, conn_lost, connect, timeout
+        self.outstanding = 0
+        self.done: asyncio.Event | None = None
+        self.sids: list[str] = []
+
+    def complete(self, req: Req, status: int, nbytes: int, body: bytes, doc: Any = None) -> None:
+        now = time.monotonic()
+        if status != 200:
+            self.fail(req, f"http_{status}")
+            return
+        else:
+            self.latencies.append(now - req.intended)
+            if self.acks is not None:
+                self.acks[(self.sids[req.sess], orjson.loads(body)["version"])] = time.time()
+        self._settled()
+
+    def fail(self, req: Req, why: str) -> None:
+        self.errors += 1
+        self.errors_by[why] = self.errors_by.get(why, 0) + 1
+        self._settled()
+
+    def _settled(self) -> None:
+        self.outstanding -= 1
+        if self.outstanding == 0 and self.done is not None:
+            self.done.set()
+
+
 async def _open_loop(base: str, sids: list[str], rate: float, seconds: float,
                      acks: dict[tuple[str, int], float] | None) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    inflight: set[asyncio.Task[None]] = set()
-    conn = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=conn) as http:
-        async def one(sid: str, n: int) -> None:
-            nonlocal errors
-            started = time.perf_counter()
-            try:
-                async with http.post(f"{base}/v1/sessions/{sid}/lists/turns",
-                                     data=orjson.dumps({"items": [n], "max_len": 20}),
-                                     headers={"Prefer": "return=minimal"}) as resp:
-                    body = await resp.read()
-                    now = time.time()
-                    if resp.status != 200:
-                        errors += 1
-                        return
-                    latencies.append(time.perf_counter() - started)
-                    if acks is not None:
-                        acks[(sid, orjson.loads(body)["version"])] = now
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                errors += 1
-
-        start = time.perf_counter()
-        n = 0
-        while True:
-            due = start + n / rate
-            now = time.perf_counter()
-            if now - start >= seconds:
-                break
-            if due > now:
-                await asyncio.sleep(due - now)
-            task = asyncio.create_task(one(sids[n % len(sids)], n))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
-            n += 1
-        await asyncio.gather(*inflight)
-        elapsed = time.perf_counter() - start
-    return {"offered_per_s": rate, "sent": n, "acknowledged": len(latencies), "errors": errors,
-            "acknowledged_per_s": round(len(latencies) / elapsed, 1),
+    url = urlsplit(base)
+    writer = _Writer(acks)
+    writer.sids = sids
+    pool = Pool(writer, url.hostname or "127.0.0.1", url.port or 80, 512)
+    await pool.prewarm(32)
+    heads = [(f"POST /v1/sessions/{sid}/lists/turns HTTP/1.1\r\nHost: {url.netloc}\r\n"
+              "Content-Type: application/json\r\nPrefer: return=minimal\r\n").encode() for sid in sids]
+    start = time.monotonic()
+    n = 0
+    while True:
+        due = start + n / rate
+        now = time.monotonic()
+        if now - start >= seconds:
+            break
+        if due > now:
+            # uvloop's timers have 1 ms resolution: sleep at least that (the lateness counts
+            # in the latency, which runs from the intended send time)
+            await asyncio.sleep(max(0.001, due - now))
+            continue
+        body = orjson.dumps({"items": [n], "max_len": 20})
+        idx = n % len(sids)
+        writer.outstanding += 1
+        pool.submit(Req(1, idx, n, due, heads[idx] + b"Content-Length: %d\r\n\r\n" % len(body) + body, True))
+        n += 1
+    if writer.outstanding:  # the answers still due (the event exists only from here: set when they are in)
+        writer.done = asyncio.Event()
+        try:
+            await asyncio.wait_for(writer.done.wait(), 30)
+        except asyncio.TimeoutError:
+            pass
+    for req in pool.abort_all():
+        writer.fail(req, "timeout")
+    for conn in list(pool.conns):
+        if conn.tr is not None:
+            conn.tr.close()
+    latencies = writer.latencies
+    return {"offered_per_s": rate, "sent": n, "acknowledged": len(latencies), "errors": writer.errors,
+            "errors_by": writer.errors_by,
+            "acknowledged_per_s": round(len(latencies) / (time.monotonic() - start), 1),
             "latency_ms": {"p50": _ms(_pct(latencies, 0.5)), "p99": _ms(_pct(latencies, 0.99))}}
+
+
+def _run(coro: Any) -> Any:
+    """The measuring processes run on uvloop, as bench/loadgen.py's workers."""
+    import uvloop
+
+    return uvloop.run(coro)
 
 
 def _ms(v: float | None) -> float | None:
@@ -120,7 +166,7 @@ def _watch_main(bases: dict[str, str], sids: list[str], per_session: int, out_pa
     The cyclic garbage collector is off (as in bench/loadgen.py): its full collections over
     the growing list of receptions would stall this process and count as delivery latency."""
     gc.disable()
-    asyncio.run(_watch_all(bases, sids, per_session, out_path, ready, stop))
+    _run(_watch_all(bases, sids, per_session, out_path, ready, stop))
 
 
 class _Watcher(asyncio.Protocol):
@@ -206,9 +252,9 @@ def _watched_phase(base: str, bases: dict[str, str], sids: list[str], per_sessio
         if not ready.wait(120):
             raise RuntimeError("watchers did not open in 120 s")
         acks: dict[tuple[str, int], float] = {}
-        meter = CpuMeter(pids | {"watchers": [proc.pid or 0]})
+        meter = CpuMeter(pids | {"watchers": [proc.pid or 0]}, kernel=("nodes",))
         meter.start()
-        phase = asyncio.run(_write_phase(base, sids, rate, seconds, acks))
+        phase = _run(_write_phase(base, sids, rate, seconds, acks))
         phase["cpu_pct"] = meter.stop()  # over the writes, as without the watchers
         time.sleep(drain_s)  # let the last events arrive (a bench's drain time, not a synchronisation)
     finally:
@@ -287,7 +333,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             return {sid: cluster.node_url(shards[str(shard_of(sid, ns.partitions))]) for sid in sids}
 
         if ns.warmup_s > 0:  # JIT of the broker, the nodes' first batches: not in any step
-            asyncio.run(_write_phase(base, sids, ns.rates[0], ns.warmup_s, None))
+            _run(_write_phase(base, sids, ns.rates[0], ns.warmup_s, None))
         for rate in ns.rates:
             # the two conditions of a rate back to back, so that the machine's drift
             # between them is small; which goes first alternates between rates
@@ -295,9 +341,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             order = ("without", "with") if len(report["steps"]) % 2 == 0 else ("with", "without")
             for cond in order:
                 if cond == "without":
-                    meter = CpuMeter(pids)
+                    meter = CpuMeter(pids, kernel=("nodes",))
                     meter.start()
-                    phase = asyncio.run(_write_phase(base, sids, rate, ns.seconds, None))
+                    phase = _run(_write_phase(base, sids, rate, ns.seconds, None))
                     phase["cpu_pct"] = meter.stop()
                 else:
                     phase = _watched_phase(base, watch_bases(), sids, per_session, rate, ns.seconds, ns.drain_s,
@@ -352,7 +398,7 @@ def log(msg: str) -> None:
 
 def _line(phase: dict[str, Any]) -> str:
     out = (f"{phase['acknowledged_per_s']}/s acknowledged, append p50 {phase['latency_ms']['p50']} ms "
-           f"p99 {phase['latency_ms']['p99']} ms, {phase['errors']} errors, cpu {phase['cpu_pct']}")
+           f"p99 {phase['latency_ms']['p99']} ms, {phase['errors']} errors {phase.get('errors_by') or ''}, cpu {phase['cpu_pct']}")
     if "delivery" in phase:
         d = phase["delivery"]
         out += (f"; delivered {d['deliveries']} of {d['expected']}, p50 {d['latency_ms']['p50']} ms "
@@ -363,8 +409,9 @@ def _line(phase: dict[str, Any]) -> str:
 def table(report: dict[str, Any]) -> str:
     rows = ["| offered/s | acknowledged/s without → with | append p99 ms without → with | delivery p50 / p99 ms "
             "| delivered of expected | resets | nodes + router CPU µs per turn without → with "
-            "| of which nodes / router / broker % of a core, with | watcher process % |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| of which nodes / router / broker % of a core, with | nodes in the kernel % without → with "
+            "| watcher process % |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["steps"]:
         wo, wi = s["without"], s["with"]
         d = wi["delivery"]
@@ -374,7 +421,8 @@ def table(report: dict[str, Any]) -> str:
                     f"| {wo['latency_ms']['p99']}{mark(wo)} → {wi['latency_ms']['p99']}{mark(wi)} "
                     f"| {d['latency_ms']['p50']} / {d['latency_ms']['p99']} | {d['deliveries']} of {d['expected']} "
                     f"| {d['resets']} | {server_us_per_turn(wo)} → {server_us_per_turn(wi)} "
-                    f"| {cpu['nodes']} / {cpu['router']} / {cpu.get('kafka', '-')} | {cpu.get('watchers')} |")
+                    f"| {cpu['nodes']} / {cpu['router']} / {cpu.get('kafka', '-')} "
+                    f"| {wo['cpu_pct'].get('nodes_sys', '-')} → {cpu.get('nodes_sys', '-')} | {cpu.get('watchers')} |")
     return "\n".join(rows)
 
 
@@ -386,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=[250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0],
                    help="appends offered per second, one step each (comma-separated, ascending)")
     p.add_argument("--seconds", type=float, default=10.0, help="per phase")
-    p.add_argument("--warmup-s", type=float, default=5.0, help="writes at the first rate before the first step")
+    p.add_argument("--warmup-s", type=float, default=20.0,
+                   help="writes at the first rate before the first step (the broker's JIT settles: its CPU "
+                        "at a given rate fell by half over its first ~20 s)")
     p.add_argument("--slo-ms", type=float, default=20.0, help="append p99 of the SLO")
     p.add_argument("--drain-s", type=float, default=2.0, help="after the writes, before the watchers stop")
     p.add_argument("--watch-via", choices=("router", "owner"), default="router",

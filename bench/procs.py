@@ -150,15 +150,16 @@ class ServerGroup:
 # --------------------------------------------------------------------------- CPU
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """user+system CPU seconds of one process (all its threads)."""
+def proc_cpu_s(pid: int, system_only: bool = False) -> float | None:
+    """user+system CPU seconds of one process (all its threads); with ``system_only``,
+    the time in the kernel alone (system calls, and the loopback networking they run)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read()
     except OSError:
         return None
     fields = raw[raw.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return (int(fields[12]) + (0 if system_only else int(fields[11]))) / CLK_TCK
 
 
 def machine_cpu() -> tuple[float, float, float]:
@@ -173,10 +174,12 @@ def machine_cpu() -> tuple[float, float, float]:
 
 
 class CpuMeter:
-    """CPU used per named component between ``start()`` and ``stop()``, in % of one core."""
+    """CPU used per named component between ``start()`` and ``stop()``, in % of one core;
+    for the components named in ``kernel`` also their time in the kernel (``<name>_sys``)."""
 
-    def __init__(self, components: dict[str, list[int]]) -> None:
+    def __init__(self, components: dict[str, list[int]], kernel: tuple[str, ...] = ()) -> None:
         self.components = {k: [p for p in v if p] for k, v in components.items()}
+        self.kernel = tuple(k for k in kernel if k in self.components)
         self._t0 = 0.0
         self._c0: dict[str, float] = {}
         self._m0: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -185,6 +188,8 @@ class CpuMeter:
         out = {}
         for name, pids in self.components.items():
             out[name] = sum(v for v in (proc_cpu_s(p) for p in pids) if v is not None)
+        for name in self.kernel:
+            out[f"{name}_sys"] = sum(v for v in (proc_cpu_s(p, True) for p in self.components[name]) if v is not None)
         return out
 
     def start(self) -> None:
@@ -198,7 +203,7 @@ class CpuMeter:
         m1 = machine_cpu()
         out = {name: round(100.0 * (c1[name] - self._c0.get(name, 0.0)) / wall, 1) for name in c1}
         busy, total, procs = (m1[i] - self._m0[i] for i in range(3))
-        ours = sum(out.values())
+        ours = sum(v for k, v in out.items() if not k.endswith("_sys"))
         cores = os.cpu_count() or 1
         out["machine_busy_pct"] = round(100.0 * busy / total, 1) if total > 0 else 0.0
         # CPU of every other process on the machine, in % of one core
