@@ -1,7 +1,8 @@
 """Watch fan-out: ``python -m stickystate.bench.fanout``.
 
 A local cluster (its own broker unless ``--kafka-bootstrap``; 2 nodes, 16 partitions, a
-router), ``--sessions`` sessions, and an open-loop writer (raw keep-alive HTTP/1.1, as
+router) or, with ``--router URL``, a running one (its API key from ``$STICKYSTATE_API_KEY``;
+its processes' CPU is then not measured), ``--sessions`` sessions, and an open-loop writer (raw keep-alive HTTP/1.1, as
 bench/loadgen.py: latency from each append's intended send time) offering appends over
 them through the router at each of ``--rates``, each rate twice back to back: without watchers,
 and with ``--watchers`` watch streams spread evenly over the sessions (``?changes_only=1``,
@@ -44,8 +45,9 @@ import orjson
 
 from stickystate.bench.loadgen import Pool, Req
 from stickystate.bench.procs import CpuMeter
+from stickystate.client.core import API_KEY_ENV, ClusterMap
 from stickystate.local_cluster import LocalCluster
-from stickystate.protocol import shard_of
+from stickystate.protocol import AUTHORIZATION_HEADER
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -56,14 +58,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 async def _write_phase(base: str, sids: list[str], rate: float, seconds: float,
-                       acks: dict[tuple[str, int], float] | None) -> dict[str, Any]:
+                       acks: dict[tuple[str, int], float] | None, auth: bytes = b"") -> dict[str, Any]:
     """Open loop: one append every 1/rate s, round-robin over the sessions (the cyclic
     garbage collector off meanwhile, as in bench/loadgen.py: the writer's own pauses are
     not the cluster's latency)."""
     gc.collect()
     gc.disable()
     try:
-        return await _open_loop(base, sids, rate, seconds, acks)
+        return await _open_loop(base, sids, rate, seconds, acks, auth)
     finally:
         gc.enable()
 
@@ -106,14 +108,14 @@ class _Writer:
 
 
 async def _open_loop(base: str, sids: list[str], rate: float, seconds: float,
-                     acks: dict[tuple[str, int], float] | None) -> dict[str, Any]:
+                     acks: dict[tuple[str, int], float] | None, auth: bytes) -> dict[str, Any]:
     url = urlsplit(base)
     writer = _Writer(acks)
     writer.sids = sids
     pool = Pool(writer, url.hostname or "127.0.0.1", url.port or 80, 512)
     await pool.prewarm(32)
     heads = [(f"POST /v1/sessions/{sid}/lists/turns HTTP/1.1\r\nHost: {url.netloc}\r\n"
-              "Content-Type: application/json\r\nPrefer: return=minimal\r\n").encode() for sid in sids]
+              "Content-Type: application/json\r\nPrefer: return=minimal\r\n").encode() + auth for sid in sids]
     start = time.monotonic()
     n = 0
     while True:
@@ -161,12 +163,12 @@ def _ms(v: float | None) -> float | None:
 
 
 def _watch_main(bases: dict[str, str], sids: list[str], per_session: int, out_path: str, ready: Any,
-                stop: Any) -> None:
+                stop: Any, auth: bytes = b"") -> None:
     """A separate process: the watchers. Writes ``(sid, version, received)`` triples and counts.
     The cyclic garbage collector is off (as in bench/loadgen.py): its full collections over
     the growing list of receptions would stall this process and count as delivery latency."""
     gc.disable()
-    _run(_watch_all(bases, sids, per_session, out_path, ready, stop))
+    _run(_watch_all(bases, sids, per_session, out_path, ready, stop, auth))
 
 
 class _Watcher(asyncio.Protocol):
@@ -213,7 +215,7 @@ class _Watcher(asyncio.Protocol):
 
 
 async def _watch_all(bases: dict[str, str], sids: list[str], per_session: int, out_path: str, ready: Any,
-                     stop: Any) -> None:
+                     stop: Any, auth: bytes) -> None:
     received: list[tuple[str, int, float]] = []
     counts = {"streams": 0, "resets": 0, "refused": 0, "events": 0}
     loop = asyncio.get_running_loop()
@@ -226,7 +228,7 @@ async def _watch_all(bases: dict[str, str], sids: list[str], per_session: int, o
         transport, _ = await loop.create_connection(lambda: _Watcher(sid, received, counts, opened), host, port)
         transports.append(transport)
         transport.write(f"GET /v1/sessions/{sid}/watch?changes_only=1 HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                        f"Accept: text/event-stream\r\n\r\n".encode())
+                        f"Accept: text/event-stream\r\n".encode() + auth + b"\r\n")
         counts["streams" if await opened else "refused"] += 1
 
     for i in range(0, len(sids) * per_session, 100):  # opened 100 at a time
@@ -240,13 +242,14 @@ async def _watch_all(bases: dict[str, str], sids: list[str], per_session: int, o
 
 
 def _watched_phase(base: str, bases: dict[str, str], sids: list[str], per_session: int, rate: float,
-                   seconds: float, drain_s: float, pids: dict[str, list[int]], out_path: Path) -> dict[str, Any]:
+                   seconds: float, drain_s: float, pids: dict[str, list[int]], out_path: Path,
+                   auth: bytes = b"") -> dict[str, Any]:
     """One phase with the watchers: a separate process opens them, the writer offers
     ``rate`` for ``seconds``, the watchers get ``drain_s`` more for the last events."""
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     out_path.unlink(missing_ok=True)
-    proc = ctx.Process(target=_watch_main, args=(bases, sids, per_session, str(out_path), ready, stop))
+    proc = ctx.Process(target=_watch_main, args=(bases, sids, per_session, str(out_path), ready, stop, auth))
     proc.start()
     try:
         if not ready.wait(120):
@@ -254,7 +257,7 @@ def _watched_phase(base: str, bases: dict[str, str], sids: list[str], per_sessio
         acks: dict[tuple[str, int], float] = {}
         meter = CpuMeter(pids | {"watchers": [proc.pid or 0]}, kernel=("nodes",))
         meter.start()
-        phase = _run(_write_phase(base, sids, rate, seconds, acks))
+        phase = _run(_write_phase(base, sids, rate, seconds, acks, auth))
         phase["cpu_pct"] = meter.stop()  # over the writes, as without the watchers
         time.sleep(drain_s)  # let the last events arrive (a bench's drain time, not a synchronisation)
     finally:
@@ -291,29 +294,49 @@ def _meets_slo(phase: dict[str, Any], slo_ms: float) -> bool:
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="fanout-"))
     per_session = max(1, ns.watchers // ns.sessions)
-    cluster = LocalCluster(data_dir, nodes=ns.nodes, partitions=ns.partitions, kafka_bootstrap=ns.kafka_bootstrap,
-                           topic=f"fanout-{int(time.time())}",
-                           node_env={"STICKYSTATE_WATCH_MAX_PER_NODE": str(ns.watchers + 100)})
-    cluster.start()
-    try:
+    cluster: LocalCluster | None = None
+    if ns.router:
+        # a cluster running elsewhere (the clients then do not share its machine): no CPU
+        # figures of its processes, only the rates, latencies and deliveries measured here
+        base = ns.router.rstrip("/")
+    else:
+        cluster = LocalCluster(data_dir, nodes=ns.nodes, partitions=ns.partitions,
+                               kafka_bootstrap=ns.kafka_bootstrap, topic=f"fanout-{int(time.time())}",
+                               node_env={"STICKYSTATE_WATCH_MAX_PER_NODE": str(ns.watchers + 100)})
+        cluster.start()
         base = cluster.router_url
-        sids = [f"fan-{i}" for i in range(ns.sessions)]
+    api_key = os.environ.get(API_KEY_ENV) or None  # never on the command line
+    headers = {AUTHORIZATION_HEADER: f"Bearer {api_key}"} if api_key else {}
+    auth = b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+    try:
+        run_id = int(time.time())
+        sids = [f"fan-{run_id}-{i}" for i in range(ns.sessions)]
 
         async def create() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=headers) as http:
                 for sid in sids:
                     async with http.post(f"{base}/v1/sessions", data=orjson.dumps({"id": sid})) as resp:
-                        assert resp.status == 201, await resp.text()
+                        if resp.status != 201:
+                            raise RuntimeError(f"creating session {sid} at {base}: {resp.status} {await resp.text()}")
+
+        async def view() -> ClusterMap:
+            async with aiohttp.ClientSession(headers=headers) as http:
+                async with http.get(f"{base}/v1/cluster") as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"the shard map of {base}: {resp.status} {await resp.text()}")
+                    return ClusterMap.from_view(await resp.json())
 
         asyncio.run(create())
-        pids = {"nodes": [cluster.procs[n].pid for n in cluster.node_ids()], "router": [cluster.procs["router"].pid],
-                "writer": [os.getpid()]}
-        if cluster.kafka is not None and cluster.kafka.pid:
-            pids["kafka"] = [cluster.kafka.pid]
-        report: dict[str, Any] = {"config": vars(ns) | {"kafka_bootstrap": cluster.kafka_bootstrap,
+        pids: dict[str, list[int]] = {"writer": [os.getpid()]}
+        if cluster is not None:
+            pids |= {"nodes": [cluster.procs[n].pid for n in cluster.node_ids()],
+                     "router": [cluster.procs["router"].pid]}
+            if cluster.kafka is not None and cluster.kafka.pid:
+                pids["kafka"] = [cluster.kafka.pid]
+        report: dict[str, Any] = {"config": vars(ns) | {"kafka_bootstrap": cluster.kafka_bootstrap if cluster else None,
                                                         "watchers_per_session": per_session},
                                   "steps": []}
-        if ns.pin:
+        if ns.pin and cluster is not None:
             # The processes that serve the watchers (nodes, router) on CPUs of their own; the
             # measuring processes (this writer, the watcher process it spawns) and the broker
             # (which a watch does not touch) on CPU 0. What the watchers cost the serving
@@ -324,16 +347,17 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 for pid in ps:
                     _pin(pid, server_cpus if name in ("nodes", "router") else {cpus[0]})
             report["pinned"] = {"writer, watchers, broker": [cpus[0]], "nodes, router": sorted(server_cpus)}
+
         def watch_bases() -> dict[str, str]:
             """Where each session is watched: the router, or (``--watch-via owner``, as the
-            Python client does) its owner as the cluster's view says now."""
+            Python client does) its owner as the router's shard map says now."""
             if ns.watch_via == "router":
                 return dict.fromkeys(sids, base)
-            shards = cluster.cluster_view()["shards"]
-            return {sid: cluster.node_url(shards[str(shard_of(sid, ns.partitions))]) for sid in sids}
+            cmap = asyncio.run(view())
+            return {sid: cmap.urls[cmap.owner(sid) or ""] for sid in sids}
 
         if ns.warmup_s > 0:  # JIT of the broker, the nodes' first batches: not in any step
-            _run(_write_phase(base, sids, ns.rates[0], ns.warmup_s, None))
+            _run(_write_phase(base, sids, ns.rates[0], ns.warmup_s, None, auth))
         for rate in ns.rates:
             # the two conditions of a rate back to back, so that the machine's drift
             # between them is small; which goes first alternates between rates
@@ -343,11 +367,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                 if cond == "without":
                     meter = CpuMeter(pids, kernel=("nodes",))
                     meter.start()
-                    phase = _run(_write_phase(base, sids, rate, ns.seconds, None))
+                    phase = _run(_write_phase(base, sids, rate, ns.seconds, None, auth))
                     phase["cpu_pct"] = meter.stop()
                 else:
                     phase = _watched_phase(base, watch_bases(), sids, per_session, rate, ns.seconds, ns.drain_s,
-                                           pids, data_dir / "watch.json")
+                                           pids, data_dir / "watch.json", auth)
                 phase["within_slo"] = _meets_slo(phase, ns.slo_ms)
                 step[cond] = phase
                 log(f"{rate:.0f}/s {cond} watchers: {_line(phase)}")
@@ -355,15 +379,16 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         report["summary"] = summarise(report["steps"], ns.slo_ms)
         return report
     finally:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
 def server_us_per_turn(phase: dict[str, Any]) -> float | None:
     """CPU of the processes that serve the watchers (nodes, router) per acknowledged append,
     µs (the broker's is in the report too: a watch does not touch it)."""
     cpu = phase["cpu_pct"]
-    if not phase["acknowledged_per_s"]:
-        return None
+    if not phase["acknowledged_per_s"] or "nodes" not in cpu:
+        return None  # a remote cluster (--router): its processes are not measured here
     return round((cpu["nodes"] + cpu["router"]) * 1e4 / phase["acknowledged_per_s"], 1)
 
 
@@ -381,9 +406,11 @@ def summarise(steps: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
     without, with_ = best("without"), best("with")
     at = next((s["with"] for s in steps if s["offered_per_s"] == with_), None)
     ratios = sorted(
-        (server_us_per_turn(s["with"]) or 0.0) / (server_us_per_turn(s["without"]) or 1.0) for s in steps
+        with_us / without_us for s in steps
         if all(s[c]["acknowledged_per_s"] >= 0.95 * s["offered_per_s"] and s[c]["errors"] == 0
-               for c in ("without", "with")))
+               for c in ("without", "with"))
+        and (with_us := server_us_per_turn(s["with"])) is not None
+        and (without_us := server_us_per_turn(s["without"])))
     return {"slo_ms": slo_ms, "rate_at_slo_without": without, "rate_at_slo_with": with_,
             "throughput_drop_pct": (round(100.0 * (without - with_) / without, 1) if without and with_ is not None
                                     else None),
@@ -421,7 +448,7 @@ def table(report: dict[str, Any]) -> str:
                     f"| {wo['latency_ms']['p99']}{mark(wo)} → {wi['latency_ms']['p99']}{mark(wi)} "
                     f"| {d['latency_ms']['p50']} / {d['latency_ms']['p99']} | {d['deliveries']} of {d['expected']} "
                     f"| {d['resets']} | {server_us_per_turn(wo)} → {server_us_per_turn(wi)} "
-                    f"| {cpu['nodes']} / {cpu['router']} / {cpu.get('kafka', '-')} "
+                    f"| {cpu.get('nodes', '-')} / {cpu.get('router', '-')} / {cpu.get('kafka', '-')} "
                     f"| {wo['cpu_pct'].get('nodes_sys', '-')} → {cpu.get('nodes_sys', '-')} | {cpu.get('watchers')} |")
     return "\n".join(rows)
 
@@ -447,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--partitions", type=int, default=16)
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", ""))
+    p.add_argument("--router", default="",
+                   help="a running cluster's router URL instead of a local cluster (the writer and the "
+                        "watchers then need not share its machine; its API key, if any, from $"
+                        + API_KEY_ENV + "); no CPU figures of the cluster's processes")
     p.add_argument("--out", type=Path, default=Path("results") / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}")
     ns = p.parse_args(argv)
     report = run(ns)
