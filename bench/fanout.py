@@ -2,16 +2,15 @@
 
 A local cluster (its own broker unless ``--kafka-bootstrap``; 2 nodes, 16 partitions, a
 router) or, with ``--router URL``, a running one (its API key from ``$STICKYSTATE_API_KEY``;
-its processes' CPU is then not measured), ``--sessions`` sessions, and an open-loop writer (raw keep-alive HTTP/1.1, as
-bench/loadgen.py: latency from each append's intended send time) offering appends over
-them through the router at each of ``--rates``, each rate twice back to back: without watchers,
-and with ``--watchers`` watch streams spread evenly over the sessions (``?changes_only=1``,
-through the router unless ``--watch-via owner``, opened and read by a separate process at
-the byte level). For each
-phase: the appends acknowledged per second, their latency, the CPU (% of one core) of the
-nodes (and of that, their time in the kernel), the router, the broker, the writer and the
-watcher process, and the nodes' and
-the router's CPU per turn (what serves the watchers); with watchers, the
+its processes' CPU is then not measured); ``--sessions`` sessions, and an open-loop writer
+(raw keep-alive HTTP/1.1, as bench/loadgen.py: latency from each append's intended send
+time) offering appends over them through the router at each of ``--rates``, each rate twice
+back to back: without watchers, and with ``--watchers`` watch streams spread evenly over the
+sessions (``?changes_only=1``, through the router unless ``--watch-via owner``, opened and
+read by a separate process at the byte level). For each phase: the appends acknowledged per
+second, their latency, the CPU (% of one core) of the nodes (and of that, their time in the
+kernel), the router, the broker, the writer and the watcher process, and the nodes' and the
+router's CPU per turn (what serves the watchers); with watchers, the
 delivery latency of each event to each watcher (the writer's acknowledgement -> the
 watcher's reception, both ``time.time()`` on this machine), p50/p99, and how many
 deliveries and resets there were.
@@ -90,10 +89,9 @@ class _Writer:
         if status != 200:
             self.fail(req, f"http_{status}")
             return
-        else:
-            self.latencies.append(now - req.intended)
-            if self.acks is not None:
-                self.acks[(self.sids[req.sess], orjson.loads(body)["version"])] = time.time()
+        self.latencies.append(now - req.intended)
+        if self.acks is not None:
+            self.acks[(self.sids[req.sess], orjson.loads(body)["version"])] = time.time()
         self._settled()
 
     def fail(self, req: Req, why: str) -> None:
