@@ -135,16 +135,25 @@ NOT_SERVER = ("generator", "machine_busy_pct", "other_pct", "probe")
 CPU_RATE = 2000.0  # the rate CPU per turn is compared at (issue 12)
 
 
+KERNEL = "of which in the kernel"
+
+
 def cpu_per_turn(step: dict[str, Any] | None, system: str) -> dict[str, float] | None:
     """Server-side CPU per answered request in a step, microseconds, by process kind
-    (router, nodes, kafka; server, redis-server) and ``total``. A direct system's router
-    only serves the shard map: it is not counted."""
+    (router, nodes, kafka; server, redis-server), ``total``, and of the total the time
+    spent in the kernel (``KERNEL``: system calls, and the loopback networking they run).
+    A direct system's router only serves the shard map: it is not counted."""
     if step is None or not step.get("achieved_rate"):
         return None
     rate = step["achieved_rate"]
-    out = {k: 1e4 * v / rate for k, v in step["cpu_pct"].items()
-           if k not in NOT_SERVER and not (k == "router" and system != "router")}
-    out["total"] = sum(out.values())
+    cpu = step["cpu_pct"]
+    out = {k: 1e4 * v / rate for k, v in cpu.items()
+           if k not in NOT_SERVER and not k.endswith("_sys") and not (k == "router" and system != "router")}
+    total = sum(out.values())
+    kernel = [1e4 * cpu[f"{k}_sys"] / rate for k in out if f"{k}_sys" in cpu]
+    if kernel:  # of the total, the time the server side spent in the kernel (runs since session 11)
+        out[KERNEL] = sum(kernel)
+    out["total"] = total
     return out
 
 
@@ -165,18 +174,20 @@ def cpu_table(doc: dict[str, Any], mix: str, rate: float = CPU_RATE) -> list[str
         per = cpu_per_turn(step, system)
         if step is None or per is None:
             continue
-        kinds += [k for k in per if k != "total" and k not in kinds]
+        kinds += [k for k in per if k not in ("total", KERNEL) and k not in kinds]
         rows.append((system, step, per))
     if not rows:
         return []
     lines = [f"## CPU per turn ({mix} mix)", "",
              f"Microseconds of CPU per answered request at {rate:g} offered/s (or the closest ladder rate), by "
              "process kind; total = the server side (a direct system's router, which only serves the shard map, "
-             "is left out; Kafka is counted only when the run started its own broker):", "",
-             "| system | offered/s | achieved/s | total | " + " | ".join(kinds) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+             "is left out; Kafka is counted only when the run started its own broker); of the total, the time "
+             "the server side spent in the kernel (system calls, and the loopback networking they run):", "",
+             "| system | offered/s | achieved/s | total | of which in the kernel | " + " | ".join(kinds) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(kinds)]
     for system, step, per in rows:
         lines.append(f"| {system} | {step['target_rate']:g} | {_f(step['achieved_rate'])} | {_f(per['total'])} | "
+                     f"{_f(per.get(KERNEL))} | "
                      + " | ".join(_f(per.get(k)) if k in per else "-" for k in kinds) + " |")
     lines.append("")
     return lines
@@ -451,8 +462,8 @@ def markdown(doc: dict[str, Any], plots: list[str] | None = None, plot_prefix: s
     for s in doc["steps"]:
         lat = s["latency_ms"]
         cpu = s["cpu_pct"]
-        server = sum(v for k, v in cpu.items() if k not in NOT_SERVER)
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k not in NOT_SERVER)
+        server = sum(v for k, v in cpu.items() if k not in NOT_SERVER and not k.endswith("_sys"))
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k not in NOT_SERVER)  # <kind>_sys: in the kernel
         lines.append(f"| {s['system']} | {s['mix']} | {s['target_rate']:g} | {s['achieved_rate']:g} | "
                      f"{_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99_9'])} | "
                      f"{_ms(lat['max'])} | {s['errors']} | {_f(s['bytes_per_turn'])} | "

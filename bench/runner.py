@@ -531,7 +531,7 @@ class Runner:
         start_at = time.monotonic() + 0.3
         arg = {"rate": rate / n, "duration": duration, "read_frac": read_frac, "drain_s": cfg.drain_s,
                "start_at": start_at, "arrivals": cfg.arrivals, "prewarm": 16}
-        meter = CpuMeter(comps)
+        meter = CpuMeter(comps, kernel=tuple(comps))
         meter.start()
         if self.hiccups is not None:
             self.hiccups.reset()
