@@ -33,7 +33,8 @@ from stickystate.node.settings import NodeSettings
 UNAUTHORIZED_MESSAGE = ("a valid API key (Authorization: Bearer <key> or X-Api-Key) is required; "
                         "internal endpoints need the cluster's internal secret")
 INTERNAL_ONLY_MESSAGE = "only routers and peers holding the cluster's internal secret may call this"
-RESERVED_MESSAGE = "X-Stickystate-Tenant and X-Stickystate-Session-Id may be sent only by the cluster's routers"
+RESERVED_MESSAGE = ("X-Stickystate-Tenant, X-Stickystate-Session-Id and X-Stickystate-Watch-* may be sent only by "
+                    "the cluster's routers")
 _CHALLENGE = (("WWW-Authenticate", "Bearer"),)
 
 

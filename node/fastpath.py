@@ -133,7 +133,8 @@ class NodeFront(Front):
                 authorization = authorization if authorization is not None else v
             elif name == b"x-api-key":
                 api_key = api_key if api_key is not None else v
-            elif name == b"x-stickystate-tenant" or name == b"x-stickystate-session-id":
+            elif (name == b"x-stickystate-tenant" or name == b"x-stickystate-session-id"
+                  or name.startswith(b"x-stickystate-watch-")):
                 reserved = True
         admission = self.access.admit(internal=internal, authorization=_str(authorization), api_key=_str(api_key),
                                       reserved=reserved, session_route=True, now=time.monotonic())

@@ -29,7 +29,7 @@ from stickystate.node.watch_stream import Watch
 from stickystate.protocol import (DURABILITY_HEADER, EPOCH_HEADER, IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER,
                                   IF_NONE_MATCH_HEADER, LAST_EVENT_ID_HEADER, OWNER_HEADER, PREFER_HEADER,
                                   PREFERENCE_APPLIED_HEADER, REPLAYED_HEADER, SESSION_ID_HEADER, SESSION_ID_MESSAGE,
-                                  SHARD_HEADER, TENANT_HEADER)
+                                  SHARD_HEADER, TENANT_HEADER, WATCH_MUTED_HEADER, WATCH_SHARED_HEADER)
 
 LONG_POLL_MAX_S = 25.0  # below the router's request timeout (30 s): a long-poll answers before it gives up
 _WAIT_RE = re.compile(r"([0-9]|1[0-9]|2[0-4])(\.[0-9]{1,6})?|25(\.0{1,6})?")  # [0, 25] s, as docs/openapi.yaml
@@ -225,7 +225,9 @@ class NodeHandlers:
         watch = Watch(self.store.watch, shard, sid, sid.split(":", 1)[1] if tenant else sid,
                       changes_only in ("1", "true"), self.store.clock,
                       self.store.watch.log_reads if self.settings.replication else None)
+        watch.shared = request.headers.get(WATCH_SHARED_HEADER) == "1"  # only a router's (node/access.py)
         watch.open(position)
+        watch.mute_after_first = request.headers.get(WATCH_MUTED_HEADER) == "1"
         watch.headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                          "X-Accel-Buffering": "no", **_headers(shard.id, shard.my_epoch, self.store, None)}
         return watch

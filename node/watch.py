@@ -38,6 +38,10 @@ takes it (below its high-water mark: a write that cannot block); otherwise it ap
 the watcher's bounded buffer, and the stream's task sends it. On overflow the buffer is
 emptied and the watcher gets a ``reset`` with the state as it is when it catches up. The
 frame of a change is built once for all the watchers of a session that see it alike.
+
+A router serves its clients of a session from one stream (router/streams.py): that one is
+``shared`` (not counted in the limits), and each client's own stream is ``muted`` after its
+first frames (no more changes pushed to it; it stays counted and ends with the shard).
 """
 
 from __future__ import annotations
@@ -126,10 +130,12 @@ class Watcher:
     with the ring and every other watcher of the session: the bytes are what this buffer
     alone may keep alive)."""
 
-    __slots__ = ("limit", "limit_bytes", "buffer", "bytes", "overflowed", "ended", "wake", "hub", "direct")
+    __slots__ = ("limit", "limit_bytes", "buffer", "bytes", "overflowed", "ended", "wake", "hub", "direct", "muted",
+                 "shared")
 
-    def __init__(self, hub: WatchHub, limit: int, limit_bytes: int) -> None:
+    def __init__(self, hub: WatchHub, limit: int, limit_bytes: int, shared: bool = False) -> None:
         self.hub = hub
+        self.shared = shared  # a router's stream for its clients of the session: not counted in the limits
         self.limit = limit
         self.limit_bytes = limit_bytes
         self.buffer: deque[Change] = deque()
@@ -142,9 +148,13 @@ class Watcher:
         # waking the stream's task; False when it cannot be (client behind, not a plain
         # change), and the change is buffered as usual.
         self.direct: Callable[[Change], bool] | None = None
+        # A router's client past its first frames (node/watch_stream.py): the router sends it
+        # the changes from a stream it shares with the session's other watchers; this one
+        # is kept open (and counted) for the client's start, its keep-alives and its end.
+        self.muted = False
 
     def push(self, change: Change) -> None:
-        if self.overflowed:
+        if self.overflowed or self.muted:
             return
         buffer = self.buffer
         direct = self.direct
@@ -193,7 +203,8 @@ class WatchHub:
         self.sessions: dict[str, Watched] = {}
         self.idle: OrderedDict[str, float] = OrderedDict()
         self.pollers: dict[str, list[asyncio.Future[None]]] = {}  # long-polls waiting for a change
-        self.watchers = 0
+        self.watchers = 0  # counted against the limits: every stream but the routers' shared ones
+        self.shared = 0  # routers' shared streams (node/watch_stream.py)
         self.buffer_peak = 0  # the most changes any watcher's buffer held (never above buffer_events)
         self.resets: dict[str, int] = dict.fromkeys(RESET_CAUSES, 0)
         self.resumed: dict[str, int] = {"memory": 0, "log": 0}  # exact resumes, by where the changes came from
@@ -270,14 +281,17 @@ class WatchHub:
                 del self.pollers[sid]
 
     # -- watchers ------------------------------------------------------------------------
-    def subscribe(self, shard: int, sid: str, life: int) -> tuple[Watched, Watcher]:
+    def subscribe(self, shard: int, sid: str, life: int, shared: bool = False) -> tuple[Watched, Watcher]:
+        """A new watcher of ``sid``. ``shared``: a router's stream that it serves its clients
+        of the session from, each of them with a muted stream of its own that is counted;
+        the shared one is not, in either limit."""
         limits = self.limits
         w = self.sessions.get(sid)
-        if w is not None and len(w.watchers) >= limits.per_session:
+        if not shared and w is not None and len(w.watchers) - self._shared_of(w) >= limits.per_session:
             self.refused_total += 1
             raise TooManyRequests(f"this session has {limits.per_session} watchers already (watch_max_per_session)",
                                   retry_after_s=5, code="too_many_watchers")
-        if self.watchers >= limits.per_node:
+        if not shared and self.watchers >= limits.per_node:
             self.refused_total += 1
             raise Unavailable(f"this node has {limits.per_node} watchers already (watch_max_per_node)",
                               retry_after_s=5, code="too_many_watchers")
@@ -285,14 +299,24 @@ class WatchHub:
             w = self.sessions[sid] = Watched(shard, deque())
         w.life = life
         self.idle.pop(sid, None)
-        watcher = Watcher(self, limits.buffer_events, limits.buffer_bytes)
+        watcher = Watcher(self, limits.buffer_events, limits.buffer_bytes, shared)
         w.watchers.add(watcher)
-        self.watchers += 1
+        if shared:
+            self.shared += 1
+        else:
+            self.watchers += 1
         self.opened_total += 1
         return w, watcher
 
+    @staticmethod
+    def _shared_of(w: Watched) -> int:
+        return sum(1 for watcher in w.watchers if watcher.shared)
+
     def unsubscribe(self, sid: str, watcher: Watcher) -> None:
-        self.watchers -= 1
+        if watcher.shared:
+            self.shared -= 1
+        else:
+            self.watchers -= 1
         w = self.sessions.get(sid)
         if w is None or watcher not in w.watchers:
             return
@@ -314,7 +338,9 @@ class WatchHub:
         self.resets[cause] = self.resets.get(cause, 0) + 1
 
     def status(self) -> dict[str, Any]:
-        return {"watchers": self.watchers, "sessions": len(self.sessions), "buffer_peak": self.buffer_peak,
+        muted = sum(1 for w in self.sessions.values() for watcher in w.watchers if watcher.muted)
+        return {"watchers": self.watchers, "shared": self.shared, "muted": muted,
+                "sessions": len(self.sessions), "buffer_peak": self.buffer_peak,
                 "log_reads": self.log_reads.reads if self.log_reads else 0,
                 "log_reads_shared": self.log_reads.shared if self.log_reads else 0,
                 "buffer_limit": self.limits.buffer_events, "resets": dict(self.resets),

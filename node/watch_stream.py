@@ -14,6 +14,7 @@ import orjson
 
 from stickystate.errors import StickyError
 from stickystate.http.stream import StreamSink
+from stickystate.protocol import MUTED_FRAME
 from stickystate.node.ops import Op, Session, apply, live_keys, view
 from stickystate.node.watch import Change, LogReader, Watcher, WatchHub, life_of, make_change
 
@@ -47,13 +48,17 @@ class Watch:
         self.check_epoch: int | None = None  # resume: the sender's epoch the writer of from_log must not exceed
         self._sid_json: bytes | None = None  # b'{"sid":"<public id>"': the head of every change's event
         self.sink: StreamSink | None = None  # the client connection, if the front lets changes be written directly
+        # a router's client served from a shared stream: after the first frames, ": muted" and
+        # no more changes (the router sends them; router/streams.py)
+        self.mute_after_first = False
+        self.shared = False  # a router's shared stream (not counted in the limits); set before open
 
     def open(self, position: tuple[int, int | None, int | None] | None) -> None:
         """Subscribe and decide the first frames; synchronous (no change can slip between)."""
         state = self.shard.sessions.get(self.sid)
         assert state is not None  # the handler checked it
         self.life = life_of(state)
-        w, self.watcher = self.hub.subscribe(self.shard.id, self.sid, self.life)
+        w, self.watcher = self.hub.subscribe(self.shard.id, self.sid, self.life, self.shared)
         current = state["version"]
         if position is None:
             self.first.append(self._state_frame("state", state))
@@ -106,8 +111,13 @@ class Watch:
                      {"epoch": self.epoch, "version": state["version"], "session": session, **extra})
 
     def _reset(self, state: Session, cause: str, counted: bool = False) -> bytes:
+        """A reset with ``state``, the session as it is now: it covers whatever an overflow
+        of the buffer dropped before it (a resume read from the log while changes poured in
+        would otherwise be told twice in a row: history_gone, then overflow)."""
         if not counted:
             self.hub.count_reset(cause)
+        if self.watcher is not None:
+            self.watcher.overflowed = False
         return self._state_frame("reset", state, cause=cause)
 
     def _direct(self, c: Change) -> bool:
@@ -200,8 +210,14 @@ class Watch:
                 if kind != "change":
                     return
                 continue
+            if self.mute_after_first and not watcher.muted:
+                # Everything up to now is sent (the first frames, the log's, the buffered
+                # changes); from here on the router has the changes from its shared stream.
+                watcher.muted = True
+                yield MUTED_FRAME
+                continue
             watcher.wake.clear()
-            if self.sink is not None:  # nothing left to send: the write path may write to the client
+            if self.sink is not None and not watcher.muted:  # nothing left to send: the write path may write to the client
                 watcher.direct = self._direct
             try:
                 async with asyncio.timeout(limits.heartbeat_s):

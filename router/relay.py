@@ -28,7 +28,7 @@ from stickystate.http.stream import Streaming
 from stickystate.http.upstream import UpstreamPool
 from stickystate.http.wire import Reply, error_reply, new_request_id, render
 from stickystate.auth import Gate
-from stickystate.protocol import STREAM_PATHS
+from stickystate.protocol import STREAM_PATHS, TENANT_HEADER, WATCH_SHARED_HEADER
 from stickystate.router.forward import Forwarder, HeaderScan, as_str, is_session_request, prepare
 from stickystate.router.metrics import RouterMetrics
 from stickystate.router.settings import RouterSettings
@@ -88,5 +88,26 @@ class RelayFront(Front):
         if isinstance(out, Reply):
             return out
         if req.method == b"GET" and STREAM_PATHS.match(b"GET", req.target.split(b"?", 1)[0]) is not None:
-            return await self.streams.open(out)  # piped as it comes (router/streams.py)
+            # piped as it comes; a watch's changes from the stream its session's clients share
+            # (router/streams.py)
+            return await self.streams.open(out, shared_watch(req.target, tenant, rid, self.forwarder.internal_lines))
         return await self.forwarder.forward(out)
+
+
+_SHARED_LINE = f"{WATCH_SHARED_HEADER}: 1\r\n".encode()
+
+
+def shared_watch(target: bytes, tenant: str | None, rid: bytes,
+                 internal_lines: bytes) -> tuple[tuple[str, bytes, bool], bytes] | None:
+    """The key and the request head (without Host) of the stream a watch's changes may come
+    from, shared by the router's clients of the session: the same path and ``changes_only``,
+    no position. None when the query is not one the owner takes (the owner refuses it)."""
+    path, _, query = target.partition(b"?")
+    values = [pair.partition(b"=")[2] for pair in query.split(b"&") if pair.partition(b"=")[0] == b"changes_only"]
+    if len(values) > 1 or (values and values[0] not in (b"0", b"1", b"true", b"false")):
+        return None
+    changes_only = bool(values) and values[0] in (b"1", b"true")
+    head = b"".join((b"GET ", path, b"?changes_only=1" if changes_only else b"", b" HTTP/1.1\r\n",
+                     b"X-Request-Id: ", rid, b"\r\n", _SHARED_LINE, internal_lines,
+                     f"{TENANT_HEADER}: {tenant}\r\n".encode() if tenant else b""))
+    return (tenant or "", path, changes_only), head

@@ -46,6 +46,13 @@ RETRIES_HEADER = "X-Stickystate-Retries"  # the router retried the request on an
 REPLAYED_HEADER = "Idempotent-Replayed"
 PREFERENCE_APPLIED_HEADER = "Preference-Applied"
 LAST_EVENT_ID_HEADER = "Last-Event-ID"  # SSE: where a watch resumes (node/watch.py)
+# A router's watch of one client that it serves from a shared stream (router/streams.py):
+# the node sends the client's first frames, then ": muted", then only keep-alives and its end.
+WATCH_MUTED_HEADER = "X-Stickystate-Watch-Muted"
+MUTED_FRAME = b": muted\n\n"
+# The stream a router shares among its clients of a session: not counted against the
+# watcher limits (each client's own muted stream is). Both only from a router (the secret).
+WATCH_SHARED_HEADER = "X-Stickystate-Watch-Shared"
 IF_NONE_MATCH_HEADER = "If-None-Match"  # long-poll: the version the client holds
 # Only the router (holding the internal secret) may set these on a request to a node:
 SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # the id the router generated for a create

@@ -449,6 +449,10 @@ def test_api_keys_tenants_on_both_fronts(nodes: Nodes) -> None:
     (a,) = both(nodes, request("POST", "/v1/sessions", b"{}", {**bearer_a, "X-Stickystate-Session-Id": s},
                                auth=False))
     assert a["status"] == 400 and a["body"]["error"] == "bad_header"
+    # nor the router's watch headers (a shared stream is not counted against the watcher limits)
+    for name in ("X-Stickystate-Watch-Shared", "X-Stickystate-Watch-Muted"):
+        (a,) = both(nodes, request("GET", f"/v1/sessions/{s}/watch", None, {**bearer_a, name: "1"}, auth=False))
+        assert a["status"] == 400 and a["body"]["error"] == "bad_header", name
     for headers in ({}, {"Authorization": "Bearer " + "x" * 20}, {"X-Api-Key": KEY_A[:-1]},
                     {**bearer_a, "X-Stickystate-Internal": "x" * 24}):
         (a,) = both(nodes, request("GET", f"/v1/sessions/{s}", None, headers, auth=False))

@@ -267,22 +267,125 @@ async def test_reset_when_retention_removed_the_history(cluster: LocalCluster) -
     assert (change.kind, change.version, change.data["data"]["log"][-1]) == ("change", 10, "after")
 
 
+async def test_the_routers_clients_of_a_session_share_one_owner_stream_and_each_gets_every_change_once(
+        cluster: LocalCluster) -> None:
+    """Through the router, the watchers of a session (and ``changes_only``) are served from one
+    stream of the owner's (router/streams.py): each client's own stream gives its first frames
+    and then goes quiet (muted; still counted against the limits), and every later change
+    reaches every client once and in order, whenever and however it joined."""
+    sid = new_sid("w-shared")
+    node, base = owner_url(cluster, sid), cluster.router_url
+    async with aiohttp.ClientSession() as http:
+        await create(http, base, sid)
+        for i in range(3):
+            await write(http, base, sid, i)  # versions 2-4
+        streams = []
+        try:
+            a = await http.get(watch_url(base, sid))
+            streams.append(a)
+            (state,) = await take(a, 1)
+            assert (state.kind, state.version) == ("state", 4)
+            for i in range(3, 5):
+                await write(http, base, sid, i)  # 5-6: A gets them from the shared stream
+            # B resumes after version 4 (the owner's ring holds 5 and 6), C watches changes only
+            b = await http.get(watch_url(base, sid), headers={"Last-Event-ID": state.id})
+            c = await http.get(watch_url(base, sid, "?changes_only=1"))
+            streams += [b, c]
+            assert b.status == c.status == 200
+            await wait_until(lambda: watch_status(node)["muted"] == 3, 10, "the three clients' own streams to go quiet")
+            status = watch_status(node)
+            # one shared stream per changes_only, not counted; the clients' own streams are
+            assert (status["shared"], status["watchers"]) == (2, 3), status
+            for i in range(5, 15):
+                await write(http, base, sid, i)  # 7-16
+            got_a = await take(a, 12)
+            got_b = await take(b, 12)
+            got_c = await take(c, 11)
+        finally:
+            for resp in streams:
+                resp.close()
+    assert [(e.kind, e.version) for e in got_a] == [("change", v) for v in range(5, 17)]
+    assert [(e.kind, e.version) for e in got_b] == [("change", v) for v in range(5, 17)]
+    assert [e.data["data"]["log"][-1] for e in got_a[-3:]] == [12, 13, 14]
+    assert [(e.kind, e.version) for e in got_c] == [("state", 6)] + [("change", v) for v in range(7, 17)]
+    assert all("data" not in e.data for e in got_c[1:])
+    await wait_until(lambda: watch_status(node)["shared"] == 0, 10, "the shared streams to end with their last client")
+
+
+async def test_clients_joining_a_shared_stream_while_changes_pour_in_miss_none_and_see_none_twice(
+        cluster: LocalCluster) -> None:
+    """The splice of a client onto the router's shared stream under load: appends go on back
+    to back until every client has joined (one after another: fresh, resuming after a version
+    the first one saw, fresh); each client's versions run from its first frame to the last
+    change without a gap or a repeat."""
+    sid = new_sid("w-join")
+    base = cluster.router_url
+    async with aiohttp.ClientSession() as http:
+        await create(http, base, sid)
+        seen: dict[int, list[tuple[str, int]]] = {0: [], 1: [], 2: []}
+        first_frame = [asyncio.Event() for _ in range(3)]
+        streams: list[aiohttp.ClientResponse] = []
+
+        async def writer() -> int:
+            n = 0
+            while n < 60 or not first_frame[2].is_set():  # at least 60, and until the last client is in
+                await write(http, base, sid, n)
+                n += 1
+            return n + 1  # the last version
+
+        async def client(n: int, last_id: str | None) -> None:
+            resp = await http.get(watch_url(base, sid), headers={"Last-Event-ID": last_id} if last_id else {})
+            streams.append(resp)
+            assert resp.status == 200, await resp.text()
+            async for ev in sse(resp):
+                if isinstance(ev, Event):
+                    seen[n].append((ev.kind, ev.version))
+                    first_frame[n].set()
+
+        writing = asyncio.create_task(writer())
+        reading = []
+        try:
+            for n in range(3):  # the module's limit: 3 watchers per session
+                if n:  # each joins once the one before has seen a few changes (the appends go on)
+                    await wait_until(lambda: len(seen[n - 1]) >= 3, 15, "a few changes")
+                resume = f"{seen[0][1][1]}" if n == 1 else None  # a version the first one saw
+                reading.append(asyncio.create_task(client(n, resume)))
+                await asyncio.wait_for(first_frame[n].wait(), 15)
+            last = await asyncio.wait_for(writing, 60)
+            await wait_until(lambda: all(got and got[-1][1] == last for got in seen.values()), 15,
+                             "every client to get the last change")
+        finally:
+            for task in (writing, *reading):
+                task.cancel()
+            for resp in streams:
+                resp.close()
+    for n, got in seen.items():
+        versions = [v for _, v in got]
+        assert versions == list(range(versions[0], last + 1)), (n, got[:3], versions)
+        assert got[0][0] in ("state", "change", "reset") and all(k == "change" for k, _ in got[1:]), (n, got[:3])
+    # the later two joined while the appends went on: their first frame is mid-stream
+    assert all(1 < seen[n][0][1] < last for n in (1, 2)), {n: got[:2] for n, got in seen.items()}
+
+
 @pytest.mark.parametrize("via", ["owner", "router"])
 async def test_a_watcher_that_never_reads_does_not_slow_the_owner(cluster: LocalCluster, via: str) -> None:
-    """Straight to the owner, and through the router: the router reads the owner's stream
-    only as fast as the client takes it (router/streams.py), so the back-pressure reaches
-    the owner, whose bounded buffer overflows into a reset; the router holds no backlog."""
+    """Straight to the owner: its bounded buffer overflows into a reset, sent when the watcher
+    reads again. Through the router: the router serves the session's watchers from one shared
+    stream of the owner's, which one client may not hold back, so it ends the stuck client's
+    stream (router/streams.py) and keeps no backlog; the client resumes after the last change
+    it got. Either way the owner answers everything else on time."""
     sid = new_sid("w-stuck-" + via)
     node = owner_url(cluster, sid)
     host, port = (node if via == "owner" else cluster.router_url).removeprefix("http://").split(":")
     async with aiohttp.ClientSession() as http:
         await create(http, node, sid)
+        before = watch_status(node)
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.connect((host, int(port)))
         try:
             stuck.sendall(f"GET /v1/sessions/{sid}/watch HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            await wait_until(lambda: watch_status(node)["watchers"] >= 1, 10, "the watch to be open")
+            await wait_until(lambda: watch_status(node)["watchers"] > before["watchers"], 10, "the watch to be open")
             big = "x" * 16_000
             slowest = 0.0
             # ~48 KB of data per change event: far more than the socket buffers (through the
@@ -299,24 +402,49 @@ async def test_a_watcher_that_never_reads_does_not_slow_the_owner(cluster: Local
             status = watch_status(node)
             # the owner never waited for the watcher: every write was answered, none held up
             assert slowest < 5.0, slowest
-            assert status["resets"].get("overflow", 0) >= 1, status
             assert status["buffer_peak"] <= status["buffer_limit"] == BUFFER, status
-            # once it reads, the watcher is told with a reset carrying the state as it is then
             stuck.setblocking(False)
             received = b""
             deadline = time.monotonic() + 20
-            while b'"cause":"overflow"' not in received:
-                assert time.monotonic() < deadline, received[-300:]
-                try:
-                    chunk = await asyncio.get_running_loop().sock_recv(stuck, 1 << 20)
-                except BlockingIOError:
-                    chunk = b""
-                assert chunk != b"" or time.monotonic() < deadline
-                received += chunk
+            loop = asyncio.get_running_loop()
+            if via == "owner":
+                assert status["resets"].get("overflow", 0) >= 1, status
+                # once it reads, the watcher is told with a reset carrying the state as it is then
+                while b'"cause":"overflow"' not in received:
+                    assert time.monotonic() < deadline, received[-300:]
+                    try:
+                        chunk = await loop.sock_recv(stuck, 1 << 20)
+                    except BlockingIOError:
+                        chunk = b""
+                    assert chunk != b"" or time.monotonic() < deadline
+                    received += chunk
+            else:
+                # the router ended the stream: what it had taken, then the end
+                while True:
+                    assert time.monotonic() < deadline, received[-300:]
+                    try:
+                        chunk = await loop.sock_recv(stuck, 1 << 20)
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+                        continue
+                    if not chunk:
+                        break
+                    received += chunk
+                await wait_until(lambda: (watch_status(node)["watchers"], watch_status(node)["shared"])
+                                 == (before["watchers"], before["shared"]), 10, "the owner to drop its streams")
         finally:
             stuck.close()
-    head = received.split(b"\r\n\r\n", 1)[0]
-    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+        head, body = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+        if via == "router":
+            ids = [line[4:].decode() for line in body.split(b"\n") if line.startswith(b"id: ")]
+            versions = [int(i.split(":")[0]) for i in ids]
+            assert versions[0] == 1 and versions == list(range(1, len(versions) + 1)), versions[-5:]
+            assert len(versions) < 601  # it did not get everything: its stream was ended
+            # it resumes after the last change it got: the next one (from the log), or a reset
+            async with http.get(watch_url(cluster.router_url, sid), headers={"Last-Event-ID": ids[-1]}) as resp:
+                (first,) = await take(resp, 1)
+            assert (first.kind, first.version) in (("change", versions[-1] + 1), ("reset", 601)), first
 
 
 async def test_watcher_limits_per_session_429_and_per_node_503(cluster: LocalCluster) -> None:
