@@ -355,6 +355,9 @@ class _Shared(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """End it; from now on a new client of the session opens a new one."""
+        self.ended = True
+        self.forwarder.forget(self)
         if self.transport is not None:
             self.transport.close()
         elif not self.opened.done():
