@@ -90,7 +90,27 @@ def _kind(frame: bytes) -> bytes:
     return frame[at + 8:frame.find(b"\n", at + 8)]
 
 
-class _Upstream(asyncio.Protocol):
+class _Waits:
+    """What a stream's pump waits on: ``changed()`` returns at the next ``wake()``."""
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def changed(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+class _Upstream(asyncio.Protocol, _Waits):
     """The owner's side of a piped stream. Until ``attach`` it collects what the owner
     sends (the answer's head, a refusal's body); after it, every chunk goes straight from
     ``data_received`` to the client's connection: no task switch and no future per chunk
@@ -98,12 +118,12 @@ class _Upstream(asyncio.Protocol):
     the client's buffer is over its high-water mark, the owner is not read until it drains."""
 
     def __init__(self) -> None:
+        _Waits.__init__(self)
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.sink: StreamSink | None = None
         self.ended = False  # the owner's connection closed (or broke)
         self.blocked = False  # reading paused until the client drains
-        self._waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -112,32 +132,20 @@ class _Upstream(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             self.buf += data
-            self._wake()
+            self.wake()
             return
         sink.send(data)
         if sink.paused and not self.blocked and self.transport is not None:
             self.blocked = True
             self.transport.pause_reading()
-            self._wake()
+            self.wake()
 
     def eof_received(self) -> bool:
         return False  # the transport closes: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def changed(self) -> None:
-        """Until the next chunk (before ``attach``), block or end."""
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        self.wake()
 
     async def head(self) -> bytes:
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
@@ -171,19 +179,19 @@ class _Upstream(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-class _Member:
+class _Member(_Waits):
     """One client of a shared watch. Until its own stream (from the owner, muted after the
     first frames) says ``: muted``, the shared stream's changes wait in ``pending``; then those
     after the client's last version are sent, and every later one as it comes."""
 
-    __slots__ = ("sink", "last", "pending", "ended", "_waiter")
+    __slots__ = ("sink", "last", "pending", "ended")
 
     def __init__(self) -> None:
+        super().__init__()
         self.sink: StreamSink | None = None
         self.last = -1  # the last version the client was sent
         self.pending: list[tuple[int, bytes]] | None = []  # None: live on the shared stream
         self.ended = False
-        self._waiter: asyncio.Future[None] | None = None
 
     def feed(self, items: list[tuple[int, bytes]]) -> None:
         """The shared stream's frames: (version, frame), version -1 for a comment."""
@@ -223,17 +231,6 @@ class _Member:
     def end(self) -> None:
         self.ended = True
         self.wake()
-
-    def wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def changed(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
 
 
 class _Own(_Upstream):
