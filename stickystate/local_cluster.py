@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,16 @@ from stickystate.kafka_cluster import LocalKafkaCluster
 from stickystate.kafka_local import LocalKafka
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A port nothing listens on now, and none of ``avoid``: the kernel may hand out the same
+    free port twice in a row (two nodes of one cluster got one port in a CI run: the second
+    could not bind, and the cluster never became ready)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def http_json(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -129,18 +136,19 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.routers < 1:
             raise ValueError("routers must be >= 1")
+        taken = lambda: {self.router_port, *self.router_ports, *self.node_ports}  # noqa: E731
         if not self.router_port:
-            self.router_port = self.router_ports[0] if self.router_ports else free_port()
+            self.router_port = self.router_ports[0] if self.router_ports else free_port(taken())
         if not self.router_ports:
             self.router_ports = [self.router_port]
         while len(self.router_ports) < self.routers:
-            self.router_ports.append(free_port())
+            self.router_ports.append(free_port(taken()))
         if not self.master_keys:
             from stickystate.crypto import new_master_key_entry
 
             self.master_keys = new_master_key_entry("local-1")
         while len(self.node_ports) < self.nodes:
-            self.node_ports.append(free_port())
+            self.node_ports.append(free_port(taken()))
 
     @property
     def router_url(self) -> str:

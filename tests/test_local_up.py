@@ -275,3 +275,29 @@ def test_ctrl_c_while_up_is_still_starting_leaves_no_process(tmp_path: Path, up_
     assert up.interrupt(timeout_s=60) == 0, up.output()
     assert "up: stopped." in up.output()
     wait_for(lambda: not any(alive(pid) for pid in children), 30, "every child of up to exit")
+
+
+def test_a_local_cluster_never_gives_two_of_its_processes_one_port(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The kernel may hand out the same free port twice in a row (a CI run's cluster got one
+    port for two nodes, and the second could not bind): LocalCluster asks again."""
+    from stickystate import local_cluster
+
+    handed = iter([41001, 41001, 41002, 41001, 41002, 41003])
+
+    class Socket:
+        def __enter__(self) -> Socket:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, addr: tuple[str, int]) -> None:
+            self.port = next(handed)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(local_cluster.socket, "socket", Socket)
+    cluster = local_cluster.LocalCluster(tmp_path, nodes=2)
+    assert cluster.router_port == 41001 and cluster.node_ports == [41002, 41003]
