@@ -89,7 +89,9 @@ class LocalKafkaCluster:
         self.data_dir = Path(data_dir).resolve()
         ports = list(ports or [])
         while len(ports) < brokers:
-            ports.append(_free_port())
+            p = _free_port()
+            if p not in ports:  # the kernel may hand out one free port twice in a row
+                ports.append(p)
         controller_ports: list[int] = []
         while len(controller_ports) < brokers:
             p = _free_port()
