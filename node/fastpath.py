@@ -52,7 +52,7 @@ from stickystate.node.handlers import NodeHandlers
 from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
 from stickystate.node.watch_stream import Watch
-from stickystate.protocol import FAST_ROUTES, UNMETERED, error_body
+from stickystate.protocol import FAST_ROUTES, ROUTER_ONLY_HEADERS, UNMETERED, error_body
 
 log = logging.getLogger("stickystate.node")
 
@@ -62,6 +62,7 @@ MAX_HEADERS = 128  # aiohttp's max_headers
 # bounds how long a connection waits for an app that stopped answering.
 LOCAL_TIMEOUT_S = 600.0
 KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's keepalive_timeout: idle connections live as long as before
+_ROUTER_ONLY = frozenset(name.lower().encode() for name in ROUTER_ONLY_HEADERS)  # refused from clients
 _SIMPLE_QUERY = re.compile(rb"[A-Za-z0-9._~=&-]+")
 
 
@@ -133,8 +134,7 @@ class NodeFront(Front):
                 authorization = authorization if authorization is not None else v
             elif name == b"x-api-key":
                 api_key = api_key if api_key is not None else v
-            elif (name == b"x-stickystate-tenant" or name == b"x-stickystate-session-id"
-                  or name.startswith(b"x-stickystate-watch-")):
+            elif name in _ROUTER_ONLY:
                 reserved = True
         admission = self.access.admit(internal=internal, authorization=_str(authorization), api_key=_str(api_key),
                                       reserved=reserved, session_route=True, now=time.monotonic())

@@ -224,10 +224,11 @@ class NodeHandlers:
         tenant = request.headers.get(TENANT_HEADER)
         watch = Watch(self.store.watch, shard, sid, sid.split(":", 1)[1] if tenant else sid,
                       changes_only in ("1", "true"), self.store.clock,
-                      self.store.watch.log_reads if self.settings.replication else None)
-        watch.shared = request.headers.get(WATCH_SHARED_HEADER) == "1"  # only a router's (node/access.py)
+                      self.store.watch.log_reads if self.settings.replication else None,
+                      # only a router's (node/access.py refuses them from clients)
+                      shared=request.headers.get(WATCH_SHARED_HEADER) == "1",
+                      mute_after_first=request.headers.get(WATCH_MUTED_HEADER) == "1")
         watch.open(position)
-        watch.mute_after_first = request.headers.get(WATCH_MUTED_HEADER) == "1"
         watch.headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                          "X-Accel-Buffering": "no", **_headers(shard.id, shard.my_epoch, self.store, None)}
         return watch

@@ -29,8 +29,8 @@ from stickystate.node.metrics import NodeMetrics
 from stickystate.node.settings import NodeSettings
 from stickystate.node.store import NodeStore
 from stickystate.protocol import (API_KEY_HEADER, AUTHORIZATION_HEADER, INTERNAL_HEADER, NODE, OPEN_PATHS,
-                                  REQUEST_ID_HEADER, SESSION_ID_HEADER, SESSION_PATHS, TENANT_HEADER, UNMETERED,
-                                  WATCH_MUTED_HEADER, WATCH_SHARED_HEADER, routes_of)
+                                  REQUEST_ID_HEADER, ROUTER_ONLY_HEADERS, SESSION_PATHS, TENANT_HEADER, UNMETERED,
+                                  routes_of)
 
 log = logging.getLogger("stickystate.node")
 
@@ -62,8 +62,7 @@ def make_edge_middleware(settings: NodeSettings, metrics: NodeMetrics, access: N
                     internal=None if internal is None else internal.encode("utf-8", "surrogateescape"),
                     authorization=request.headers.get(AUTHORIZATION_HEADER),
                     api_key=request.headers.get(API_KEY_HEADER),
-                    reserved=(TENANT_HEADER in request.headers or SESSION_ID_HEADER in request.headers
-                              or WATCH_MUTED_HEADER in request.headers or WATCH_SHARED_HEADER in request.headers),
+                    reserved=any(name in request.headers for name in ROUTER_ONLY_HEADERS),
                     session_route=resource is not None and resource.canonical in SESSION_PATHS,
                     now=time.monotonic())
                 refusal = admission.refusal

@@ -30,7 +30,8 @@ class Watch:
     ``frames`` until the session goes, the shard moves, or the client leaves."""
 
     def __init__(self, hub: WatchHub, shard: Any, sid: str, public_id: str, changes_only: bool,
-                 clock: Callable[[], float], log_reader: LogReader | None) -> None:
+                 clock: Callable[[], float], log_reader: LogReader | None, *, shared: bool = False,
+                 mute_after_first: bool = False) -> None:
         self.hub = hub
         self.shard = shard  # node/shard.py Shard (owned): current state for resets
         self.sid = sid
@@ -50,8 +51,8 @@ class Watch:
         self.sink: StreamSink | None = None  # the client connection, if the front lets changes be written directly
         # a router's client served from a shared stream: after the first frames, ": muted" and
         # no more changes (the router sends them; router/streams.py)
-        self.mute_after_first = False
-        self.shared = False  # a router's shared stream (not counted in the limits); set before open
+        self.mute_after_first = mute_after_first
+        self.shared = shared  # a router's shared stream (not counted in the limits)
 
     def open(self, position: tuple[int, int | None, int | None] | None) -> None:
         """Subscribe and decide the first frames; synchronous (no change can slip between)."""

@@ -57,6 +57,8 @@ IF_NONE_MATCH_HEADER = "If-None-Match"  # long-poll: the version the client hold
 # Only the router (holding the internal secret) may set these on a request to a node:
 SESSION_ID_HEADER = "X-Stickystate-Session-Id"  # the id the router generated for a create
 TENANT_HEADER = "X-Stickystate-Tenant"  # the authenticated tenant: namespaces every session id
+# What a client may not send a node (400 bad_header): only a router, with the internal secret
+ROUTER_ONLY_HEADERS = (SESSION_ID_HEADER, TENANT_HEADER, WATCH_MUTED_HEADER, WATCH_SHARED_HEADER)
 INTERNAL_HEADER = "X-Stickystate-Internal"  # the cluster's internal secret
 # Client credentials (the router, and the nodes for clients that talk to them directly):
 AUTHORIZATION_HEADER = "Authorization"
