@@ -4,31 +4,34 @@
 change, so a change is never applied without being handed over (and is not applied
 when the hand-over is refused: ``QueueFull`` / ``KafkaStalled`` are raised before).
 
-The sender task owns the aiokafka producer and hands records over in batches: per
-partition, everything queued (up to the producer's batch size) goes into one record
-batch (``create_batch``/``send_batch``), and a partition has at most one batch handed
-over and not yet acknowledged. aiokafka sends one request per broker at a time and,
-with idempotence, one batch per partition at a time anyway, so this loses no
-pipelining; it saves aiokafka's per-record work (a future, metadata and partition
-look-ups, an await per record). Record ``i`` of a batch gets offset
-``base_offset + i``. A round of batches is handed over at most once per
-``linger_ms`` (fewer produce requests, and fewer wake-ups of every follower's fetch:
-most of a node's replication CPU is aiokafka's per-request work), at once after a
-quiet spell or when a caller is about to wait for its record (``hurry()``:
-``Durability: log``, claims, flushes), so only ``memory`` writes ever wait for it. Per partition, records go
-out in the order they were enqueued; across topics and partitions they are handed
-over in enqueue order, round by round.
+The sender task builds and sends the record batches itself: per partition, everything
+queued (up to MAX_BATCH_BYTES) goes into one record batch (aiokafka's C
+``DefaultRecordBatchBuilder``, with this producer's id and the partition's next sequence
+number), and a round's batches go as one produce request per broker (replicator/wire.py,
+through aiokafka's client, which keeps the connections and the metadata). A partition has
+at most one batch unacknowledged and a broker at most one request, as in aiokafka's own
+idempotent producer; what is gone is aiokafka's per-batch Python (accumulator, drain, a
+future and a task per batch, a generic request encoder): at a node's load a batch holds
+about one record, so that was most of what replication cost a node (docs/BENCHMARKS.md).
+Record ``i`` of a batch gets offset ``base_offset + i``. A round is sent at most once per
+``linger_ms`` (fewer produce requests, and fewer wake-ups of every follower's fetch), at
+once after a quiet spell or when a caller is about to wait for its record (``hurry()``:
+``Durability: log``, claims, flushes), so only ``memory`` writes ever wait for it. Per
+partition, records go out in the order they were enqueued; across topics and partitions
+they are handed over in enqueue order, round by round.
 
-When a delivery fails (broker gone, fenced, out of sequence, timeout) the producer is
-rebuilt and every record not yet acknowledged is sent again in its original order;
-readers drop the duplicates by version (node/shard.py). If the sender task itself
-dies, every pending delivery future is failed, never left hanging.
+A request that fails (connection lost, timed out) or a partition answered with a
+retriable error (no leader, not enough replicas...) is sent again after RETRY_BACKOFF_S,
+the same bytes under the same producer id and sequence numbers, so the broker keeps one
+copy. Any other error (out of sequence, unknown producer id, fenced, too large) rebuilds
+the producer: a new client and producer id, and every record not yet acknowledged sent
+again in its original order; readers drop the duplicates by version (node/shard.py). If
+the sender task itself dies, every pending delivery future is failed, never left hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
@@ -37,11 +40,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka import errors as kafka_errors
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.transaction import InitProducerIdRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from stickystate.replicator.errors import KafkaStalled, QueueFull, ReplicationError
 from stickystate.replicator.settings import ReplicatorSettings
+from stickystate.replicator.wire import ProduceRequest
 
 log = logging.getLogger("stickystate.replicator")
 
@@ -60,6 +68,24 @@ class Outgoing:
 
 TopicPartition = tuple[str, int]
 MAX_BATCH_BYTES = 256 * 1024
+RETRY_BACKOFF_S = 0.1  # before a batch goes again after a retriable error, or a leader is looked up again
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One partition's record batch, encoded once: a retry sends the same bytes (same
+    producer id and sequence numbers)."""
+    tp: tuple[str, int]
+    items: list[Outgoing]
+    data: bytes
+    retry_at: float = 0.0
+    attempts: int = 0
+
 # on_acked(partition, [(offset, meta), ...]): records of the changes topic acknowledged
 # by Kafka, in offset order, called before their futures resolve
 OnAcked = Callable[[int, list[tuple[int, Any]]], None]
@@ -75,11 +101,21 @@ class Replicator:
         self._unacked: dict[int, Outgoing] = {}
         # records not yet handed to the producer, per partition, in enqueue order
         self._queues: dict[TopicPartition, deque[Outgoing]] = {}
-        # partitions with a batch handed over and not yet acknowledged
+        # partitions with a batch built and not yet acknowledged (in flight, or in _outbox)
         self._busy: set[TopicPartition] = set()
+        # built batches waiting to be sent (again, after a retriable error)
+        self._outbox: dict[TopicPartition, _Batch] = {}
+        # brokers (node ids) with a produce request unanswered
+        self._in_flight: set[int] = set()
+        self._requests: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self._hurry = asyncio.Event()  # someone awaits a delivery: skip the send interval
-        self._producer: AIOKafkaProducer | None = None
+        self._hurried = False  # someone awaits a delivery: skip the send interval
+        self._interval: asyncio.Future[None] | None = None  # the sender's wait for the interval
+        self._client: AIOKafkaClient | None = None
+        self._pid = -1
+        self._epoch = -1
+        self._sequences: dict[TopicPartition, int] = {}  # next sequence number per partition
+        self._topics: set[str] = set()  # topics whose metadata the client was asked for
         self._generation = 0
         self._broken = False
         self._task: asyncio.Task[None] | None = None
@@ -137,7 +173,9 @@ class Replicator:
     def hurry(self) -> None:
         """A caller is about to wait for the records queued so far (``Durability: log``,
         a claim): hand them over now rather than at the end of the send interval."""
-        self._hurry.set()
+        self._hurried = True
+        if self._interval is not None and not self._interval.done():
+            self._interval.set_result(None)
         self._wake.set()
 
     async def send_and_wait(self, partition: int, key: bytes, value: bytes, timeout_s: float | None = None) -> int:
@@ -170,9 +208,12 @@ class Replicator:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._producer is not None:
-            await self._close_producer(self._producer)
-            self._producer = None
+        for request in list(self._requests):
+            request.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)
+        if self._client is not None:
+            await self._close_client(self._client)
+            self._client = None
         self._fail_all(ReplicationError("replicator stopped"))
 
     def _on_sender_done(self, task: asyncio.Task[None]) -> None:
@@ -189,59 +230,84 @@ class Replicator:
         self._unacked.clear()
         self._queues.clear()
         self._busy.clear()
+        self._outbox.clear()
 
     async def _build_producer(self) -> None:
         backoff = 0.1
         while True:
-            producer = AIOKafkaProducer(
+            client = AIOKafkaClient(
                 bootstrap_servers=self.settings.kafka_bootstrap,
                 client_id=self.client_id,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=0,  # batches are built and closed here (see _run)
                 request_timeout_ms=self.settings.request_timeout_ms,
-                max_batch_size=MAX_BATCH_BYTES,  # also the size of the batches built here
-                max_request_size=2 * 1024 * 1024,
             )
             try:
-                await producer.start()
+                await client.bootstrap()
+                pid, epoch = await self._init_producer_id(client)
             except (KafkaError, OSError) as exc:
-                await self._close_producer(producer)
+                await self._close_client(client)
                 if self._stopping:
                     raise ReplicationError("stopping") from exc
                 log.warning("Kafka producer start failed, retrying", extra={"error": repr(exc), "backoff_s": backoff})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            self._producer = producer
+            self._client = client
+            self._pid, self._epoch = pid, epoch
+            self._sequences = {}
+            self._topics = set()
+            self._outbox = {}
+            self._in_flight = set()
             self._generation += 1
             self._broken = False
             return
 
     @staticmethod
-    async def _close_producer(producer: AIOKafkaProducer) -> None:
+    async def _init_producer_id(client: AIOKafkaClient) -> tuple[int, int]:
+        """An idempotent producer's id and epoch (InitProducerId without a transactional id):
+        the broker then drops a resent batch it already has (same id, same sequence)."""
+        for _ in range(10):
+            node = client.get_random_node()
+            if node is None:
+                await client.force_metadata_update()
+                continue
+            resp = await client.send(node, InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60_000))
+            error = kafka_errors.for_code(resp.error_code)
+            if error is kafka_errors.NoError:
+                return resp.producer_id, resp.producer_epoch
+            if not error.retriable:
+                raise error()
+            await asyncio.sleep(0.1)
+        raise KafkaError("no producer id after 10 attempts")
+
+    @staticmethod
+    async def _close_client(client: AIOKafkaClient) -> None:
         try:
-            await asyncio.wait_for(producer.stop(), 5)
-        except Exception as exc:  # a broken producer may fail to stop; it is dropped either way
-            log.debug("producer stop failed", extra={"error": repr(exc)})
+            await asyncio.wait_for(client.close(), 5)
+        except Exception as exc:  # a broken client may fail to close; it is dropped either way
+            log.debug("Kafka client close failed", extra={"error": repr(exc)})
 
     async def _rebuild(self) -> None:
         self.rebuilds_total += 1
-        old = self._producer
-        self._producer = None
-        # Everything not acknowledged goes out again, in its original order (the
-        # callbacks of the old producer's batches are ignored: another generation).
+        old = self._client
+        self._client = None
+        # Everything not acknowledged goes out again, in its original order, under a new
+        # producer id (the answers to the old client's requests are ignored: another
+        # generation). A record the broker had already taken is then in the log twice;
+        # readers drop the second copy by version (node/shard.py).
+        self._generation += 1
         self._queues.clear()
         self._busy.clear()
+        self._outbox = {}
+        self._in_flight = set()
         for item in self._unacked.values():  # enqueue (seq) order
             self._queues.setdefault((item.topic, item.partition), deque()).append(item)
         log.warning("rebuilding Kafka producer", extra={"resend": len(self._unacked)})
         if old is not None:
-            await self._close_producer(old)
+            await self._close_client(old)
         await self._build_producer()
 
     def _ready(self) -> list[TopicPartition]:
-        """Partitions with queued records and no batch in flight, oldest record first."""
+        """Partitions with queued records and no batch built and unacknowledged, oldest record first."""
         ready = [tp for tp, q in self._queues.items() if q and tp not in self._busy]
         if len(ready) > 1:
             ready.sort(key=lambda tp: self._queues[tp][0].seq)
@@ -253,8 +319,7 @@ class Replicator:
         while True:
             if self._broken:
                 await self._rebuild()
-            ready = self._ready()
-            if not ready:
+            if not self._outbox and not self._ready():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -263,55 +328,165 @@ class Replicator:
             # follower's fetch); after a quiet spell, or when a caller waits for its
             # record (hurry), records go at once.
             wait_s = last_round + linger_s - time.monotonic()
-            if wait_s > 0 and not self._hurry.is_set():
-                try:
-                    await asyncio.wait_for(self._hurry.wait(), wait_s)
-                except asyncio.TimeoutError:
-                    pass
-                ready = self._ready()
-            self._hurry.clear()
+            if wait_s > 0 and not self._hurried:
+                await self._wait_interval(wait_s)
+            if self._broken:
+                continue
+            self._hurried = False
             last_round = time.monotonic()
-            producer, generation = self._producer, self._generation
-            assert producer is not None
-            try:
-                for tp in ready:
-                    if self._broken:
-                        break
-                    queue = self._queues[tp]
-                    batch = producer.create_batch()
-                    items: list[Outgoing] = []
-                    while queue:
-                        item = queue[0]
-                        # the first record always fits (a batch may exceed its size for it)
-                        if batch.append(timestamp=None, key=item.key, value=item.value) is None:
-                            break
-                        items.append(queue.popleft())
-                    batch.close()
-                    # A failure from here on leaves the records in _unacked: _rebuild re-queues them.
-                    delivery = await producer.send_batch(batch, tp[0], partition=tp[1])
-                    self._busy.add(tp)
-                    if tp[0] == self.settings.changes_topic:
-                        self.sent_total += len(items)
-                    else:
-                        self.other_sent_total += len(items)
-                    self.batches_total += 1
-                    delivery.add_done_callback(functools.partial(self._on_delivered, tp, items, generation))
-            except (KafkaError, OSError) as exc:
-                log.warning("send failed", extra={"error": repr(exc)})
+            sent, wait_s = self._round()
+            if not sent:
+                # Nothing could go (every leader busy with a request, a leader unknown, a
+                # retry not yet due): wait for an answer, a metadata update or the retry.
+                self._wake.clear()
+                timer = None if wait_s is None else asyncio.get_running_loop().call_later(wait_s, self._wake.set)
+                await self._wake.wait()
+                if timer is not None:
+                    timer.cancel()
+
+    async def _wait_interval(self, wait_s: float) -> None:
+        """Sleep ``wait_s`` unless hurried meanwhile (a future and a timer: this runs once
+        per round, and ``wait_for`` would add a task and a cancellation each time)."""
+        loop = asyncio.get_running_loop()
+        interval = self._interval = loop.create_future()
+        timer = loop.call_later(wait_s, _resolve, interval)
+        try:
+            await interval
+        finally:
+            timer.cancel()
+            self._interval = None
+
+    def _round(self) -> tuple[bool, float | None]:
+        """Hand every batch that can go to its partition leader: one produce request per
+        broker, at most one request per broker and one batch per partition unacknowledged
+        (per partition, batches go in sequence order; a broker takes a connection's requests
+        one at a time anyway). Returns whether anything was sent, and how long to wait at
+        most before trying again when not."""
+        client = self._client
+        assert client is not None
+        cluster = client.cluster
+        now = time.monotonic()
+        wait_s: float | None = None
+        groups: dict[int, list[_Batch]] = {}
+        in_flight = self._in_flight
+
+        def leader(tp: TopicPartition) -> int | None:
+            nonlocal wait_s
+            if tp[0] not in self._topics:
+                self._topics.add(tp[0])
+                client.add_topic(tp[0]).add_done_callback(lambda _f: self._wake.set())
+            node = cluster.leader_for_partition(KafkaTopicPartition(*tp))
+            if node is None or node < 0:
+                # unknown or no leader (an election): ask again, look again shortly
+                client.force_metadata_update().add_done_callback(lambda _f: self._wake.set())
+                wait_s = RETRY_BACKOFF_S if wait_s is None else min(wait_s, RETRY_BACKOFF_S)
+                return None
+            return node
+
+        # batches to send again first: they are older than anything queued
+        for tp, batch in list(self._outbox.items()):
+            if batch.retry_at > now:
+                due = batch.retry_at - now
+                wait_s = due if wait_s is None else min(wait_s, due)
+                continue
+            node = leader(tp)
+            if node is None or node in in_flight:
+                continue
+            del self._outbox[tp]
+            groups.setdefault(node, []).append(batch)
+        for tp in self._ready():
+            node = leader(tp)
+            if node is None or node in in_flight:
+                continue
+            groups.setdefault(node, []).append(self._build(tp))
+        for node, batches in groups.items():
+            in_flight.add(node)
+            task = asyncio.get_running_loop().create_task(
+                self._send(client, node, batches, self._generation, in_flight))
+            self._requests.add(task)
+            task.add_done_callback(self._on_request_done)
+        return bool(groups), wait_s
+
+    def _build(self, tp: TopicPartition) -> _Batch:
+        """One record batch of everything queued for ``tp`` (up to MAX_BATCH_BYTES), with the
+        producer id and the partition's next sequence number."""
+        queue = self._queues[tp]
+        seq = self._sequences.get(tp, 0)
+        builder = DefaultRecordBatchBuilder(2, 0, 0, self._pid, self._epoch, seq, MAX_BATCH_BYTES)
+        items: list[Outgoing] = []
+        while queue:
+            item = queue[0]
+            # the first record always fits (a batch may exceed its size for it)
+            if builder.append(len(items), None, item.key, item.value, []) is None:
+                break
+            items.append(queue.popleft())
+        self._sequences[tp] = (seq + len(items)) & 0x7FFFFFFF  # sequences wrap to 0 after 2**31 - 1
+        self._busy.add(tp)
+        if tp[0] == self.settings.changes_topic:
+            self.sent_total += len(items)
+        else:
+            self.other_sent_total += len(items)
+        self.batches_total += 1
+        return _Batch(tp, items, bytes(builder.build()))
+
+    async def _send(self, client: AIOKafkaClient, node: int, batches: list[_Batch], generation: int,
+                    in_flight: set[int]) -> None:
+        request = ProduceRequest(-1, self.settings.request_timeout_ms,
+                                 [(b.tp[0], b.tp[1], b.data) for b in batches])
+        try:
+            response = await client.send(node, request)
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            in_flight.discard(node)
+            if generation == self._generation:
+                # Not known whether the broker took them: the same batches go again (same
+                # producer id and sequence numbers, so the broker keeps one copy).
+                log.warning("produce request failed, sending again", extra={"error": repr(exc), "node": node})
+                client.force_metadata_update()
+                for batch in batches:
+                    self._send_again(batch)
+            self._wake.set()
+            return
+        in_flight.discard(node)
+        self._wake.set()
+        if generation != self._generation:
+            return  # superseded by a rebuild: the records were queued again
+        for batch in batches:
+            error, base = response.partitions.get(batch.tp, (-1, -1))
+            if error == 0:
+                self._on_delivered(batch, base)
+                continue
+            kind = kafka_errors.for_code(error) if error != -1 else kafka_errors.KafkaError
+            if error == -1 or kind.retriable:
+                if error == -1 or getattr(kind, "invalid_metadata", False):
+                    client.force_metadata_update()
+                log.info("produce answered with a retriable error, sending again",
+                         extra={"error": kind.__name__, "topic": batch.tp[0], "partition": batch.tp[1]})
+                self._send_again(batch)
+            elif not self._broken:
+                # out of sequence, unknown producer id, fenced, too large...: a new producer
+                # sends everything unacknowledged again
+                log.warning("delivery failed", extra={"error": kind.__name__, "topic": batch.tp[0],
+                                                      "partition": batch.tp[1]})
                 self._broken = True
 
-    def _on_delivered(self, tp: TopicPartition, items: list[Outgoing], generation: int,
-                      delivery: asyncio.Future) -> None:
-        if generation != self._generation:
-            return  # superseded by a rebuild: the items were re-queued
-        if delivery.cancelled() or delivery.exception() is not None:
-            if not self._broken:
-                log.warning("delivery failed", extra={"error": repr(None if delivery.cancelled() else delivery.exception())})
-                self._broken = True
-                self._wake.set()
+    def _send_again(self, batch: _Batch) -> None:
+        batch.retry_at = time.monotonic() + RETRY_BACKOFF_S
+        batch.attempts += 1
+        self._outbox[batch.tp] = batch
+
+    def _on_request_done(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        if task.cancelled():
             return
+        exc = task.exception()
+        if exc is not None:  # a bug: never leave records waiting on a request nobody answers
+            log.error("produce request task failed", exc_info=exc)
+            self._broken = True
+            self._wake.set()
+
+    def _on_delivered(self, batch: _Batch, base: int) -> None:
+        tp, items = batch.tp, batch.items
         self._busy.discard(tp)
-        base = delivery.result().offset
         now = time.monotonic()
         changes = tp[0] == self.settings.changes_topic
         if changes and self.on_acked is not None:
@@ -331,5 +506,3 @@ class Replicator:
             self.send_latency_sum_s += now - item.enqueued_at
             if not item.future.done():
                 item.future.set_result(base + i)
-        if self._queues.get(tp):
-            self._wake.set()

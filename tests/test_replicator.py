@@ -8,6 +8,7 @@ import random
 import uuid
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from stickystate.replicator.producer import Replicator
 from stickystate.replicator.settings import ReplicatorSettings
@@ -85,6 +86,38 @@ async def test_a_rebuilt_producer_sends_again_what_was_not_acknowledged(settings
             if value not in first_seen:
                 first_seen.append(value)
         assert first_seen == [v for v, _ in mine]  # every record, first copies in enqueue order
+
+
+async def test_a_request_whose_answer_is_lost_goes_again_and_the_log_keeps_one_copy(settings: ReplicatorSettings) -> None:
+    """The broker took a request but its answer never came (a connection lost, a timeout): the
+    same batches go again under the same producer id and sequence numbers, the broker keeps
+    one copy and answers with the first copy's offsets; no producer rebuild."""
+    rep = Replicator(settings, client_id="test-rep-lost")
+    await rep.start()
+    client = rep._client
+    assert client is not None
+    real_send = client.send
+    lost: list[object] = []
+
+    async def send_and_lose_the_first_answer(node: int, request: object, **kw: object) -> object:
+        answer = await real_send(node, request, **kw)  # the broker has the batches now
+        if not lost:
+            lost.append(request)
+            raise KafkaConnectionError("the answer was lost (test)")
+        return answer
+
+    client.send = send_and_lose_the_first_answer  # type: ignore[method-assign]
+    try:
+        values = [b"lost-%d" % i for i in range(8)]
+        futures = [rep.enqueue(i % PARTITIONS, b"k", v) for i, v in enumerate(values)]
+        offsets = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        assert lost and rep.rebuilds_total == 0 and rep.depth == 0
+    finally:
+        await rep.stop()
+    for p in range(PARTITIONS):
+        log = await read_records(settings.kafka_bootstrap, settings.changes_topic, p)
+        mine = [(off, b"k", v) for i, (v, off) in enumerate(zip(values, offsets)) if i % PARTITIONS == p]
+        assert log == mine, p  # each record once, at the offset its future was given
 
 
 async def test_a_dead_sender_fails_every_queued_future(settings: ReplicatorSettings) -> None:

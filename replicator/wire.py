@@ -1,0 +1,140 @@
+"""The one Kafka request the replicator's hot path sends, encoded here: Produce v7.
+
+aiokafka builds a produce request through its generic ``Struct`` schema and parses the
+answer the same way, and its producer adds an accumulator, a drain pass, a future and a
+task per batch. At a node's load (about one record per partition batch, see
+docs/BENCHMARKS.md) that per-batch Python was most of what replication cost a node. The
+replicator (producer.py) now builds the record batches itself (aiokafka's C
+``DefaultRecordBatchBuilder``) and sends them with this request through aiokafka's client,
+which still owns the connections, the metadata and the API version check.
+
+``ProduceRequest`` duck-types what ``AIOKafkaConnection.send`` and its reader ask of a
+request (``prepare``, ``build_request_header``, ``encode``, ``parse_response_header``,
+``RESPONSE_TYPE.decode``). Produce v7 is the newest version with the classic (non-flexible)
+header; every broker since Kafka 2.1 accepts it, and Kafka 4 still does (v3-v12).
+
+Wire format (https://kafka.apache.org/protocol#The_Messages_Produce):
+    request header v1: api_key int16, api_version int16, correlation_id int32, client_id string
+    body v7: transactional_id nullable string, acks int16, timeout_ms int32,
+             [topic string, [partition int32, records bytes]]
+    response header v0: correlation_id int32
+    response v7: [topic string, [partition int32, error_code int16, base_offset int64,
+                  log_append_time_ms int64, log_start_offset int64]], throttle_time_ms int32
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from io import BytesIO
+
+from aiokafka.errors import IncompatibleBrokerVersion
+
+API_KEY = 0
+API_VERSION = 7
+
+_HEAD = struct.Struct(">hhih")  # api_key, api_version, correlation_id, client_id length
+_BODY_HEAD = struct.Struct(">hhii")  # transactional_id = null (-1), acks, timeout_ms, topic count
+_PARTITION = struct.Struct(">ii")  # partition, records length
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_PARTITION_ANSWER = struct.Struct(">ihqqq")  # partition, error_code, base_offset, append time, log start
+
+
+class _Header:
+    __slots__ = ("_bytes",)
+
+    def __init__(self, data: bytes) -> None:
+        self._bytes = data
+
+    def encode(self) -> bytes:
+        return self._bytes
+
+
+class _ResponseHeader:
+    __slots__ = ("correlation_id",)
+
+    def __init__(self, correlation_id: int) -> None:
+        self.correlation_id = correlation_id
+
+
+class ProduceResponse:
+    """The answer: ``partitions[(topic, partition)] = (error_code, base_offset)``."""
+
+    __slots__ = ("partitions", "throttle_time_ms")
+
+    def __init__(self, partitions: dict[tuple[str, int], tuple[int, int]], throttle_time_ms: int) -> None:
+        self.partitions = partitions
+        self.throttle_time_ms = throttle_time_ms
+
+    @classmethod
+    def decode(cls, buf: BytesIO | bytes) -> ProduceResponse:
+        data = buf.read() if isinstance(buf, BytesIO) else buf
+        return cls.parse(data)
+
+    @classmethod
+    def parse(cls, data: bytes) -> ProduceResponse:
+        out: dict[tuple[str, int], tuple[int, int]] = {}
+        pos = 0
+        (topics,) = _I32.unpack_from(data, pos)
+        pos += 4
+        for _ in range(topics):
+            (n,) = _I16.unpack_from(data, pos)
+            pos += 2
+            topic = data[pos:pos + n].decode()
+            pos += n
+            (count,) = _I32.unpack_from(data, pos)
+            pos += 4
+            for _ in range(count):
+                partition, error, base, _append, _start = _PARTITION_ANSWER.unpack_from(data, pos)
+                pos += _PARTITION_ANSWER.size
+                out[(topic, partition)] = (error, base)
+        (throttle,) = _I32.unpack_from(data, pos)
+        return cls(out, throttle)
+
+
+class ProduceRequest:
+    """One produce request: ``batches`` are (topic, partition, encoded record batch)."""
+
+    API_KEY = API_KEY
+    API_VERSION = API_VERSION
+    RESPONSE_TYPE = ProduceResponse
+    required_acks = -1  # read by aiokafka's client (0 would mean: no answer)
+
+    __slots__ = ("_acks", "_timeout_ms", "_batches")
+
+    def __init__(self, acks: int, timeout_ms: int, batches: Sequence[tuple[str, int, bytes]]) -> None:
+        self._acks = acks
+        self._timeout_ms = timeout_ms
+        self._batches = batches
+
+    # -- what AIOKafkaConnection.send asks of a request --------------------------
+    def prepare(self, versions: dict[int, tuple[int, int]]) -> ProduceRequest:
+        low, high = versions.get(API_KEY, (0, -1))
+        if not low <= API_VERSION <= high:
+            raise IncompatibleBrokerVersion(f"the broker does not take Produce v{API_VERSION} (it takes v{low}-v{high})")
+        return self
+
+    def build_request_header(self, correlation_id: int, client_id: str) -> _Header:
+        cid = client_id.encode()
+        return _Header(_HEAD.pack(API_KEY, API_VERSION, correlation_id, len(cid)) + cid)
+
+    def parse_response_header(self, buf: BytesIO) -> _ResponseHeader:
+        (correlation_id,) = _I32.unpack(buf.read(4))
+        return _ResponseHeader(correlation_id)
+
+    def encode(self) -> bytes:
+        by_topic: dict[str, list[tuple[int, bytes]]] = {}
+        for topic, partition, records in self._batches:
+            by_topic.setdefault(topic, []).append((partition, records))
+        parts: list[bytes] = [_BODY_HEAD.pack(-1, self._acks, self._timeout_ms, len(by_topic))]
+        for topic, batches in by_topic.items():
+            name = topic.encode()
+            parts.append(_I16.pack(len(name)) + name + _I32.pack(len(batches)))
+            for partition, records in batches:
+                parts.append(_PARTITION.pack(partition, len(records)))
+                parts.append(records)
+        return b"".join(parts)
+
+    def __repr__(self) -> str:
+        return f"ProduceRequest(v{API_VERSION}, {len(self._batches)} batches)"
