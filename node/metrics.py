@@ -65,6 +65,8 @@ class _StoreCollector(Collector):
             ("replication_send_seconds", "Sum of enqueue-to-acknowledgement time of acknowledged events",
              rep.send_latency_sum_s),
             ("replication_producer_rebuilds", "Kafka producers rebuilt after a failure", rep.rebuilds_total),
+            ("replication_batch_retries", "Record batches sent again, unchanged, after a lost answer or a "
+             "retriable error (no leader, not enough replicas)", rep.retries_total),
             ("replication_batches", "Record batches handed to the Kafka producer (one per partition per round, "
              "snapshots' included): the broker's work goes by batches",
              rep.batches_total),

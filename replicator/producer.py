@@ -126,6 +126,7 @@ class Replicator:
         self.other_sent_total = 0  # other topics (snapshots)
         self.other_acked_total = 0
         self.rebuilds_total = 0
+        self.retries_total = 0  # batches sent again unchanged (lost answer, retriable error)
         self.send_latency_sum_s = 0.0
         self.batches_total = 0
 
@@ -472,6 +473,7 @@ class Replicator:
     def _send_again(self, batch: _Batch) -> None:
         batch.retry_at = time.monotonic() + RETRY_BACKOFF_S
         batch.attempts += 1
+        self.retries_total += 1
         self._outbox[batch.tp] = batch
 
     def _on_request_done(self, task: asyncio.Task[None]) -> None:

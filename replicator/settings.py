@@ -61,7 +61,5 @@ class ReplicatorSettings:
             raise ValueError("linger_ms must be in 0..10000")
         if not 0 <= self.fetch_max_wait_ms <= 60_000 or self.fetch_min_bytes < 1:
             raise ValueError("fetch_max_wait_ms must be in 0..60000 and fetch_min_bytes >= 1")
-        if not 0 <= self.fetch_max_wait_ms <= 60_000 or self.fetch_min_bytes < 1:
-            raise ValueError("fetch_max_wait_ms must be in 0..60000 and fetch_min_bytes >= 1")
         if self.kafka_deadline_s <= 0:
             raise ValueError("kafka_deadline_s must be > 0")

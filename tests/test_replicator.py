@@ -111,7 +111,7 @@ async def test_a_request_whose_answer_is_lost_goes_again_and_the_log_keeps_one_c
         values = [b"lost-%d" % i for i in range(8)]
         futures = [rep.enqueue(i % PARTITIONS, b"k", v) for i, v in enumerate(values)]
         offsets = await asyncio.wait_for(asyncio.gather(*futures), 30)
-        assert lost and rep.rebuilds_total == 0 and rep.depth == 0
+        assert lost and rep.rebuilds_total == 0 and rep.retries_total >= 1 and rep.depth == 0
     finally:
         await rep.stop()
     for p in range(PARTITIONS):
