@@ -335,12 +335,13 @@ class Replicator:
                 continue
             self._hurried = False
             last_round = time.monotonic()
-            sent, wait_s = self._round()
+            sent, look_again_s = self._round()
             if not sent:
                 # Nothing could go (every leader busy with a request, a leader unknown, a
                 # retry not yet due): wait for an answer, a metadata update or the retry.
                 self._wake.clear()
-                timer = None if wait_s is None else asyncio.get_running_loop().call_later(wait_s, self._wake.set)
+                timer = (None if look_again_s is None
+                         else asyncio.get_running_loop().call_later(look_again_s, self._wake.set))
                 await self._wake.wait()
                 if timer is not None:
                     timer.cancel()
