@@ -84,7 +84,6 @@ class _Batch:
     items: list[Outgoing]
     data: bytes
     retry_at: float = 0.0
-    attempts: int = 0
 
 # on_acked(partition, [(offset, meta), ...]): records of the changes topic acknowledged
 # by Kafka, in offset order, called before their futures resolve
@@ -254,11 +253,8 @@ class Replicator:
                 continue
             self._client = client
             self._pid, self._epoch = pid, epoch
-            self._sequences = {}
+            self._sequences = {}  # a new producer id starts every partition at sequence 0
             self._topics = set()
-            self._outbox = {}
-            self._in_flight = set()
-            self._generation += 1
             self._broken = False
             return
 
@@ -320,7 +316,7 @@ class Replicator:
         while True:
             if self._broken:
                 await self._rebuild()
-            if not self._outbox and not self._ready():
+            if not self._outbox and not any(q and tp not in self._busy for tp, q in self._queues.items()):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -473,7 +469,6 @@ class Replicator:
 
     def _send_again(self, batch: _Batch) -> None:
         batch.retry_at = time.monotonic() + RETRY_BACKOFF_S
-        batch.attempts += 1
         self.retries_total += 1
         self._outbox[batch.tp] = batch
 

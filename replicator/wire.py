@@ -99,14 +99,17 @@ class ProduceRequest:
     API_KEY = API_KEY
     API_VERSION = API_VERSION
     RESPONSE_TYPE = ProduceResponse
-    required_acks = -1  # read by aiokafka's client (0 would mean: no answer)
-
     __slots__ = ("_acks", "_timeout_ms", "_batches")
 
     def __init__(self, acks: int, timeout_ms: int, batches: Sequence[tuple[str, int, bytes]]) -> None:
         self._acks = acks
         self._timeout_ms = timeout_ms
         self._batches = batches
+
+    @property
+    def required_acks(self) -> int:
+        """Read by aiokafka's client: 0 would mean the broker sends no answer."""
+        return self._acks
 
     # -- what AIOKafkaConnection.send asks of a request --------------------------
     def prepare(self, versions: dict[int, tuple[int, int]]) -> ProduceRequest:
