@@ -6,6 +6,7 @@ time passed in."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from stickystate.node.acks import AckTracker
@@ -144,6 +145,22 @@ def test_pending_events_fold_every_few_and_unpack_to_the_state() -> None:
     states = packed.unpack_all()
     assert states["s"] is not None and states["s"]["data"]["m"] == list(range(2, 3 + FOLD_EVERY))
     assert packed == PackedSessions() and len(packed) == 0
+
+
+def test_a_standbys_pending_events_are_nothing_the_cyclic_gc_walks() -> None:
+    """A standby keeps its sessions' latest events for seconds; kept as dicts (each with its
+    list of items) they reached the oldest GC generation and made a node's full passes long
+    (docs/BENCHMARKS.md). Kept as bytes, nothing there is tracked, and they still apply."""
+    packed = PackedSessions()
+    packed.pack("s", _state("s", 1) | {"data": {"m": []}})
+    for v in range(2, 2 + FOLD_EVERY - 1):
+        assert not packed.add("s", _event("s", v, key=f"k{v}"))
+    packed.add("t", _event("t", 1, op="create"))
+    assert not any(gc.is_tracked(value) for value in packed.pending.values())
+    assert packed.counts == {"s": FOLD_EVERY - 1, "t": 1}
+    states = packed.unpack_all()
+    assert states["s"] is not None and states["s"]["data"]["m"] == list(range(2, 1 + FOLD_EVERY))
+    assert states["s"]["version"] == FOLD_EVERY and states["t"] is not None and states["t"]["version"] == 1
 
 
 def test_the_cache_keeps_the_newest_records_and_a_sessions_recent_keys() -> None:
