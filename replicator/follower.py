@@ -7,14 +7,17 @@ receives records through ``on_records(shard, records)``, called synchronously in
 order. Assignment changes are applied by each reader's task itself between fetches, so a
 consumer is only ever touched from one task.
 
-Two readers, each an aiokafka consumer with its own connection to the broker:
+Two readers, each with its own connection to the broker:
 
 - the **lazy** one reads the standby shards: a fetch waits at the broker for
   ``fetch_min_bytes`` or ``fetch_max_wait_ms`` (defaults 256 KiB, 200 ms), so a standby
   costs the broker and itself a few fetches a second instead of one per produce round (at
   20 ms / 16 KiB, the fetches were a quarter of a replicating node's and the broker's CPU
-  per turn);
-- the **eager** one (1 byte, ``EAGER_WAIT_MS``) reads a shard while someone waits for its
+  per turn). It sends its own Fetch requests (replicator/wire.py) through an aiokafka
+  client and parses the records with aiokafka's C reader: aiokafka's consumer decoded every
+  answer (all of the reader's partitions) through its generic schema and wrapped every record
+  once more, which was about half of what following cost a standby (docs/BENCHMARKS.md);
+- the **eager** one (an aiokafka consumer; 1 byte, ``EAGER_WAIT_MS``) reads a shard while someone waits for its
   position (``wait_position``: a takeover catching up and reading its claim back, a ``log``
   write settling a hole) and answers ``end_offsets``. It has a connection of its own because
   the broker answers one request per connection at a time: a request behind a parked lazy
@@ -22,7 +25,10 @@ Two readers, each an aiokafka consumer with its own connection to the broker:
 
 A shard moves between readers at its delivered position; a reader whose assignment changed
 while it fetched drops that fetch's records (they are fetched again), so a record is
-delivered once, in order.
+delivered once, in order. The lazy reader drops only those of the shards that moved or were
+sought elsewhere (a standby re-reads a record whose data key it has not read yet,
+node/ownership.py): while many sessions are created, dropping the whole answer had it fetch
+the same megabytes many times over.
 """
 
 from __future__ import annotations
@@ -33,15 +39,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as kafka_errors
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
+from aiokafka.record.memory_records import MemoryRecords
 
 from stickystate.replicator.settings import ReplicatorSettings
+from stickystate.replicator.wire import FetchedPartition, FetchRequest
 
 log = logging.getLogger("stickystate.replicator")
 
 OnRecords = Callable[[int, Sequence[Any]], None]
 EAGER_WAIT_MS = 10
 POLL_MS = 100  # a reader's getmany wait: its task wakes at least this often
+RETRY_S = 0.2  # after a failed fetch, or while a partition has no known leader
+PARTITION_MAX_BYTES = 1024 * 1024  # per partition and fetch (a larger first batch still comes whole)
+FETCH_MAX_BYTES = 8 * 1024 * 1024  # per fetch answer
+DELIVER_CHUNK = 2000  # records handed to on_records at a time; the loop runs between chunks
+OFFSET_OUT_OF_RANGE = kafka_errors.OffsetOutOfRangeError.errno
 
 
 class _Reader:
@@ -135,6 +150,191 @@ class _Reader:
                 f._progress.notify_all()
 
 
+class _WireReader:
+    """The lazy reader: its own Fetch requests (replicator/wire.py) through an aiokafka
+    client, one per partition leader and round; the same contract as ``_Reader``."""
+
+    eager = False
+
+    def __init__(self, follower: Follower, name: str) -> None:
+        self.follower = follower
+        self.name = name
+        self.client: AIOKafkaClient | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.dirty = asyncio.Event()
+        self.shards: set[int] = set()
+        self._fetch_at: dict[int, int] = {}  # shard -> next offset to fetch
+        self.fetches_total = 0
+
+    async def start(self) -> None:
+        s = self.follower.settings
+        client = AIOKafkaClient(bootstrap_servers=s.kafka_bootstrap,
+                                client_id=f"{self.follower.client_id}-{self.name}",
+                                request_timeout_ms=s.request_timeout_ms + s.fetch_max_wait_ms)
+        try:
+            await client.bootstrap()
+            await client.add_topic(self.follower.topic)  # its partitions' leaders
+        except BaseException:
+            await client.close()
+            raise
+        self.client = client
+        self.task = asyncio.create_task(self._run(), name=f"follower-{self.follower.client_id}-{self.name}")
+        self.task.add_done_callback(self.follower._on_reader_done)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+        if self.client is not None:
+            try:
+                await asyncio.wait_for(self.client.close(), 5)
+            except Exception as exc:
+                log.debug("Kafka client close failed", extra={"error": repr(exc)})
+            self.client = None
+
+    def _apply_assignment(self) -> None:
+        f = self.follower
+        self.dirty.clear()
+        self.shards = {s for s in f._wanted if f._reader_of(s) is self}
+        fetch_at = {}
+        for shard in self.shards:
+            seek = f._wanted[shard]
+            fetch_at[shard] = seek if seek is not None else f._positions.get(shard, 0)
+            f._wanted[shard] = None
+        self._fetch_at = fetch_at
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the assignment changes."""
+        try:
+            await asyncio.wait_for(self.dirty.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _run(self) -> None:
+        assert self.client is not None
+        client = self.client
+        f = self.follower
+        s = f.settings
+        while True:
+            if self.dirty.is_set():
+                self._apply_assignment()
+            if not self.shards:
+                await self.dirty.wait()
+                continue
+            by_leader: dict[int, list[tuple[int, int]]] = {}
+            leaderless = False
+            for shard in sorted(self.shards):
+                node = client.cluster.leader_for_partition(TopicPartition(f.topic, shard))
+                if node is None or node < 0:
+                    leaderless = True
+                    continue
+                by_leader.setdefault(node, []).append((shard, self._fetch_at[shard]))
+            if leaderless:
+                client.force_metadata_update()
+            if not by_leader:
+                await self._pause(RETRY_S)
+                continue
+            answers = await asyncio.gather(*(
+                client.send(node, FetchRequest(f.topic, parts, s.fetch_max_wait_ms, s.fetch_min_bytes,
+                                               FETCH_MAX_BYTES, PARTITION_MAX_BYTES))
+                for node, parts in by_leader.items()), return_exceptions=True)
+            self.fetches_total += len(answers)
+            fetched_at = {shard: offset for parts in by_leader.values() for shard, offset in parts}
+            failed = False
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    if isinstance(answer, asyncio.CancelledError):
+                        raise answer
+                    if not isinstance(answer, (KafkaError, OSError, TimeoutError)):
+                        raise answer
+                    log.warning("fetch failed", extra={"error": repr(answer), "reader": self.name})
+                    client.force_metadata_update()
+                    failed = True
+                    continue
+                for part in answer.partitions:
+                    if part.topic == f.topic:
+                        await self._take(part, fetched_at.get(part.partition))
+            if self.dirty.is_set():
+                self._apply_assignment()
+            for shard in self.shards:
+                # past the last record delivered when records were skipped (control batches)
+                if self._fetch_at[shard] > f._positions.get(shard, 0):
+                    f._positions[shard] = self._fetch_at[shard]
+            async with f._progress:
+                f._progress.notify_all()
+            if failed or leaderless:
+                await self._pause(RETRY_S)
+
+    def _still(self, shard: int, offset: int) -> bool:
+        """Is ``shard`` still read here from ``offset``? (The assignment may have changed
+        meanwhile: a shard moved to the eager reader, or re-sought, is not; the others are.)"""
+        if self.dirty.is_set():
+            self._apply_assignment()
+        return self._fetch_at.get(shard) == offset
+
+    async def _take(self, part: FetchedPartition, fetched_at: int | None) -> None:
+        """One partition of a fetch answer (fetched from ``fetched_at``): its records from
+        there on, delivered, unless the shard was moved or sought elsewhere since."""
+        f = self.follower
+        shard = part.partition
+        if fetched_at is None or not self._still(shard, fetched_at):
+            return
+        if part.error_code == OFFSET_OUT_OF_RANGE:
+            await self._reset(shard, fetched_at)
+            return
+        if part.error_code:
+            kind = kafka_errors.for_code(part.error_code)
+            if getattr(kind, "invalid_metadata", False) or kind.retriable:
+                assert self.client is not None
+                self.client.force_metadata_update()
+            log.warning("fetch answered with an error", extra={"error": kind.__name__, "reader": self.name,
+                                                                "topic": f.topic, "partition": shard})
+            return
+        if part.records is None:
+            return
+        out: list[Any] = []
+        batches = MemoryRecords(part.records)
+        next_at = at = fetched_at
+        while batches.has_next():
+            batch = batches.next_batch()
+            if batch is None:
+                break  # cut short at the answer's size limit: fetched again from there
+            if not batch.is_control_batch:
+                out.extend(rec for rec in batch if rec.offset >= fetched_at)
+            next_at = max(next_at, batch.next_offset)
+        for i in range(0, len(out), DELIVER_CHUNK):
+            if i:
+                await asyncio.sleep(0)  # the loop runs between large chunks (a catch-up)
+                if not self._still(shard, at):
+                    return
+            chunk = out[i:i + DELIVER_CHUNK]
+            # Positions first: on_records may re-seek the shard (follow(shard, offset)).
+            at = f._positions[shard] = self._fetch_at[shard] = chunk[-1].offset + 1
+            f.records_total += len(chunk)
+            f.on_records(shard, chunk)
+            if not self._still(shard, at):
+                return
+        self._fetch_at[shard] = next_at
+
+    async def _reset(self, shard: int, fetched_at: int) -> None:
+        """The fetch offset is outside the log (retention removed what it named): go on from
+        the earliest offset, as the consumer's ``auto_offset_reset="earliest"`` did."""
+        consumer = self.follower._eager.consumer
+        assert consumer is not None
+        tp = TopicPartition(self.follower.topic, shard)
+        try:
+            earliest = (await consumer.beginning_offsets([tp]))[tp]
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("earliest offset not known", extra={"error": repr(exc), "reader": self.name})
+            return
+        if self._still(shard, fetched_at):
+            log.info("fetch offset out of range, reading from the earliest",
+                     extra={"topic": self.follower.topic, "partition": shard, "offset": fetched_at,
+                            "earliest": earliest})
+            self._fetch_at[shard] = earliest
+
+
 class Follower:
     def __init__(self, settings: ReplicatorSettings, client_id: str, on_records: OnRecords,
                  topic: str | None = None) -> None:
@@ -144,7 +344,7 @@ class Follower:
         self.on_records = on_records
         self._wanted: dict[int, int | None] = {}  # shard -> offset to seek to (None: keep position)
         self._urgent: dict[int, int] = {}  # shard -> wait_position calls waiting for it (the eager reader's)
-        self._lazy = _Reader(self, "lazy", eager=False)
+        self._lazy = _WireReader(self, "lazy")
         self._eager = _Reader(self, "eager", eager=True)
         self._positions: dict[int, int] = {}
         self._progress = asyncio.Condition()
@@ -180,7 +380,7 @@ class Follower:
         async with self._progress:
             self._progress.notify_all()
 
-    def _reader_of(self, shard: int) -> _Reader:
+    def _reader_of(self, shard: int) -> _Reader | _WireReader:
         return self._eager if shard in self._urgent else self._lazy
 
     def _changed(self, shard: int | None = None) -> None:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from stickystate.replicator.follower import Follower
 from stickystate.replicator.producer import Replicator
@@ -51,3 +55,43 @@ async def test_a_wait_for_a_position_is_read_eagerly_and_records_stay_in_order(k
         await rep.stop()
         await follower.stop()
     assert got == sent  # each record once, in order, whichever reader read it
+
+
+async def test_a_standby_whose_records_were_removed_reads_on_from_the_earliest_left(kafka_bootstrap: str) -> None:
+    """Retention (here: delete-records) removed the records a lazy fetch asks for: the broker
+    answers offset out of range, and the reader goes on from the earliest offset left, once
+    and in order, as aiokafka's consumer did with auto_offset_reset=earliest."""
+    settings = ReplicatorSettings(kafka_bootstrap=kafka_bootstrap, changes_topic=f"fol-{uuid.uuid4().hex[:10]}",
+                                  partitions=1, linger_ms=0, fetch_max_wait_ms=50, fetch_min_bytes=1)
+    await ensure_topics(settings)
+    rep = Replicator(settings, client_id="test-fol-rep")
+    await rep.start()
+    got: list[tuple[int, bytes]] = []
+    reached: dict[int, asyncio.Event] = {9: asyncio.Event(), 10: asyncio.Event()}
+
+    def on_records(shard: int, records: Sequence[Any]) -> None:
+        got.extend((r.offset, r.value) for r in records)
+        for offset, event in reached.items():
+            if got[-1][0] >= offset:
+                event.set()
+
+    follower = Follower(settings, "test-fol", on_records)
+    await follower.start()
+    try:
+        for n in range(10):
+            await rep.send_and_wait(0, b"k", f"v{n}".encode())
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({TopicPartition(settings.changes_topic, 0): RecordsToDelete(6)})
+        finally:
+            await admin.close()
+        follower.follow(0, 0)  # offset 0 is gone: out of range
+        await asyncio.wait_for(reached[9].wait(), 10)  # no wait_position: it would read eagerly
+        await rep.send_and_wait(0, b"k", b"v10")
+        await asyncio.wait_for(reached[10].wait(), 10)
+    finally:
+        await rep.stop()
+        await follower.stop()
+    assert follower.eager_moves_total == 0  # all of it read by the lazy reader
+    assert got == [(n, f"v{n}".encode()) for n in range(6, 11)]
