@@ -59,32 +59,40 @@ DELIVER_CHUNK = 2000  # records handed to on_records at a time; the loop runs be
 OFFSET_OUT_OF_RANGE = kafka_errors.OffsetOutOfRangeError.errno
 
 
-class _Reader:
-    """One consumer and the shards it reads (decided by the follower)."""
+class _ReaderBase:
+    """What both readers share: the shards they read (decided by the follower), the flag that
+    the assignment changed, and the task that reads; a reader opens and closes its connection."""
 
-    def __init__(self, follower: Follower, name: str, eager: bool) -> None:
+    def __init__(self, follower: Follower, name: str) -> None:
         self.follower = follower
         self.name = name
-        self.eager = eager
-        self.consumer: AIOKafkaConsumer | None = None
         self.task: asyncio.Task[None] | None = None
         self.dirty = asyncio.Event()
         self.shards: set[int] = set()
 
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def _apply_assignment(self) -> None:
+        raise NotImplementedError
+
+    async def _assigned(self) -> None:
+        """Apply a changed assignment; wait while there is nothing to read."""
+        while True:
+            if self.dirty.is_set():
+                self._apply_assignment()
+            if self.shards:
+                return
+            await self.dirty.wait()
+
     async def start(self) -> None:
-        s = self.follower.settings
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=f"{self.follower.client_id}-{self.name}",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=min(EAGER_WAIT_MS, s.fetch_max_wait_ms) if self.eager else s.fetch_max_wait_ms,
-            fetch_min_bytes=1 if self.eager else s.fetch_min_bytes,
-            request_timeout_ms=s.request_timeout_ms + (0 if self.eager else s.fetch_max_wait_ms),
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await self.consumer.start()
+        await self._open()
         self.task = asyncio.create_task(self._run(), name=f"follower-{self.follower.client_id}-{self.name}")
         self.task.add_done_callback(self.follower._on_reader_done)
 
@@ -93,12 +101,38 @@ class _Reader:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
-        if self.consumer is not None:
-            try:
-                await asyncio.wait_for(self.consumer.stop(), 5)
-            except Exception as exc:
-                log.debug("consumer stop failed", extra={"error": repr(exc)})
-            self.consumer = None
+        try:
+            await asyncio.wait_for(self._close(), 5)
+        except Exception as exc:  # a broken connection may fail to close; it is dropped either way
+            log.debug("Kafka reader close failed", extra={"error": repr(exc), "reader": self.name})
+
+
+class _Reader(_ReaderBase):
+    """The eager reader: an aiokafka consumer."""
+
+    def __init__(self, follower: Follower, name: str) -> None:
+        super().__init__(follower, name)
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def _open(self) -> None:
+        s = self.follower.settings
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            client_id=f"{self.follower.client_id}-{self.name}",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=min(EAGER_WAIT_MS, s.fetch_max_wait_ms),
+            fetch_min_bytes=1,
+            request_timeout_ms=s.request_timeout_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await self.consumer.start()
+
+    async def _close(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            await consumer.stop()
 
     def _apply_assignment(self) -> None:
         assert self.consumer is not None
@@ -118,11 +152,7 @@ class _Reader:
         consumer = self.consumer
         f = self.follower
         while True:
-            if self.dirty.is_set():
-                self._apply_assignment()
-            if not self.shards:
-                await self.dirty.wait()
-                continue
+            await self._assigned()
             try:
                 batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=2000)
             except KafkaError as exc:
@@ -150,23 +180,17 @@ class _Reader:
                 f._progress.notify_all()
 
 
-class _WireReader:
+class _WireReader(_ReaderBase):
     """The lazy reader: its own Fetch requests (replicator/wire.py) through an aiokafka
-    client, one per partition leader and round; the same contract as ``_Reader``."""
-
-    eager = False
+    client, one per partition leader and round."""
 
     def __init__(self, follower: Follower, name: str) -> None:
-        self.follower = follower
-        self.name = name
+        super().__init__(follower, name)
         self.client: AIOKafkaClient | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.dirty = asyncio.Event()
-        self.shards: set[int] = set()
         self._fetch_at: dict[int, int] = {}  # shard -> next offset to fetch
         self.fetches_total = 0
 
-    async def start(self) -> None:
+    async def _open(self) -> None:
         s = self.follower.settings
         client = AIOKafkaClient(bootstrap_servers=s.kafka_bootstrap,
                                 client_id=f"{self.follower.client_id}-{self.name}",
@@ -178,20 +202,11 @@ class _WireReader:
             await client.close()
             raise
         self.client = client
-        self.task = asyncio.create_task(self._run(), name=f"follower-{self.follower.client_id}-{self.name}")
-        self.task.add_done_callback(self.follower._on_reader_done)
 
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-            self.task = None
-        if self.client is not None:
-            try:
-                await asyncio.wait_for(self.client.close(), 5)
-            except Exception as exc:
-                log.debug("Kafka client close failed", extra={"error": repr(exc)})
-            self.client = None
+    async def _close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
 
     def _apply_assignment(self) -> None:
         f = self.follower
@@ -217,11 +232,7 @@ class _WireReader:
         f = self.follower
         s = f.settings
         while True:
-            if self.dirty.is_set():
-                self._apply_assignment()
-            if not self.shards:
-                await self.dirty.wait()
-                continue
+            await self._assigned()
             by_leader: dict[int, list[tuple[int, int]]] = {}
             leaderless = False
             for shard in sorted(self.shards):
@@ -345,7 +356,7 @@ class Follower:
         self._wanted: dict[int, int | None] = {}  # shard -> offset to seek to (None: keep position)
         self._urgent: dict[int, int] = {}  # shard -> wait_position calls waiting for it (the eager reader's)
         self._lazy = _WireReader(self, "lazy")
-        self._eager = _Reader(self, "eager", eager=True)
+        self._eager = _Reader(self, "eager")
         self._positions: dict[int, int] = {}
         self._progress = asyncio.Condition()
         self._started = False
@@ -380,7 +391,7 @@ class Follower:
         async with self._progress:
             self._progress.notify_all()
 
-    def _reader_of(self, shard: int) -> _Reader | _WireReader:
+    def _reader_of(self, shard: int) -> _ReaderBase:
         return self._eager if shard in self._urgent else self._lazy
 
     def _changed(self, shard: int | None = None) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from io import BytesIO
+from typing import Self
 
 from aiokafka.errors import IncompatibleBrokerVersion
 
@@ -65,6 +66,16 @@ _FETCH_ANSWER = struct.Struct(">ihqqq")  # partition, error_code, high_watermark
 _ABORTED = 16  # producer_id int64, first_offset int64
 
 
+def _topic_head(data: bytes, pos: int) -> tuple[str, int, int]:
+    """A topic's entry in an answer: its name and partition count; the position after them."""
+    (n,) = _I16.unpack_from(data, pos)
+    pos += 2
+    topic = data[pos:pos + n].decode()
+    pos += n
+    (count,) = _I32.unpack_from(data, pos)
+    return topic, count, pos + 4
+
+
 class _Header:
     __slots__ = ("_bytes",)
 
@@ -82,7 +93,21 @@ class _ResponseHeader:
         self.correlation_id = correlation_id
 
 
-class ProduceResponse:
+class _Response:
+    """An answer, read by ``decode`` from what the connection hands over after the header."""
+
+    __slots__ = ()
+
+    @classmethod
+    def decode(cls, buf: BytesIO | bytes) -> Self:
+        return cls.parse(buf.read() if isinstance(buf, BytesIO) else buf)
+
+    @classmethod
+    def parse(cls, data: bytes) -> Self:
+        raise NotImplementedError
+
+
+class ProduceResponse(_Response):
     """The answer: ``partitions[(topic, partition)] = (error_code, base_offset)``."""
 
     __slots__ = ("partitions", "throttle_time_ms")
@@ -92,23 +117,12 @@ class ProduceResponse:
         self.throttle_time_ms = throttle_time_ms
 
     @classmethod
-    def decode(cls, buf: BytesIO | bytes) -> ProduceResponse:
-        data = buf.read() if isinstance(buf, BytesIO) else buf
-        return cls.parse(data)
-
-    @classmethod
     def parse(cls, data: bytes) -> ProduceResponse:
         out: dict[tuple[str, int], tuple[int, int]] = {}
-        pos = 0
-        (topics,) = _I32.unpack_from(data, pos)
-        pos += 4
+        (topics,) = _I32.unpack_from(data, 0)
+        pos = 4
         for _ in range(topics):
-            (n,) = _I16.unpack_from(data, pos)
-            pos += 2
-            topic = data[pos:pos + n].decode()
-            pos += n
-            (count,) = _I32.unpack_from(data, pos)
-            pos += 4
+            topic, count, pos = _topic_head(data, pos)
             for _ in range(count):
                 partition, error, base, _append, _start = _PARTITION_ANSWER.unpack_from(data, pos)
                 pos += _PARTITION_ANSWER.size
@@ -192,7 +206,9 @@ class FetchedPartition:
         self.records = records
 
 
-class FetchResponse:
+class FetchResponse(_Response):
+    """The answer: a ``FetchedPartition`` per partition asked for."""
+
     __slots__ = ("partitions", "throttle_time_ms")
 
     def __init__(self, partitions: list[FetchedPartition], throttle_time_ms: int) -> None:
@@ -200,22 +216,12 @@ class FetchResponse:
         self.throttle_time_ms = throttle_time_ms
 
     @classmethod
-    def decode(cls, buf: BytesIO | bytes) -> FetchResponse:
-        data = buf.read() if isinstance(buf, BytesIO) else buf
-        return cls.parse(data)
-
-    @classmethod
     def parse(cls, data: bytes) -> FetchResponse:
         out: list[FetchedPartition] = []
         (throttle, topics) = _I32_PAIR.unpack_from(data, 0)
         pos = 8
         for _ in range(topics):
-            (n,) = _I16.unpack_from(data, pos)
-            pos += 2
-            topic = data[pos:pos + n].decode()
-            pos += n
-            (count,) = _I32.unpack_from(data, pos)
-            pos += 4
+            topic, count, pos = _topic_head(data, pos)
             for _ in range(count):
                 partition, error, high_watermark, _stable, _start = _FETCH_ANSWER.unpack_from(data, pos)
                 pos += _FETCH_ANSWER.size
