@@ -188,7 +188,6 @@ class _WireReader(_ReaderBase):
         super().__init__(follower, name)
         self.client: AIOKafkaClient | None = None
         self._fetch_at: dict[int, int] = {}  # shard -> next offset to fetch
-        self.fetches_total = 0
 
     async def _open(self) -> None:
         s = self.follower.settings
@@ -250,7 +249,6 @@ class _WireReader(_ReaderBase):
                 client.send(node, FetchRequest(f.topic, parts, s.fetch_max_wait_ms, s.fetch_min_bytes,
                                                FETCH_MAX_BYTES, PARTITION_MAX_BYTES))
                 for node, parts in by_leader.items()), return_exceptions=True)
-            self.fetches_total += len(answers)
             fetched_at = {shard: offset for parts in by_leader.values() for shard, offset in parts}
             failed = False
             for answer in answers:
