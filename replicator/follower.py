@@ -82,6 +82,19 @@ class _ReaderBase:
     def _apply_assignment(self) -> None:
         raise NotImplementedError
 
+    def _take_assignment(self) -> dict[int, int]:
+        """The shards this reader now reads, each with the offset to read it from (where it
+        was sought to, else its delivered position)."""
+        f = self.follower
+        self.dirty.clear()
+        self.shards = {s for s in f._wanted if f._reader_of(s) is self}
+        starts = {}
+        for shard in self.shards:
+            seek = f._wanted[shard]
+            starts[shard] = seek if seek is not None else f._positions.get(shard, 0)
+            f._wanted[shard] = None
+        return starts
+
     async def _assigned(self) -> None:
         """Apply a changed assignment; wait while there is nothing to read."""
         while True:
@@ -136,16 +149,12 @@ class _Reader(_ReaderBase):
 
     def _apply_assignment(self) -> None:
         assert self.consumer is not None
-        f = self.follower
-        self.dirty.clear()
-        self.shards = {s for s in f._wanted if f._reader_of(s) is self}
-        topic = f.topic
-        self.consumer.assign([TopicPartition(topic, s) for s in sorted(self.shards)])
-        for shard in self.shards:
+        topic = self.follower.topic
+        starts = self._take_assignment()
+        self.consumer.assign([TopicPartition(topic, s) for s in sorted(starts)])
+        for shard, start in starts.items():
             # After assign() positions are reset; put every partition where it is to be read from.
-            seek = f._wanted[shard]
-            self.consumer.seek(TopicPartition(topic, shard), seek if seek is not None else f._positions.get(shard, 0))
-            f._wanted[shard] = None
+            self.consumer.seek(TopicPartition(topic, shard), start)
 
     async def _run(self) -> None:
         assert self.consumer is not None
@@ -208,15 +217,7 @@ class _WireReader(_ReaderBase):
             await client.close()
 
     def _apply_assignment(self) -> None:
-        f = self.follower
-        self.dirty.clear()
-        self.shards = {s for s in f._wanted if f._reader_of(s) is self}
-        fetch_at = {}
-        for shard in self.shards:
-            seek = f._wanted[shard]
-            fetch_at[shard] = seek if seek is not None else f._positions.get(shard, 0)
-            f._wanted[shard] = None
-        self._fetch_at = fetch_at
+        self._fetch_at = self._take_assignment()
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the assignment changes."""
